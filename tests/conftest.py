@@ -1,0 +1,83 @@
+"""Session fixtures: tiny real-architecture models and generated data, built once per test run.
+
+Everything here is made locally (no downloads): tiny Stage1 checkpoints of the real classes, a
+small synthetic WeatherQA-like dataset, its shards, and a tiny Mistral with a locally trained
+tokenizer saved like a real model directory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Two cores in CI: keep torch from oversubscribing them when tests start subprocesses.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def stage1_ckpts(tmp_path_factory):
+    """(encoder_ckpt, classifier_ckpt): tiny random MAE ViT + EfficientNet saved as checkpoint files."""
+    from trainer.stage1 import save_tiny_stage1
+
+    return save_tiny_stage1(tmp_path_factory.mktemp("stage1"))
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory):
+    """(list of Gemini JSON paths, image_root) for a small synthetic dataset (2 files)."""
+    from data_prep.synthetic import generate
+
+    out = tmp_path_factory.mktemp("synthetic")
+    json_paths = generate(out, num_cases=24, num_files=2, seed=0)
+    return json_paths, out
+
+
+@pytest.fixture(scope="session")
+def shard_dir(tmp_path_factory, synthetic_data, stage1_ckpts):
+    """A built shard directory (K=0) of the synthetic dataset."""
+    from data_prep.build_shards import BuildConfig, build
+
+    json_paths, image_root = synthetic_data
+    out = tmp_path_factory.mktemp("shards")
+    cfg = BuildConfig(gemini_json=[str(p) for p in json_paths], image_root=str(image_root),
+                      stage1_encoder_ckpt=str(stage1_ckpts[0]), stage1_classifier_ckpt=str(stage1_ckpts[1]),
+                      out=str(out), samples_per_shard=64, num_workers=0, stage1_trainable_blocks=0,
+                      image_size=32)
+    build(cfg)
+    return out
+
+
+@pytest.fixture(scope="session")
+def shard_dir_k1(tmp_path_factory, synthetic_data, stage1_ckpts):
+    """A built shard directory with K=1 cached block tokens."""
+    from data_prep.build_shards import BuildConfig, build
+
+    json_paths, image_root = synthetic_data
+    out = tmp_path_factory.mktemp("shards_k1")
+    cfg = BuildConfig(gemini_json=[str(p) for p in json_paths], image_root=str(image_root),
+                      stage1_encoder_ckpt=str(stage1_ckpts[0]), stage1_classifier_ckpt=str(stage1_ckpts[1]),
+                      out=str(out), samples_per_shard=64, num_workers=0, stage1_trainable_blocks=1,
+                      image_size=32)
+    build(cfg)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory, synthetic_data):
+    """A tiny random MistralForCausalLM + tokenizer trained on the synthetic texts, saved as a model dir."""
+    from trainer.tiny import make_tiny_lm
+
+    json_paths, _ = synthetic_data
+    return make_tiny_lm(tmp_path_factory.mktemp("tiny_lm"), corpus_json=json_paths)
