@@ -1,0 +1,837 @@
+"""Training-throughput benchmark: the full prefix-LM LoRA step, four ways, same process, same data.
+
+Every mode runs the whole Stage2 step — image prefix (projected latent + class embedding) spliced
+into the token embeddings, forward, backward, AdamW step — on the same stream of real examples
+(prompts and targets built by `trainer.tasks` from the synthetic data, a shard dir, or a length
+file), so only the way the step is executed differs:
+
+| mode | name           | what                                                                        |
+|------|----------------|-----------------------------------------------------------------------------|
+| 1    | seed-like      | batch 1, padded to max_seq_len (256), eager attention (the seed's recipe)   |
+| 2    | padded-sdpa    | plain HF padded batching (pad to the longest), SDPA, best batch that fits   |
+| 3    | packed-offshelf| packed rows, stock HF SDPA/flex (document mask from `position_ids`) + Liger |
+| 4    | project        | `build_prefix_lm` + `collate_train(packed=True)` + the trainer's defaults   |
+
+Modes 1-3 use plain HF + PEFT and a minimal prefix module written here (nothing of the project's
+model code); mode 4 is exactly what `trainer.train` runs. The 7B shape is Mistral-7B's
+(`trainer.tiny.mistral_7b_shape_config`) with random bf16 weights (values don't change speed).
+
+Throughput counts real (non-pad) tokens only. Model FLOPs per step (printed with the results):
+    linear:    4 N per real token (forward 2N + activation gradients 2N; frozen base weights get
+               no weight gradients; LoRA's own weight gradients are negligible), 6 N with
+               activation checkpointing (the forward runs twice)
+    attention: 6 * layers * hidden * sum(n_i^2) per step for documents of n_i real tokens
+               (QK^T and PV, 2 FLOPs per MAC, causal half; backward = 2x forward), 8 * ... with
+               activation checkpointing
+MFU = model FLOP/s / the bf16 matmul peak measured in the same run (8192^3 GEMM, as
+/work/shared/perf/gpu_anchor_probe.py). Padding work is not counted: it is waste, not model work.
+
+    python -m benchmarks.train_throughput --shape tiny --steps 2 --out /tmp/tp.json      # CPU smoke
+    python -m benchmarks.train_throughput --shape 7b --out $OUT/throughput.json         # one H100
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import math
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Literal, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from common.config import parse_config, print_config
+from common.io import atomic_write_json, atomic_write_text
+from common.log import setup_logging
+from trainer.collate import TrainItem, batch_to_device, collate_train
+from trainer.attention import resolve_attn_implementation
+from trainer.model import ModelConfig, build_prefix_lm, load_tokenizer, resolve_fused_kernels
+from trainer.tasks import (IMAGE_TASKS, TASKS, TaskUnavailable, TokenizedExample, build_prompt,
+                           prefix_length, tokenize_prompt)
+
+log = setup_logging("benchmarks.train_throughput")
+
+MODE_NAMES = {1: "seed-like", 2: "padded-sdpa", 3: "packed-offshelf", 4: "project"}
+# Mode 3 goes last: Liger's RoPE patch is module-level in transformers and would leak into any
+# model built after it.
+RUN_ORDER = (1, 2, 4, 3)
+LATENT_DIM = 768
+NUM_CLASSES = 20
+IGNORE_INDEX = -100
+
+
+@dataclass
+class BenchConfig:
+    """Training-throughput benchmark of the full prefix-LM step (see the module docstring)."""
+
+    shape: Literal["tiny", "7b"] = field(default="tiny", metadata={
+        "help": "model shape: 'tiny' (CPU smoke runs) or '7b' (Mistral-7B shape, random bf16 weights)"})
+    modes: list[int] = field(default_factory=lambda: [1, 2, 3, 4], metadata={
+        "help": "modes to run: 1 seed-like, 2 padded SDPA, 3 packed off-the-shelf, 4 project"})
+    steps: int = field(default=10, metadata={"help": "timed steps per mode"})
+    warmup_steps: int = field(default=3, metadata={"help": "untimed steps before timing"})
+    token_budget: int = field(default=4096, metadata={
+        "help": "packed modes (3, 4): examples are packed into one row up to this many tokens"})
+    batch_size: int = field(default=0, metadata={
+        "help": "packed modes (3, 4): a fixed number of examples per row (the trainer's "
+                "--batch-size); overrides --token-budget when > 0"})
+    padded_batch_sizes: list[int] = field(default_factory=lambda: [8, 16, 32, 64], metadata={
+        "help": "mode 2 tries these batch sizes and reports the fastest that fits"})
+    baseline_attn: Literal["sdpa", "flex_attention"] = field(default="sdpa", metadata={
+        "help": "mode 3's stock HF attention (document mask from position_ids)"})
+    max_seq_len: int = field(default=256, metadata={"help": "truncation length, prefix included"})
+    gemini_json: list[str] = field(default_factory=list, metadata={
+        "help": "Gemini JSON files for the length mix (default: generate synthetic data)"})
+    shard_dir: str = field(default="", metadata={"help": "take examples (and latents) from train shards"})
+    lengths_file: str = field(default="", metadata={
+        "help": "JSON from --write-lengths: example lengths only (token ids are random)"})
+    write_lengths: str = field(default="", metadata={"help": "write the examples' lengths to this JSON"})
+    tokenizer: str = field(default="", metadata={
+        "help": "tokenizer dir for the lengths (default: the tiny BPE trained on the data)"})
+    synthetic_cases: int = field(default=40, metadata={"help": "cases of synthetic data (20 elements each)"})
+    task_mix: str = field(default="caption:1,summary:1,cot:1,text_summary:0", metadata={
+        "help": "task weights of the example stream (the uniform A/B/C schedule by default)"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda if available), cuda or cpu"})
+    profile: bool = field(default=False, metadata={
+        "help": "mode 4: write a torch.profiler summary (top kernels by device time) next to --out"})
+    out: str = field(default="", metadata={"help": "write the results as JSON here"})
+    seed: int = field(default=0, metadata={"help": "seed of the example stream and the weights"})
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def validate(self) -> None:
+        bad = sorted(set(self.modes) - set(MODE_NAMES))
+        if bad or not self.modes:
+            raise ValueError(f"--modes: unknown mode(s) {bad}; choose from {sorted(MODE_NAMES)}")
+        if self.steps < 1 or self.warmup_steps < 0:
+            raise ValueError("--steps must be >= 1 and --warmup-steps >= 0")
+        if self.batch_size <= 0 and self.token_budget < self.max_seq_len:
+            raise ValueError(f"--token-budget ({self.token_budget}) must hold one example "
+                             f"(--max-seq-len {self.max_seq_len})")
+        if sum(bool(x) for x in (self.gemini_json, self.shard_dir, self.lengths_file)) > 1:
+            raise ValueError("give at most one of --gemini-json, --shard-dir, --lengths-file")
+        parse_task_mix(self.task_mix)
+
+
+# ---------------------------------------------------------------------------------------------
+# Examples: one seeded stream of real prompts/targets that every mode consumes from the start
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Example:
+    """A tokenized example plus the image inputs the collators need."""
+
+    tok: TokenizedExample
+    latent: np.ndarray  # [768] float32
+    cond_id: int
+
+    def length(self, num_image_tokens: int) -> int:
+        return (len(self.tok.prompt_ids) + len(self.tok.target_ids)
+                + prefix_length(self.tok.uses_image, num_image_tokens))
+
+
+def parse_task_mix(text: str) -> dict[str, float]:
+    mix = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, weight = part.partition(":")
+        if name not in TASKS:
+            raise ValueError(f"--task-mix: unknown task {name!r}; known: {TASKS}")
+        mix[name] = float(weight or 1)
+    if not mix or sum(mix.values()) <= 0 or min(mix.values()) < 0:
+        raise ValueError(f"--task-mix {text!r}: weights must be >= 0 and not all 0")
+    return {k: v for k, v in mix.items() if v > 0}
+
+
+@dataclass
+class _Element:  # what an example is built from, whichever the source
+    cond_name: str
+    cond_id: int
+    caption: str
+    global_summary: str
+    case_captions: Sequence[str]
+    latent: Optional[np.ndarray] = None
+
+
+def _elements_from_gemini(paths: Sequence[str]) -> list[_Element]:
+    from data_prep.cond_names import default_cond_name_to_id
+    from data_prep.gemini import load_gemini_json
+
+    cases, _ = load_gemini_json(list(paths), default_cond_name_to_id(), strict=False)
+    return [_Element(e.cond_name, e.cond_id, e.caption, c.global_summary, [x.caption for x in c.elements])
+            for c in cases for e in c.elements]
+
+
+def _elements_from_shards(shard_dir: str) -> list[_Element]:
+    import webdataset as wds
+
+    from data_prep.shard_format import CASES_FILENAME, decode_sample
+
+    shards = sorted(str(p) for p in Path(shard_dir).glob("train-*.tar"))
+    if not shards:
+        raise FileNotFoundError(f"{shard_dir}: no train-*.tar shards")
+    captions: dict[str, list[str]] = {}
+    cases_file = Path(shard_dir) / CASES_FILENAME
+    if cases_file.exists():
+        for line in cases_file.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                captions[rec["case_id"]] = rec.get("captions", [])
+    out = []
+    for raw in wds.WebDataset(shards, shardshuffle=False, empty_check=False):
+        s = decode_sample(raw)
+        out.append(_Element(s.cond_name, s.cond_id, s.caption, s.global_summary,
+                            captions.get(s.case_id, [s.caption]), s.latent.astype(np.float32)))
+    return out
+
+
+def _tokenize_elements(elements: list[_Element], tokenizer, cfg: BenchConfig) -> list[Example]:
+    """One example per element, its task drawn from the mix (cot falls back to caption, as in
+    the trainer); the latent is the shard's or a seeded random one (values don't change speed)."""
+    rng = random.Random(cfg.seed)
+    mix = parse_task_mix(cfg.task_mix)
+    tasks, weights = list(mix), list(mix.values())
+    num_image_tokens = cfg.model.num_image_tokens
+    out = []
+    for el in elements:
+        task = rng.choices(tasks, weights)[0]
+        try:
+            prompt = build_prompt(task, cond_name=el.cond_name, caption=el.caption,
+                                  global_summary=el.global_summary, case_captions=el.case_captions)
+        except TaskUnavailable:
+            prompt = build_prompt("caption", cond_name=el.cond_name, caption=el.caption)
+        tok = tokenize_prompt(prompt, tokenizer, cfg.max_seq_len, num_image_tokens)
+        if tok is None:
+            continue
+        latent = el.latent if el.latent is not None else \
+            np.random.default_rng(rng.randrange(2**32)).standard_normal(LATENT_DIM).astype(np.float32)
+        out.append(Example(tok, latent, el.cond_id))
+    return out
+
+
+def write_lengths_file(path: str, examples: list[Example]) -> None:
+    atomic_write_json(path, {"examples": [
+        {"task": e.tok.task, "uses_image": e.tok.uses_image, "prompt_len": len(e.tok.prompt_ids),
+         "target_len": len(e.tok.target_ids)} for e in examples]})
+
+
+def examples_from_lengths_file(path: str, vocab_size: int, bos_id: int, seed: int) -> list[Example]:
+    """Examples of the recorded lengths with random token ids (ids don't change speed)."""
+    try:
+        records = json.loads(Path(path).read_text())["examples"]
+    except (KeyError, TypeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: expected {{'examples': [{{task, uses_image, prompt_len, "
+                         f"target_len}}, ...]}} as --write-lengths writes it ({e})") from None
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, r in enumerate(records):
+        try:
+            task, uses_image = r["task"], bool(r["uses_image"])
+            prompt_len, target_len = int(r["prompt_len"]), int(r["target_len"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}: examples[{i}] lacks or has a bad field: {e}") from None
+        if task not in TASKS or prompt_len < 1 or target_len < 1:
+            raise ValueError(f"{path}: examples[{i}]: bad task {task!r} or lengths {prompt_len}/{target_len}")
+        ids = rng.integers(3, vocab_size, prompt_len + target_len).tolist()
+        tok = TokenizedExample(task, uses_image and task in IMAGE_TASKS, [bos_id] + ids[1:prompt_len],
+                               ids[prompt_len:], has_bos=True)
+        out.append(Example(tok, rng.standard_normal(LATENT_DIM).astype(np.float32),
+                           int(rng.integers(NUM_CLASSES))))
+    return out
+
+
+def example_stream(pool: list[Example], n: int, seed: int) -> list[Example]:
+    """`n` examples: the pool in seeded shuffled passes, so the length mix is the pool's."""
+    rng = random.Random(seed)
+    out: list[Example] = []
+    while len(out) < n:
+        order = list(pool)
+        rng.shuffle(order)
+        out += order
+    return out[:n]
+
+
+def length_stats(examples: list[Example], num_image_tokens: int) -> dict:
+    lengths = [e.length(num_image_tokens) for e in examples]
+    q = np.percentile(lengths, [10, 50, 90])
+    tasks = {t: sum(e.tok.task == t for e in examples) for t in TASKS}
+    return {"num_examples": len(lengths), "mean": round(statistics.fmean(lengths), 1),
+            "p10": float(q[0]), "p50": float(q[1]), "p90": float(q[2]), "max": max(lengths),
+            "tasks": tasks}
+
+
+def pack_groups(stream: list[Example], count: int, num_image_tokens: int, token_budget: int,
+                batch_size: int) -> list[list[Example]]:
+    """`count` packed rows from the stream's start: `batch_size` examples each, or as many as fit
+    in `token_budget` tokens."""
+    groups, i = [], 0
+    while len(groups) < count:
+        group, used = [], 0
+        while i < len(stream):
+            n = stream[i].length(num_image_tokens)
+            if (batch_size > 0 and len(group) == batch_size) or (batch_size <= 0 and group and used + n > token_budget):
+                break
+            group.append(stream[i])
+            used += n
+            i += 1
+        if not group:
+            raise RuntimeError("example stream exhausted while packing (internal sizing error)")
+        groups.append(group)
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+
+def lm_config(shape: str, model_dir: Path):
+    from transformers import AutoConfig
+
+    if shape == "7b":
+        from trainer.tiny import mistral_7b_shape_config
+
+        return mistral_7b_shape_config()
+    return AutoConfig.from_pretrained(model_dir)
+
+
+@contextlib.contextmanager
+def random_weights(device: torch.device):
+    """Make `from_pretrained` build the model from its config with random weights, directly on
+    `device`: there are no 7B weights here, and their values don't change speed."""
+    from transformers import PreTrainedModel
+
+    original = PreTrainedModel.__dict__["from_pretrained"]
+
+    def from_config(cls, path, *args, config=None, **kwargs):
+        from transformers import AutoConfig
+
+        config = config or AutoConfig.from_pretrained(path)
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        if not isinstance(dtype, torch.dtype):
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        attn = kwargs.get("attn_implementation")
+        with torch.device(device):
+            return cls._from_config(config, dtype=dtype, **({"attn_implementation": attn} if attn else {}))
+
+    PreTrainedModel.from_pretrained = classmethod(from_config)
+    try:
+        yield
+    finally:
+        PreTrainedModel.from_pretrained = original
+
+
+class BaselinePrefix(nn.Module):
+    """The seed's prefix, minimally: latent -> P token embeddings, plus a class embedding."""
+
+    def __init__(self, hidden: int, num_image_tokens: int):
+        super().__init__()
+        self.num_image_tokens, self.hidden = num_image_tokens, hidden
+        self.proj = nn.Linear(LATENT_DIM, num_image_tokens * hidden)
+        self.cls = nn.Embedding(NUM_CLASSES, hidden)
+
+    def forward(self, latents: torch.Tensor, cond_ids: torch.Tensor) -> torch.Tensor:
+        img = self.proj(latents.to(self.proj.weight.dtype)).view(-1, self.num_image_tokens, self.hidden)
+        return torch.cat([img, self.cls(cond_ids)[:, None]], dim=1)
+
+
+class BaselinePrefixLM(nn.Module):
+    """Plain HF + PEFT prefix-LM: prefix spliced into inputs_embeds, HF's own `labels=` loss."""
+
+    def __init__(self, lm: nn.Module, prefix: BaselinePrefix):
+        super().__init__()
+        self.lm, self.prefix = lm, prefix
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        emb = self.lm.get_input_embeddings()(batch["input_ids"])
+        if "latents" in batch:
+            pre = self.prefix(batch["latents"], batch["cond_ids"]).to(emb.dtype)
+            emb = emb.masked_scatter(batch["prefix_mask"][..., None], pre.reshape(-1, emb.shape[-1]))
+        out = self.lm(inputs_embeds=emb, attention_mask=batch.get("attention_mask"),
+                      position_ids=batch["position_ids"], labels=batch["labels"], use_cache=False)
+        return out.loss
+
+
+def build_baseline(cfg: BenchConfig, hf_config, attn: str, device: torch.device, dtype: torch.dtype,
+                   liger: bool) -> BaselinePrefixLM:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    if liger:
+        from liger_kernel.transformers import apply_liger_kernel_to_mistral
+
+        apply_liger_kernel_to_mistral(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                      fused_linear_cross_entropy=True)
+    torch.manual_seed(cfg.seed)
+    with torch.device(device):
+        lm = AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn, dtype=dtype)
+        prefix = BaselinePrefix(hf_config.hidden_size, cfg.model.num_image_tokens).to(dtype)
+    m = cfg.model
+    lm = get_peft_model(lm, LoraConfig(r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
+                                       target_modules=list(m.lora_target_modules), task_type="CAUSAL_LM"))
+    return BaselinePrefixLM(lm, prefix).train()
+
+
+def build_project(cfg: BenchConfig, model_dir: Path, device: torch.device):
+    mcfg = replace(cfg.model, model_path=str(model_dir))
+    torch.manual_seed(cfg.seed)
+    with random_weights(device):
+        model, tokenizer = build_prefix_lm(mcfg, latent_dim=LATENT_DIM, num_classes=NUM_CLASSES, device=device)
+    return model.to(device).train(), tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# Baseline batches (modes 1-3): the textbook layout, written here, independent of trainer.collate
+# ---------------------------------------------------------------------------------------------
+
+def _baseline_layout(ex: Example, pad_id: int, num_image_tokens: int):
+    t = ex.tok
+    p = prefix_length(t.uses_image, num_image_tokens)
+    head, rest = (t.prompt_ids[:1], t.prompt_ids[1:]) if t.has_bos else ([], t.prompt_ids)
+    ids = head + [pad_id] * p + rest + t.target_ids
+    labels = [IGNORE_INDEX] * (len(ids) - len(t.target_ids)) + t.target_ids
+    is_prefix = [False] * len(head) + [True] * p + [False] * (len(rest) + len(t.target_ids))
+    return ids, labels, is_prefix
+
+
+def baseline_batch(group: list[Example], pad_id: int, num_image_tokens: int, packed: bool,
+                   pad_to: int = 0) -> dict:
+    """Packed: one row, position_ids restarting per example, no attention mask (HF derives the
+    document mask from position_ids). Padded: one row per example, right-padded to the longest
+    (or to `pad_to`), with an attention mask."""
+    rows = [_baseline_layout(e, pad_id, num_image_tokens) for e in group]
+    positions = [list(range(len(r[0]))) for r in rows]
+    if packed:  # concatenate the examples; positions still restart per example
+        rows = [tuple(sum((r[k] for r in rows), []) for k in range(3))]
+        positions = [sum(positions, [])]
+    width = max(pad_to, max(len(r[0]) for r in rows))
+
+    def pad(seqs, value):
+        return torch.tensor([s + [value] * (width - len(s)) for s in seqs])
+
+    batch = {"input_ids": pad([r[0] for r in rows], pad_id),
+             "labels": pad([r[1] for r in rows], IGNORE_INDEX),
+             "prefix_mask": pad([r[2] for r in rows], False),
+             "position_ids": pad(positions, 0),
+             "attention_mask": None if packed else pad([[1] * len(r[0]) for r in rows], 0)}
+    img = [e for e in group if e.tok.uses_image]
+    if img:
+        batch["latents"] = torch.from_numpy(np.stack([e.latent for e in img]))
+        batch["cond_ids"] = torch.tensor([e.cond_id for e in img])
+    return batch
+
+
+def project_batch(group: list[Example], pad_id: int, num_image_tokens: int) -> dict:
+    items = [TrainItem(e.tok, e.latent, e.cond_id, key=f"ex{i}") for i, e in enumerate(group)]
+    return collate_train(items, pad_id, num_image_tokens, packed=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_peak_tflops(device: torch.device) -> dict:
+    """bf16 (CUDA) / fp32 (CPU) matmul peak measured now, as the MFU denominator."""
+    n, dtype, iters = (8192, torch.bfloat16, 20) if device.type == "cuda" else (512, torch.float32, 5)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn_like(a)
+    for _ in range(3):
+        a @ b
+    synchronize(device)
+    t = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    synchronize(device)
+    dt = (time.perf_counter() - t) / iters
+    return {"tflops": round(2 * n**3 / dt / 1e12, 3), "gemm": f"{n}^3 {str(dtype).split('.')[-1]}"}
+
+
+def doc_lengths(group: list[Example], num_image_tokens: int) -> list[int]:
+    return [e.length(num_image_tokens) for e in group]
+
+
+def step_flops(lengths: list[int], n_params: int, layers: int, hidden: int, checkpointing: bool) -> float:
+    linear = (6 if checkpointing else 4) * n_params * sum(lengths)
+    attention = (8 if checkpointing else 6) * layers * hidden * sum(n * n for n in lengths)
+    return float(linear + attention)
+
+
+FLOPS_FORMULA = ("model FLOPs/step = 4*N*real_tokens + 6*layers*hidden*sum(n_i^2) "
+                 "(6*N and 8*... with activation checkpointing); N = all parameters incl. LoRA and "
+                 "prefix, n_i = real tokens of example i; padding not counted")
+
+
+def is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def make_optimizer(model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(params, lr=2e-5, weight_decay=0.0, **fused)
+
+
+def train_step(loss_fn: Callable[[dict], torch.Tensor], opt: torch.optim.Optimizer, batch: dict) -> torch.Tensor:
+    loss = loss_fn(batch)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def time_mode(loss_fn, opt, batches: list[dict], groups: list[list[Example]], cfg: BenchConfig,
+              device: torch.device, desc: str) -> dict:
+    """Warm-up steps, then timed steps between two device syncs. Batches are on the device
+    already, so the time is the step's alone (the trainer's loader prefetches them too)."""
+    from tqdm import tqdm
+
+    w = cfg.warmup_steps
+    for b in tqdm(batches[:w], desc=f"{desc} warm-up", leave=False, disable=None):
+        train_step(loss_fn, opt, b)
+    synchronize(device)
+    t0 = time.perf_counter()
+    losses = [train_step(loss_fn, opt, b) for b in tqdm(batches[w:], desc=desc, leave=False, disable=None)]
+    synchronize(device)
+    seconds = time.perf_counter() - t0
+    timed = groups[w:]
+    n_img = cfg.model.num_image_tokens
+    real = sum(sum(doc_lengths(g, n_img)) for g in timed)
+    slots = sum(int(b["input_ids"].numel()) for b in batches[w:])
+    return {"seconds": seconds, "ms_per_step": 1000 * seconds / len(timed), "real_tokens": real,
+            "tokens_per_s": real / seconds, "pad_fraction": 1 - real / slots,
+            "examples_per_step": statistics.fmean(len(g) for g in timed),
+            "loss_last": float(losses[-1].float()), "loss_finite": all(bool(torch.isfinite(x)) for x in losses)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Modes
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Context:
+    cfg: BenchConfig
+    device: torch.device
+    dtype: torch.dtype
+    hf_config: object
+    model_dir: Path
+    pad_id: int
+    stream: list[Example]
+    peak_tflops: float
+
+    @property
+    def n_steps(self) -> int:
+        return self.cfg.warmup_steps + self.cfg.steps
+
+
+def _finish(ctx: Context, result: dict, groups: list[list[Example]], n_params: int, checkpointing: bool) -> dict:
+    cfg, hf = ctx.cfg, ctx.hf_config
+    timed = groups[cfg.warmup_steps:]
+    flops = sum(step_flops(doc_lengths(g, cfg.model.num_image_tokens), n_params, hf.num_hidden_layers,
+                           hf.hidden_size, checkpointing) for g in timed)
+    tflops = flops / result["seconds"] / 1e12
+    result.update(params=n_params, activation_checkpointing=checkpointing, tflops=tflops,
+                  mfu=tflops / ctx.peak_tflops,
+                  peak_gib=(torch.cuda.max_memory_allocated(ctx.device) / 2**30
+                            if ctx.device.type == "cuda" else None))
+    return result
+
+
+def run_baseline_mode(ctx: Context, attn: str, batch_size: int, packed: bool, pad_to: int,
+                      liger: bool, model=None) -> tuple[dict, nn.Module]:
+    cfg, n_img = ctx.cfg, ctx.cfg.model.num_image_tokens
+    if packed:
+        groups = pack_groups(ctx.stream, ctx.n_steps, n_img, cfg.token_budget, cfg.batch_size)
+    else:
+        groups = [ctx.stream[i * batch_size:(i + 1) * batch_size] for i in range(ctx.n_steps)]
+    batches = [batch_to_device(baseline_batch(g, ctx.pad_id, n_img, packed, pad_to), ctx.device)
+               for g in groups]
+    model = model or build_baseline(cfg, ctx.hf_config, attn, ctx.device, ctx.dtype, liger)
+    n_params = sum(p.numel() for p in model.parameters())
+    opt = make_optimizer(model, ctx.device)
+    try:
+        result = time_mode(model, opt, batches, groups, cfg, ctx.device, f"{attn} b{batch_size}")
+    finally:
+        opt.zero_grad(set_to_none=True)
+        del opt
+    return _finish(ctx, result, groups, n_params, checkpointing=False), model
+
+
+def mode_seed_like(ctx: Context) -> dict:
+    free_memory(ctx.device)
+    r, model = run_baseline_mode(ctx, "eager", 1, packed=False, pad_to=ctx.cfg.max_seq_len, liger=False)
+    del model
+    return dict(r, label=f"batch 1, padded to {ctx.cfg.max_seq_len}, eager attention, HF loss")
+
+
+def mode_padded_sdpa(ctx: Context) -> dict:
+    """The fastest of the batch sizes that fit (one model, rebuilt batches per size)."""
+    free_memory(ctx.device)
+    model, tries, best = None, [], None
+    for bs in ctx.cfg.padded_batch_sizes:
+        try:
+            if ctx.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(ctx.device)
+            r, model = run_baseline_mode(ctx, "sdpa", bs, packed=False, pad_to=0, liger=False, model=model)
+            tries.append({"batch_size": bs, "tokens_per_s": r["tokens_per_s"], "peak_gib": r["peak_gib"]})
+            if best is None or r["tokens_per_s"] > best["tokens_per_s"]:
+                best = dict(r, batch_size=bs)
+        except Exception as e:  # noqa: BLE001 - an OOM ends the search, anything else is a failure
+            if not is_oom(e):
+                raise
+            tries.append({"batch_size": bs, "error": "OOM"})
+            if model is not None:
+                model.zero_grad(set_to_none=True)
+            free_memory(ctx.device)
+            break
+    del model
+    if best is None:
+        raise RuntimeError(f"no batch size of {ctx.cfg.padded_batch_sizes} fits")
+    return dict(best, tries=tries,
+                label=f"padded to the longest, batch {best['batch_size']} (best of {ctx.cfg.padded_batch_sizes}), SDPA, HF loss")
+
+
+def _liger_importable() -> bool:
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def mode_packed_offshelf(ctx: Context) -> dict:
+    free_memory(ctx.device)
+    liger = ctx.device.type == "cuda" and _liger_importable()
+    attn = ctx.cfg.baseline_attn
+    r, model = run_baseline_mode(ctx, attn, 0, packed=True, pad_to=0, liger=liger)
+    del model
+    what = ("+ Liger (RoPE, RMSNorm, SwiGLU, fused linear CE)" if liger else
+            "WITHOUT Liger (" + ("not importable" if ctx.device.type == "cuda" else "CPU: Liger is CUDA-only") + ")")
+    return dict(r, liger=liger, label=f"packed rows ({_packing_desc(ctx.cfg)}), stock HF {attn} with a "
+                                      f"document mask from position_ids, {what}")
+
+
+def _packing_desc(cfg: BenchConfig) -> str:
+    return f"{cfg.batch_size} examples/row" if cfg.batch_size > 0 else f"<= {cfg.token_budget} tokens/row"
+
+
+def mode_project(ctx: Context) -> dict:
+    free_memory(ctx.device)
+    cfg, n_img = ctx.cfg, ctx.cfg.model.num_image_tokens
+    groups = pack_groups(ctx.stream, ctx.n_steps, n_img, cfg.token_budget, cfg.batch_size)
+    model, _ = build_project(cfg, ctx.model_dir, ctx.device)
+    batches = [batch_to_device(project_batch(g, ctx.pad_id, n_img), ctx.device) for g in groups]
+    n_params = sum(p.numel() for p in model.parameters())
+    opt = make_optimizer(model, ctx.device)
+    loss_fn = lambda b: model(b).loss  # noqa: E731
+    result = time_mode(loss_fn, opt, batches, groups, cfg, ctx.device, "project")
+    result = _finish(ctx, result, groups, n_params, checkpointing=cfg.model.gradient_checkpointing)
+    result["packed_vs_padded_loss_diff"] = packed_vs_padded(model, groups[0], ctx)
+    if cfg.profile:
+        result["profile"] = profile_steps(loss_fn, opt, batches[:3], ctx)
+    backend = resolve_attn_implementation(cfg.model.attn_implementation, ctx.device)
+    loss_impl = resolve_fused_kernels(cfg.model.fused_kernels, ctx.device)
+    result.update(attn_implementation=backend, fused_kernels=loss_impl,
+                  label=f"build_prefix_lm + collate_train packed ({_packing_desc(cfg)}), attention "
+                        f"{backend!r}, kernels {loss_impl!r}, LoRA dropout {cfg.model.lora_dropout}"
+                        + (", activation checkpointing" if cfg.model.gradient_checkpointing else ""))
+    opt.zero_grad(set_to_none=True)
+    del model, opt, batches
+    return result
+
+
+@torch.no_grad()
+def packed_vs_padded(model, group: list[Example], ctx: Context) -> float:
+    """|loss(packed row) - loss(same examples padded)|: ~0 (fp32) iff attention stops at example
+    boundaries. In bf16 expect ~1e-2 of rounding; crossing boundaries shows as a larger gap."""
+    items = [TrainItem(e.tok, e.latent, e.cond_id, key=f"ex{i}") for i, e in enumerate(group)]
+    n_img = ctx.cfg.model.num_image_tokens
+    losses = [float(model(batch_to_device(collate_train(items, ctx.pad_id, n_img, packed=p), ctx.device)).loss)
+              for p in (True, False)]
+    return abs(losses[0] - losses[1])
+
+
+def profile_steps(loss_fn, opt, batches: list[dict], ctx: Context) -> dict:
+    """torch.profiler over a few steps: the top kernels/ops by self device time (CPU time on CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = ctx.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for b in batches:
+            train_step(loss_fn, opt, b)
+        synchronize(ctx.device)
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = prof.key_averages()
+    table = events.table(sort_by=sort, row_limit=30)
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    total = sum(getattr(e, attr) for e in events) or 1.0
+    top = sorted(events, key=lambda e: getattr(e, attr), reverse=True)[:25]
+    path = (Path(ctx.cfg.out).with_suffix(".profile.txt") if ctx.cfg.out
+            else Path(tempfile.gettempdir()) / "train_throughput.profile.txt")
+    atomic_write_text(path, f"# mode 4, {len(batches)} steps, sorted by {sort}\n{table}\n")
+    return {"file": str(path), "sorted_by": sort, "steps": len(batches),
+            "top": [{"name": e.key, "self_ms": round(getattr(e, attr) / 1000 / len(batches), 3),
+                     "share": round(getattr(e, attr) / total, 4), "calls": e.count} for e in top]}
+
+
+MODES: dict[int, Callable[[Context], dict]] = {1: mode_seed_like, 2: mode_padded_sdpa,
+                                               3: mode_packed_offshelf, 4: mode_project}
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup, report, main
+# ---------------------------------------------------------------------------------------------
+
+def prepare_model_dir(cfg: BenchConfig, workdir: Path, corpus_json: Sequence[str]) -> Path:
+    """A model dir `build_prefix_lm` can read: the tiny LM + its tokenizer; for 7b, the same dir
+    with the 7B-shape config.json (weights are then built randomly by `random_weights`)."""
+    from trainer.tiny import make_tiny_lm
+
+    model_dir = make_tiny_lm(workdir / "lm", corpus_json=list(corpus_json) or None,
+                             corpus_texts=None if corpus_json else ["The image is a map."], seed=cfg.seed)
+    if cfg.shape == "7b":
+        from trainer.tiny import mistral_7b_shape_config
+
+        for f in model_dir.glob("*.safetensors"):
+            f.unlink()  # never read: random_weights builds from the config
+        mistral_7b_shape_config().save_pretrained(model_dir)
+    return Path(model_dir)
+
+
+def load_examples(cfg: BenchConfig, workdir: Path) -> tuple[list[Example], Path, object]:
+    """(example pool, model dir, tokenizer)."""
+    corpus: list[str] = list(cfg.gemini_json)
+    if not (cfg.gemini_json or cfg.shard_dir or cfg.lengths_file):
+        from data_prep.synthetic import generate
+
+        log.info("generating %d synthetic cases for the length mix", cfg.synthetic_cases)
+        corpus = [str(p) for p in generate(workdir / "synthetic", num_cases=cfg.synthetic_cases,
+                                           num_files=1, seed=cfg.seed, image_px=32)]
+    model_dir = prepare_model_dir(cfg, workdir, corpus)
+    tokenizer = load_tokenizer(cfg.tokenizer or model_dir)
+    if cfg.lengths_file:
+        vocab = min(len(tokenizer), lm_config(cfg.shape, model_dir).vocab_size)
+        pool = examples_from_lengths_file(cfg.lengths_file, vocab, tokenizer.bos_token_id or 1, cfg.seed)
+    else:
+        elements = _elements_from_shards(cfg.shard_dir) if cfg.shard_dir else _elements_from_gemini(corpus)
+        pool = _tokenize_elements(elements, tokenizer, cfg)
+    if not pool:
+        raise ValueError("no usable examples (all dropped by truncation?)")
+    return pool, model_dir, tokenizer
+
+
+def stream_size(cfg: BenchConfig, pool: list[Example]) -> int:
+    """Enough examples for the largest consumer (mode 2's biggest batch or a packed mode)."""
+    n_steps = cfg.warmup_steps + cfg.steps
+    mean_len = statistics.fmean(e.length(cfg.model.num_image_tokens) for e in pool)
+    per_row = cfg.batch_size if cfg.batch_size > 0 else math.ceil(cfg.token_budget / max(1.0, min(
+        e.length(cfg.model.num_image_tokens) for e in pool)))
+    return n_steps * max(max(cfg.padded_batch_sizes), per_row, 1) + int(mean_len)
+
+
+def environment(device: torch.device) -> dict:
+    import importlib
+
+    env = {"python": sys.version.split()[0], "torch": torch.__version__, "device": str(device)}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    for mod in ("transformers", "peft", "liger_kernel", "flash_attn", "triton"):
+        try:
+            env[mod] = getattr(importlib.import_module(mod), "__version__", "yes")
+        except Exception as e:  # noqa: BLE001 - report, whatever the reason
+            env[mod] = f"no ({type(e).__name__})"
+    return env
+
+
+def ratios(results: dict) -> dict:
+    ok = {m: r for m, r in results.items() if "tokens_per_s" in r}
+    return {f"4/{b}": ok[4]["tokens_per_s"] / ok[b]["tokens_per_s"] for b in (1, 2, 3) if 4 in ok and b in ok}
+
+
+def markdown_table(results: dict, ratio: dict, peak: dict) -> str:
+    def f(v, fmt):
+        return "–" if v is None else format(v, fmt)
+
+    lines = ["| mode | configuration | ex/step | ms/step | real tok/s | pad % | TFLOP/s | MFU | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for m in sorted(results):
+        r = results[m]
+        if "error" in r:
+            lines.append(f"| {m} {MODE_NAMES[m]} | FAILED: {r['error'][:120]} | | | | | | | |")
+            continue
+        lines.append(f"| {m} {MODE_NAMES[m]} | {r['label']} | {r['examples_per_step']:.1f} | "
+                     f"{r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | {100 * r['pad_fraction']:.0f} | "
+                     f"{r['tflops']:.1f} | {100 * r['mfu']:.1f}% | {f(r['peak_gib'], '.1f')} |")
+    lines.append("")
+    lines.append("ratios (real tokens/s): " + (", ".join(f"{k} = {v:.2f}x" for k, v in ratio.items()) or "–"))
+    lines.append(f"MFU against the measured matmul peak: {peak['tflops']:.1f} TFLOP/s ({peak['gemm']})")
+    lines.append(FLOPS_FORMULA)
+    return "\n".join(lines)
+
+
+def run(cfg: BenchConfig) -> dict:
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if cfg.device == "auto" else cfg.device))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with tempfile.TemporaryDirectory(prefix="throughput_") as tmp:
+        pool, model_dir, tokenizer = load_examples(cfg, Path(tmp))
+        if cfg.write_lengths:
+            write_lengths_file(cfg.write_lengths, pool)
+            log.info("wrote %d example lengths to %s", len(pool), cfg.write_lengths)
+        hf_config = lm_config(cfg.shape, model_dir)
+        peak = measure_peak_tflops(device)
+        ctx = Context(cfg, device, dtype, hf_config, model_dir, tokenizer.pad_token_id,
+                      example_stream(pool, stream_size(cfg, pool), cfg.seed), peak["tflops"])
+        log.info("device %s, peak %.1f TFLOP/s, lengths %s", device, peak["tflops"],
+                 length_stats(pool, cfg.model.num_image_tokens))
+        results: dict[int, dict] = {}
+        for m in [m for m in RUN_ORDER if m in cfg.modes]:
+            log.info("mode %d (%s) ...", m, MODE_NAMES[m])
+            try:
+                results[m] = MODES[m](ctx)
+                log.info("mode %d: %.0f real tokens/s", m, results[m]["tokens_per_s"])
+            except Exception as e:  # noqa: BLE001 - one failed mode must not hide the others
+                traceback.print_exc()
+                results[m] = {"error": f"{type(e).__name__}: {e}"}
+            free_memory(device)
+    ratio = ratios(results)
+    report = {"config": asdict(cfg), "env": environment(device), "peak_matmul": peak,
+              "flops_formula": FLOPS_FORMULA, "lengths": length_stats(pool, cfg.model.num_image_tokens),
+              "modes": {str(m): dict(results[m], name=MODE_NAMES[m]) for m in sorted(results)},
+              "ratios": ratio, "markdown": markdown_table(results, ratio, peak)}
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = parse_config(BenchConfig, argv)
+    print_config(cfg)
+    report = run(cfg)
+    print(report["markdown"], flush=True)
+    if cfg.out:
+        atomic_write_json(cfg.out, report)
+        log.info("wrote %s", cfg.out)
+    return 0 if all("error" not in r for r in report["modes"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

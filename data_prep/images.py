@@ -1,0 +1,126 @@
+"""Image decoding for Stage1: GIF (or PNG/JPEG) file -> normalised float32 [3, H, W].
+
+This runs ~160k times per full build, in worker processes, so it avoids torch and does as little
+work as possible: palette GIFs are expanded to RGB once, large images are shrunk with PIL's
+`reducing_gap` (a fast box pre-reduction, then bicubic; visually identical to plain bicubic).
+JPEG `draft` decoding is deliberately not used: it would make `decode_image` differ from
+`preprocess(load_gif(...))`, and WeatherQA images are GIFs. The shard builder and every evaluation path decode
+through `decode_image`, so cached latents and fresh ones see the same pixels.
+
+Every failure is an `ImageDecodeError` with `.path` and a short `.reason`:
+"missing", "empty", "not_an_image" (no known image signature), "corrupt" (an image signature but
+undecodable/truncated data), "bad_frame" (the requested frame does not exist).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+# ImageNet statistics: the fallback until/unless trainer.stage1 defines IMAGE_MEAN / IMAGE_STD.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RESAMPLE = Image.Resampling.BICUBIC
+REDUCING_GAP = 3.0
+DECODE_REASONS = ("missing", "empty", "not_an_image", "corrupt", "bad_frame")
+_SIGNATURES = (b"GIF87a", b"GIF89a", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
+
+ImageSource = Union[str, os.PathLike, bytes, bytearray]
+
+
+class ImageDecodeError(ValueError):
+    """An image that cannot be used; `reason` is one of DECODE_REASONS."""
+
+    def __init__(self, path: str, reason: str, detail: str = ""):
+        self.path, self.reason, self.detail = str(path), reason, detail
+        super().__init__(f"{path}: {reason}" + (f": {detail}" if detail else ""))
+
+    def __reduce__(self):  # picklable across worker processes despite the custom __init__
+        return type(self), (self.path, self.reason, self.detail)
+
+
+@lru_cache(maxsize=1)
+def normalization() -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per RGB channel: trainer.stage1's IMAGE_MEAN/IMAGE_STD, else ImageNet's.
+
+    Imported lazily so decoding workers that never touch Stage1 do not pay for importing it.
+    Only a *missing* trainer.stage1 falls back; a broken one raises (silently normalising
+    differently from Stage1 would corrupt every cached latent).
+    """
+    try:
+        from trainer.stage1 import IMAGE_MEAN, IMAGE_STD
+    except ModuleNotFoundError as e:
+        if e.name not in ("trainer.stage1", "trainer"):
+            raise
+        return IMAGENET_MEAN, IMAGENET_STD
+    return tuple(float(x) for x in IMAGE_MEAN), tuple(float(x) for x in IMAGE_STD)
+
+
+def _read_bytes(source: ImageSource) -> tuple[bytes, str]:
+    if isinstance(source, (bytes, bytearray)):
+        data, name = bytes(source), "<bytes>"
+    else:
+        name = str(source)
+        try:
+            data = Path(source).read_bytes()
+        except FileNotFoundError:
+            raise ImageDecodeError(name, "missing") from None
+        except IsADirectoryError:
+            raise ImageDecodeError(name, "not_an_image", "is a directory") from None
+    if not data:
+        raise ImageDecodeError(name, "empty", "0 bytes")
+    return data, name
+
+
+def load_gif(path: ImageSource, frame: int = 0) -> Image.Image:
+    """Frame `frame` (default the first) of a GIF as an RGB image; PNG/JPEG work too (frame 0).
+
+    `path` may also be the raw file bytes (e.g. a shard's `gif` field).
+    """
+    if frame < 0:
+        raise ValueError(f"frame must be >= 0, got {frame}")
+    data, name = _read_bytes(path)
+    has_signature = data.startswith(_SIGNATURES)
+    try:
+        img = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageDecodeError(name, "corrupt" if has_signature else "not_an_image", str(e)) from None
+    num_frames = getattr(img, "n_frames", 1)
+    if frame >= num_frames:
+        raise ImageDecodeError(name, "bad_frame", f"frame {frame} requested, the image has {num_frames}")
+    try:
+        if frame:
+            img.seek(frame)
+        return img.convert("RGB")  # decodes the pixels: truncated data fails here
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageDecodeError(name, "corrupt", str(e)) from None
+
+
+def preprocess(img: Image.Image, image_size: int) -> np.ndarray:
+    """RGB image -> float32 [3, image_size, image_size]: bicubic resize, [0, 1], mean/std."""
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    if img.size != (image_size, image_size):
+        img = img.resize((image_size, image_size), RESAMPLE, reducing_gap=REDUCING_GAP)
+    mean, std = normalization()
+    # Fold /255 and the normalisation into one multiply-add on the uint8 pixels.
+    scale = np.asarray([1.0 / (255.0 * s) for s in std], dtype=np.float32)
+    shift = np.asarray([-m / s for m, s in zip(mean, std)], dtype=np.float32)
+    hwc = np.asarray(img, dtype=np.float32) * scale + shift
+    return np.ascontiguousarray(hwc.transpose(2, 0, 1))
+
+
+def decode_image(path: ImageSource, image_size: int, frame: int = 0) -> np.ndarray:
+    """load_gif + preprocess; every failure is an ImageDecodeError."""
+    img = load_gif(path, frame)
+    try:
+        return preprocess(img, image_size)
+    except (OSError, ValueError) as e:
+        name = "<bytes>" if isinstance(path, (bytes, bytearray)) else str(path)
+        raise ImageDecodeError(name, "corrupt", str(e)) from None

@@ -1,0 +1,218 @@
+"""Stage2 inference: batched generation for a checkpoint (or the pretrained baseline) to JSONL.
+
+    python -m eval.generate --checkpoint-dir runs/uniform/final --base-model-path /models/mistral-7b \
+        --shard-dir shards --split val --num-samples 200 --task summary --output-path gen/uniform.jsonl
+    python -m eval.generate --checkpoint-dir ... --json-path a.json --image-root data/WeatherQA \
+        --stage1-encoder-ckpt enc.pt --num-samples 3
+    python -m eval.generate --model pretrained --base-model-path /models/mistral-7b --shard-dir shards
+
+One JSONL record per (case, element, task): case_id, element, cond_name, model, task, prompt,
+generation, reference. Records are appended batch by batch and flushed, so a killed run keeps what
+it generated; a rerun with the same output path skips the records already there.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional, Sequence
+
+from common.config import parse_config, print_config, save_config
+from common.io import append_jsonl, read_jsonl
+from eval.inputs import EvalCase, attach_latents, load_json_cases, load_shard_cases, select_cases
+from eval.modeling import (DecodingConfig, EvalModel, build_requests, generate_texts,
+                           length_sorted_batches, load_checkpoint_model, record_key,
+                           train_setting)
+from trainer.tasks import TASKS
+
+
+@dataclass
+class InputConfig:
+    """Where the evaluation cases come from: shards (cached latents) or Gemini JSON + images."""
+
+    shard_dir: Optional[str] = field(default=None, metadata={"help": "shard directory (latents cached)"})
+    split: str = field(default="val", metadata={"help": "shard split to evaluate"})
+    json_path: list[str] = field(default_factory=list, metadata={"help": "Gemini JSON file(s)"})
+    image_root: Optional[str] = field(default=None, metadata={"help": "root of image_rel_path (JSON input)"})
+    num_samples: int = field(default=3, metadata={"help": "records to generate (0 = all)"})
+    elements_per_case: int = field(default=1, metadata={"help": "elements used per case (0 = all)"})
+    stage1_encoder_ckpt: Optional[str] = field(default=None, metadata={"help": "Stage1 MAE encoder (JSON input)"})
+    stage1_classifier_ckpt: Optional[str] = field(
+        default=None, metadata={"help": "Stage1 classifier; its class count is checked against the cond map"})
+    image_size: int = field(default=0, metadata={"help": "Stage1 image size (0 = from the checkpoint, else 224)"})
+    latent_pooling: str = field(default="", metadata={"help": "Stage1 pooling mean|cls ('' = from the checkpoint)"})
+    gif_frame: int = field(default=-1, metadata={"help": "GIF frame fed to Stage1 (-1 = from the checkpoint, else 0)"})
+
+    def validate(self) -> None:
+        if bool(self.shard_dir) == bool(self.json_path):
+            raise ValueError("give exactly one input: --shard-dir, or --json-path with --image-root")
+        if self.json_path and not self.image_root:
+            raise ValueError("--json-path needs --image-root")
+
+
+@dataclass
+class ModelConfig:
+    model: Literal["stage2", "pretrained"] = field(
+        default="stage2", metadata={"help": "a Stage2 checkpoint or the pretrained text-only baseline"})
+    checkpoint_dir: Optional[str] = field(default=None, metadata={"help": "Stage2 inference checkpoint"})
+    base_model_path: Optional[str] = field(default=None, metadata={"help": "local base LM directory"})
+    model_name: Optional[str] = field(default=None, metadata={"help": "name written into records"})
+    device: str = field(default="auto", metadata={"help": "cpu | cuda | cuda:N | auto"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU) | bf16 | fp16 | fp32"})
+
+    def validate(self) -> None:
+        if self.model == "stage2" and not self.checkpoint_dir:
+            raise ValueError("--model stage2 needs --checkpoint-dir")
+        if self.model == "pretrained" and not self.base_model_path:
+            raise ValueError("--model pretrained needs --base-model-path")
+
+
+@dataclass
+class GenerateConfig:
+    """Stage2 inference: batched generation to a resumable JSONL."""
+
+    inputs: InputConfig = field(default_factory=InputConfig)
+    model_cfg: ModelConfig = field(default_factory=ModelConfig)
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    task: Literal[TASKS] = field(default="summary", metadata={"help": "task whose prompt is answered"})  # type: ignore[valid-type]
+    output_path: str = field(default="generations.jsonl", metadata={"help": "JSONL output (appended, resumable)"})
+    num_print_samples: int = field(default=3, metadata={"help": "records printed at the end"})
+    seed: int = field(default=0, metadata={"help": "seed for sampling"})
+
+    def validate(self) -> None:
+        self.inputs.validate()
+        self.model_cfg.validate()
+        self.decoding.validate()
+
+
+# ------------------------------------------------------------------------------------- loading
+def load_model(cfg: ModelConfig) -> EvalModel:
+    if cfg.model == "pretrained":
+        from eval.baseline import load_pretrained_model
+
+        return load_pretrained_model(cfg.base_model_path, cfg.device, cfg.dtype,
+                                     name=cfg.model_name or "pretrained")
+    return load_checkpoint_model(cfg.checkpoint_dir, cfg.base_model_path, cfg.device, cfg.dtype,
+                                 name=cfg.model_name)
+
+
+def check_classifier(classifier_ckpt: str, cond_map: dict[str, int]) -> None:
+    """The classifier's class count (and label names, when it has them) must match the cond map."""
+    from trainer.stage1 import load_stage1_classifier
+
+    clf = load_stage1_classifier(classifier_ckpt)
+    n = getattr(getattr(clf, "config", None), "num_labels", None) or getattr(clf, "num_classes", None)
+    if n is not None and int(n) != len(cond_map):
+        raise ValueError(f"{classifier_ckpt}: classifier has {n} classes but cond_name_to_id.json has "
+                         f"{len(cond_map)}: shards, checkpoints and the classifier must share one mapping")
+
+
+def load_cases(cfg: InputConfig, model: EvalModel, max_cases: int = 0) -> list[EvalCase]:
+    """The selected cases with latents, checked against the model's cond map."""
+    if cfg.stage1_classifier_ckpt:
+        check_classifier(cfg.stage1_classifier_ckpt, model.cond_map)
+    # Read enough cases for the selection (a summary eval needs only the first element of each).
+    limit = cfg.num_samples if (cfg.num_samples and cfg.elements_per_case) else 0
+    if cfg.shard_dir:
+        cases = load_shard_cases(cfg.shard_dir, cfg.split, model.cond_map, max_cases=max_cases or limit)
+        return select_cases(cases, cfg.num_samples, cfg.elements_per_case)
+    cases = select_cases(load_json_cases(cfg.json_path, model.cond_map, max_cases=max_cases or limit),
+                         cfg.num_samples, cfg.elements_per_case)
+    if model.uses_image:
+        if not cfg.stage1_encoder_ckpt:
+            raise ValueError("JSON input to a Stage2 model needs --stage1-encoder-ckpt to compute latents")
+        from trainer.stage1 import load_stage1_encoder
+
+        tc = model.train_config
+        # The Stage1 settings the checkpoint was trained with, unless given explicitly.
+        pooling = cfg.latent_pooling or train_setting(tc, "latent_pooling", "mean")
+        image_size = int(cfg.image_size or train_setting(tc, "image_size", 224))
+        frame = cfg.gif_frame if cfg.gif_frame >= 0 else int(train_setting(tc, "gif_frame", 0))
+        k = int(train_setting(tc, "stage1_trainable_blocks", 0)) if getattr(model.prefix_lm.prefix, "tail", None) else 0
+        encoder = load_stage1_encoder(cfg.stage1_encoder_ckpt, pooling).to(model.device).eval()
+        attach_latents(cases, cfg.image_root, encoder, image_size, frame, trainable_blocks=k,
+                       device=str(model.device))
+    return cases
+
+
+# ------------------------------------------------------------------------------------- running
+def make_record(model_name: str, req, task: str, generation: str) -> dict:
+    c = req.case
+    return {"case_id": c.case_id, "element": c.element_index, "cond_name": c.cond_name,
+            "model": model_name, "task": task, "prompt": req.prompt.text,
+            "generation": generation, "reference": req.reference}
+
+
+def run_generation(model: EvalModel, cases: Sequence[EvalCase], task: str, decoding: DecodingConfig,
+                   output_path: str | Path, progress: bool = True, record_name: Optional[str] = None,
+                   prefix_mode: str = "true",
+                   donors: Optional[dict[tuple, EvalCase]] = None) -> tuple[list[dict], Counter]:
+    """Generate every case not yet in `output_path`; returns (all records of this model, skips).
+
+    `record_name` (default: the model's name) goes into each record's `model` field. The ablation
+    passes `prefix_mode` and `donors` ({case.key: case whose image feeds it}) for its variants.
+    """
+    from tqdm import tqdm
+
+    name = record_name or model.name
+    output_path = Path(output_path)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    existing = [r for r in read_jsonl(output_path) if r.get("model") == name and r.get("task") == task]
+    done = {record_key(r["case_id"], r["element"], r["task"]) for r in existing}
+    requests, skips = build_requests(cases, task, model, decoding.max_prompt_len)
+    todo = [r for r in requests if record_key(r.case.case_id, r.case.element_index, task) not in done]
+    if len(requests) - len(todo):
+        print(f"[generate] {name}: {len(requests) - len(todo)} record(s) already in {output_path}, "
+              f"{len(todo)} to generate")
+    records = list(existing)
+    bar = tqdm(total=len(todo), desc=f"generate {name}/{task}", unit="sample", disable=not progress)
+    for idx in length_sorted_batches(todo, decoding.batch_size):
+        batch = [todo[i] for i in idx]
+        image_from = [donors[r.case.key] for r in batch] if donors is not None else None
+        texts = generate_texts(model, batch, decoding, prefix_mode=prefix_mode, latents_from=image_from)
+        for req, text in zip(batch, texts):
+            rec = make_record(name, req, task, text)
+            append_jsonl(output_path, rec)
+            records.append(rec)
+        bar.update(len(batch))
+    bar.close()
+    if skips:
+        print(f"[generate] {name}: skipped {dict(skips)}")
+    return records, skips
+
+
+def print_samples(records: Sequence[dict], n: int, width: int = 400) -> None:
+    for r in list(records)[:n]:
+        print(f"--- {r['model']} | case {r['case_id']} element {r['element']} ({r['cond_name']}) | {r['task']}")
+        print(f"GENERATION: {r['generation'][:width]}")
+        print(f"REFERENCE:  {r['reference'][:width]}")
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    cfg = parse_config(GenerateConfig, argv)
+    print_config(cfg)
+    out = Path(cfg.output_path)
+    save_config(cfg, out.with_name(out.stem + ".config.json"))
+    seed_everything(cfg.seed)
+    model = load_model(cfg.model_cfg)
+    cases = load_cases(cfg.inputs, model)
+    t0 = time.perf_counter()
+    records, _ = run_generation(model, cases, cfg.task, cfg.decoding, out)
+    print(f"[generate] {len(records)} record(s) in {out} ({time.perf_counter() - t0:.1f}s this run)")
+    print_samples(records, cfg.num_print_samples)
+
+
+if __name__ == "__main__":
+    main()

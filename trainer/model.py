@@ -1,0 +1,423 @@
+"""The Stage2 prefix-LM: a causal LM (LoRA via PEFT) fed an image prefix built from Stage1 latents.
+
+    latent [768] --LayerNorm-Linear-GELU-Linear--> num_image_tokens x hidden  ┐
+    cond_id      --Embedding------------------->            1 x hidden       ┘ = prefix [P, hidden]
+
+The prefix replaces the embeddings of the P prefix slots that `trainer.collate` reserves after
+BOS (`prefix_mask`). The loss is computed from the decoder's hidden states at the positions that
+predict a target token only, by a chunked (or Liger fused) linear + cross-entropy, so the full
+[tokens, vocab] logits of a batch are never materialised (see `trainer.kernels`).
+
+Attention backends for packed rows live in `trainer.attention`; `ModelConfig.attn_implementation`
+picks one ("auto" = fastest that works on the device).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn as nn
+
+from common.io import atomic_path, atomic_write_json
+from trainer import attention as attn
+from trainer import kernels
+from trainer.tasks import TASKS
+
+PREFIX_WEIGHTS = "stage2_prefix_modules.safetensors"
+PREFIX_CONFIG = "prefix_config.json"
+SEED_PREFIX_WEIGHTS = "stage2_prefix_modules.pt"
+TAIL_WEIGHTS = "stage1_encoder_finetuned.safetensors"
+DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+FUSED_CHOICES = ("auto", "none", "chunked", "liger")
+# E[gelu(z)^2] for z ~ N(0, 1): sets the output projection's init so the prefix matches the
+# LM's embedding scale.
+_GELU_SECOND_MOMENT = 0.4252
+
+
+@dataclass
+class ModelConfig:
+    model_path: str = field(default="", metadata={"help": "local directory of the base causal LM + tokenizer (e.g. Mistral-7B-Instruct-v0.3)"})
+    use_lora: bool = field(default=True, metadata={"help": "train LoRA adapters on a frozen LM (--no-use-lora: train the whole LM)"})
+    lora_r: int = field(default=32, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=64, metadata={"help": "LoRA alpha (scale = alpha / r)"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
+    lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS), metadata={"help": "module names that get LoRA adapters"})
+    num_image_tokens: int = field(default=4, metadata={"help": "prefix tokens projected from the Stage1 latent (+1 class embedding)"})
+    attn_implementation: Literal["auto", "packed_sdpa", "varlen", "flex", "flash_attn", "sdpa", "eager"] = field(
+        default="auto", metadata={"help": "attention kernel; packed rows use packed_sdpa (exact, any device), varlen "
+                                           "(torch varlen_attn, CUDA), flex (flex_attention) or flash_attn; sdpa/eager are "
+                                           "stock HF (dense mask for packed rows). auto: CUDA -> varlen > flash_attn > flex, "
+                                           "CPU -> packed_sdpa"})
+    precision: Literal["auto", "bf16", "fp32"] = field(default="auto", metadata={"help": "LM weight dtype; auto = bf16 on GPU, fp32 on CPU"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute decoder layers in backward (less memory, ~30% slower)"})
+    fused_kernels: Literal["auto", "none", "chunked", "liger"] = field(
+        default="auto", metadata={"help": "loss/kernels: none = full logits + cross-entropy (HF-equivalent); chunked = "
+                                           "exact chunked linear+CE (portable); liger = Liger Triton kernels (fused linear+CE, "
+                                           "RoPE, RMSNorm, SwiGLU; CUDA). auto: liger if installed on CUDA, else chunked"})
+    ce_chunk_size: int = field(default=2048, metadata={"help": "tokens per chunk of the chunked linear+cross-entropy"})
+
+    def validate(self) -> None:
+        if self.num_image_tokens < 1:
+            raise ValueError(f"num_image_tokens must be >= 1, got {self.num_image_tokens}")
+        if self.use_lora and (self.lora_r < 1 or not self.lora_target_modules):
+            raise ValueError("use_lora needs lora_r >= 1 and at least one lora_target_modules entry")
+        if self.ce_chunk_size < 1:
+            raise ValueError(f"ce_chunk_size must be >= 1, got {self.ce_chunk_size}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The image prefix
+# ---------------------------------------------------------------------------------------------
+
+class Stage2Prefix(nn.Module):
+    """Stage1 latent + image-type id -> `num_image_tokens + 1` LM input embeddings."""
+
+    def __init__(self, latent_dim: int, hidden_size: int, num_image_tokens: int, num_classes: int = 20,
+                 tail: nn.Module | None = None, proj_dim: int | None = None, init_std: float = 0.02):
+        super().__init__()
+        self.latent_dim, self.hidden_size = latent_dim, hidden_size
+        self.num_image_tokens, self.num_classes = num_image_tokens, num_classes
+        self.proj_dim = proj_dim or hidden_size
+        # The Stage1 latent's scale is whatever the MAE produced: normalise it so that the
+        # projection's init (and learning rate) do not depend on it.
+        self.latent_norm = nn.LayerNorm(latent_dim)
+        self.proj = nn.Sequential(nn.Linear(latent_dim, self.proj_dim), nn.GELU(),
+                                  nn.Linear(self.proj_dim, num_image_tokens * hidden_size))
+        self.class_embed = nn.Embedding(num_classes, hidden_size)
+        self.tail = tail
+        self.reset_scale(init_std)
+
+    @torch.no_grad()
+    def reset_scale(self, target_std: float) -> None:
+        """Init so every prefix element has std ~ `target_std` (the LM token embeddings' std)."""
+        nn.init.normal_(self.proj[0].weight, std=1.0 / math.sqrt(self.latent_dim))
+        nn.init.zeros_(self.proj[0].bias)
+        nn.init.normal_(self.proj[2].weight, std=target_std / math.sqrt(self.proj_dim * _GELU_SECOND_MOMENT))
+        nn.init.zeros_(self.proj[2].bias)
+        nn.init.normal_(self.class_embed.weight, std=target_std)
+
+    @property
+    def prefix_len(self) -> int:
+        return self.num_image_tokens + 1
+
+    def forward(self, latents: torch.Tensor, cond_ids: torch.Tensor,
+                block_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        if self.tail is not None and block_tokens is not None:
+            latents = self.tail(block_tokens)
+        x = self.latent_norm(latents.to(self.latent_norm.weight.dtype))
+        image = self.proj(x).view(-1, self.num_image_tokens, self.hidden_size)
+        cls = self.class_embed(cond_ids).unsqueeze(1)
+        return torch.cat([image, cls], dim=1)
+
+    def config_dict(self) -> dict:
+        return {"format_version": 1, "latent_dim": self.latent_dim, "hidden_size": self.hidden_size,
+                "num_image_tokens": self.num_image_tokens, "num_classes": self.num_classes,
+                "proj_dim": self.proj_dim, "has_tail": self.tail is not None}
+
+    def save(self, out_dir: str | Path) -> None:
+        """Write `stage2_prefix_modules.safetensors` + `prefix_config.json` (+ the Stage1 tail)."""
+        from safetensors.torch import save_file
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()
+                 if not k.startswith("tail.")}
+        with atomic_path(out_dir / PREFIX_WEIGHTS) as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt"})
+        atomic_write_json(out_dir / PREFIX_CONFIG, self.config_dict())
+        if self.tail is not None:
+            self.tail.save(out_dir / TAIL_WEIGHTS)
+
+    @classmethod
+    def load(cls, ckpt_dir: str | Path, map_location="cpu") -> "Stage2Prefix":
+        """Load from `save`'s files, or from the seed's `stage2_prefix_modules.pt`."""
+        ckpt_dir = Path(ckpt_dir)
+        if (ckpt_dir / PREFIX_WEIGHTS).exists():
+            return cls._load_safetensors(ckpt_dir, map_location)
+        if (ckpt_dir / SEED_PREFIX_WEIGHTS).exists():
+            return cls._load_seed(ckpt_dir / SEED_PREFIX_WEIGHTS, map_location)
+        raise FileNotFoundError(f"{ckpt_dir}: neither {PREFIX_WEIGHTS} nor {SEED_PREFIX_WEIGHTS} found")
+
+    @classmethod
+    def _load_safetensors(cls, ckpt_dir: Path, map_location) -> "Stage2Prefix":
+        from safetensors.torch import load_file
+
+        cfg_path = ckpt_dir / PREFIX_CONFIG
+        try:
+            cfg = json.loads(cfg_path.read_text())
+            kwargs = {k: int(cfg[k]) for k in ("latent_dim", "hidden_size", "num_image_tokens", "num_classes", "proj_dim")}
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(f"{cfg_path}: unreadable prefix config ({e!r})") from e
+        tail = None
+        if cfg.get("has_tail"):
+            from trainer.stage1 import Stage1Tail
+
+            if not (ckpt_dir / TAIL_WEIGHTS).exists():
+                raise FileNotFoundError(f"{cfg_path} says has_tail but {ckpt_dir / TAIL_WEIGHTS} is missing")
+            tail = Stage1Tail.load(ckpt_dir / TAIL_WEIGHTS)
+        prefix = cls(tail=tail, **kwargs)
+        state = load_file(str(ckpt_dir / PREFIX_WEIGHTS), device=str(map_location))
+        _load_strict(prefix, state, ckpt_dir / PREFIX_WEIGHTS, skip_prefix="tail.")
+        return prefix.to(map_location)
+
+    @classmethod
+    def _load_seed(cls, path: Path, map_location) -> "Stage2Prefix":
+        """The seed saved a torch state dict; infer the dims from the weight shapes."""
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+        for key in ("state_dict", "model", "prefix"):
+            if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+                obj = obj[key]
+        state = {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        try:
+            w0, w2 = state["proj.0.weight"], state["proj.2.weight"]
+            cls_w = state["class_embed.weight"]
+        except KeyError as e:
+            raise ValueError(f"{path}: seed prefix checkpoint lacks {e}; keys: {sorted(state)[:20]}") from e
+        num_classes, hidden = cls_w.shape
+        prefix = cls(latent_dim=w0.shape[1], hidden_size=hidden, num_image_tokens=w2.shape[0] // hidden,
+                     num_classes=num_classes, proj_dim=w0.shape[0])
+        if "latent_norm.weight" not in state:  # the seed had no input LayerNorm: make it the identity
+            state["latent_norm.weight"] = torch.ones(w0.shape[1])
+            state["latent_norm.bias"] = torch.zeros(w0.shape[1])
+        _load_strict(prefix, state, path)
+        return prefix.to(map_location)
+
+
+def _load_strict(module: nn.Module, state: dict, source, skip_prefix: str | None = None) -> None:
+    own = {k for k in module.state_dict() if not (skip_prefix and k.startswith(skip_prefix))}
+    missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
+    if missing or unexpected:
+        raise ValueError(f"{source}: weights do not match the prefix module (missing {missing}, unexpected {unexpected})")
+    module.load_state_dict(state, strict=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The prefix-LM
+# ---------------------------------------------------------------------------------------------
+
+class PrefixLMOutput(NamedTuple):
+    loss: torch.Tensor             # mean CE over the batch's target tokens (0 if it has none)
+    task_loss_sum: torch.Tensor    # [4] summed per-token loss per task (detached), for logging
+    task_token_count: torch.Tensor  # [4] target tokens per task
+    loss_sum: torch.Tensor | None = None     # summed CE (with grad), for token-weighted reductions
+    num_loss_tokens: torch.Tensor | None = None
+    # per-token CE of the scored positions: the target tokens in example/position order when the
+    # batch has `loss_index` (collate adds it), else every position (0 where not a target)
+    token_losses: torch.Tensor | None = None
+
+
+class PrefixLM(nn.Module):
+    """The (PEFT-wrapped) causal LM + the Stage2 prefix; `forward(batch)` takes `trainer.collate` batches."""
+
+    def __init__(self, lm: nn.Module, prefix: Stage2Prefix, loss_impl: str = "chunked",
+                 ce_chunk_size: int = kernels.DEFAULT_CHUNK_SIZE):
+        super().__init__()
+        if loss_impl not in ("none", "chunked", "liger"):
+            raise ValueError(f"loss_impl {loss_impl!r}; choices: none, chunked, liger")
+        self.lm = lm
+        self.prefix = prefix
+        self.loss_impl = loss_impl
+        self.ce_chunk_size = ce_chunk_size
+
+    # -- the pieces of the wrapped HF model ---------------------------------------------------
+    @property
+    def base_lm(self) -> nn.Module:
+        """The HF *ForCausalLM under the PEFT wrapper (or the plain model)."""
+        return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+
+    @property
+    def decoder(self) -> nn.Module:
+        return self.base_lm.get_decoder()
+
+    @property
+    def attn_implementation(self) -> str:
+        return self.base_lm.config._attn_implementation
+
+    # -- inputs ---------------------------------------------------------------------------------
+    def embed(self, batch: dict) -> torch.Tensor:
+        """Token embeddings with the prefix slots replaced by the prefix output: [R, L, H]."""
+        embeds = self.base_lm.get_input_embeddings()(batch["input_ids"])
+        if batch.get("latents") is None:
+            return embeds
+        prefix = self.prefix(batch["latents"], batch["cond_ids"], batch.get("block_tokens"))
+        mask = batch["prefix_mask"]
+        if not mask.is_cuda and int(mask.sum()) != prefix.shape[0] * prefix.shape[1]:  # free check on CPU
+            raise ValueError(f"batch has {int(mask.sum())} prefix slots but {prefix.shape[0]} image examples x "
+                             f"{prefix.shape[1]} prefix tokens")
+        # Row-major order of the slots == example order == order of `latents`.
+        return embeds.masked_scatter(mask.unsqueeze(-1), prefix.to(embeds.dtype))
+
+    def _decoder_kwargs(self, batch: dict) -> dict:
+        kw = {"position_ids": batch["position_ids"], "use_cache": False}
+        if batch.get("attention_mask") is not None:
+            kw["attention_mask"] = batch["attention_mask"]
+        if attn.is_packed_backend(self.attn_implementation):
+            kw.update(attn.packed_attention_kwargs(batch))
+        return kw
+
+    # -- loss -----------------------------------------------------------------------------------
+    def _per_token_ce(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        head = self.base_lm.get_output_embeddings()
+        weight, bias = head.weight, getattr(head, "bias", None)
+        if self.loss_impl == "liger":
+            return kernels.liger_linear_cross_entropy(hidden, weight, labels, bias)
+        if self.loss_impl == "chunked":
+            return kernels.linear_cross_entropy(hidden, weight, labels, self.ce_chunk_size, bias)
+        return kernels.reference_cross_entropy(hidden, weight, labels, bias)
+
+    def forward(self, batch: dict) -> PrefixLMOutput:
+        inputs_embeds = self.embed(batch)
+        hidden = self.decoder(inputs_embeds=inputs_embeds, **self._decoder_kwargs(batch)).last_hidden_state
+
+        # Hidden state at position t predicts the label at t + 1 (within a row; a packed
+        # example starts with BOS / a prompt token whose label is -100, so nothing crosses).
+        labels, task_ids = batch["labels"], batch["task_ids"]
+        shifted = torch.full_like(labels, kernels.IGNORE_INDEX)
+        shifted[:, :-1] = labels[:, 1:]
+        shifted_tasks = torch.full_like(task_ids, -1)
+        shifted_tasks[:, :-1] = task_ids[:, 1:]
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        shifted, shifted_tasks = shifted.reshape(-1), shifted_tasks.reshape(-1)
+        index = batch.get("loss_index")
+        if index is not None:  # only the positions that predict a target token (collate-computed)
+            hidden, shifted, shifted_tasks = hidden[index], shifted[index], shifted_tasks[index]
+
+        token_losses = self._per_token_ce(hidden, shifted)
+        valid = shifted != kernels.IGNORE_INDEX
+        num_tokens = valid.sum()
+        loss_sum = token_losses.sum()
+        loss = loss_sum / num_tokens.clamp(min=1)
+
+        task = shifted_tasks.clamp(min=0)
+        task_loss_sum = token_losses.new_zeros(len(TASKS)).index_add_(0, task, token_losses.detach())
+        task_token_count = token_losses.new_zeros(len(TASKS)).index_add_(0, task, valid.float())
+        return PrefixLMOutput(loss, task_loss_sum, task_token_count, loss_sum, num_tokens, token_losses)
+
+    # -- generation -----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def stock_attention(self, name: str = "sdpa"):
+        """Temporarily use a stock HF attention (KV cache + 2-D padding masks), e.g. for generate."""
+        config = self.base_lm.config
+        old = config._attn_implementation
+        config._attn_implementation = name
+        try:
+            yield
+        finally:
+            config._attn_implementation = old
+
+    @torch.no_grad()
+    def generate(self, batch: dict, **generate_kwargs) -> torch.Tensor:
+        """Greedy/sampled generation from a `collate_generation` batch; returns the new token ids."""
+        with self.stock_attention("sdpa" if attn.is_packed_backend(self.attn_implementation)
+                                  else self.attn_implementation):
+            inputs_embeds = self.embed(batch)
+            generate_kwargs.setdefault("use_cache", True)
+            return self.lm.generate(inputs_embeds=inputs_embeds, attention_mask=batch["attention_mask"],
+                                    **generate_kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building, parameter groups, adapters
+# ---------------------------------------------------------------------------------------------
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+
+
+def resolve_fused_kernels(name: str, device: torch.device) -> str:
+    if name not in FUSED_CHOICES:
+        raise ValueError(f"fused_kernels={name!r}; choices: {FUSED_CHOICES}")
+    liger_ok = device.type == "cuda" and kernels.liger_available()
+    if name == "auto":
+        return "liger" if liger_ok else "chunked"
+    if name == "liger" and not liger_ok:
+        raise RuntimeError("fused_kernels='liger' needs liger_kernel installed and a CUDA device")
+    return name
+
+
+def load_tokenizer(model_path: str | Path):
+    """The base model's tokenizer with a pad token (Mistral has none: use <unk>, else EOS)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_path))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
+    return tok
+
+
+def build_prefix_lm(cfg: ModelConfig, latent_dim: int, num_classes: int = 20, tail: nn.Module | None = None,
+                    device=None) -> tuple[PrefixLM, object]:
+    """Load the base LM + tokenizer from `cfg.model_path`, set attention/kernels, add LoRA and the prefix."""
+    from transformers import AutoModelForCausalLM
+
+    if not cfg.model_path or not Path(cfg.model_path).is_dir():
+        raise FileNotFoundError(f"model_path {cfg.model_path!r} is not a local model directory")
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = load_tokenizer(cfg.model_path)
+    backend = attn.resolve_attn_implementation(cfg.attn_implementation, device)
+    loss_impl = resolve_fused_kernels(cfg.fused_kernels, device)
+
+    lm = AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=resolve_precision(cfg.precision, device),
+                                              attn_implementation="sdpa")
+    lm.config._attn_implementation = attn.hf_attn_name(backend)
+    if lm.config.pad_token_id is None:
+        lm.config.pad_token_id = tokenizer.pad_token_id
+    if loss_impl == "liger":
+        kernels.apply_liger_to_mistral(lm)  # before PEFT, so LoRA wraps the patched modules
+    if cfg.gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lm.config.use_cache = False
+    lm = _wrap_lora(lm, cfg) if cfg.use_lora else lm
+
+    embed_std = float(lm.get_input_embeddings().weight.float().std())
+    prefix = Stage2Prefix(latent_dim, lm.config.hidden_size, cfg.num_image_tokens, num_classes, tail=tail,
+                          init_std=embed_std)
+    model = PrefixLM(lm, prefix, loss_impl=loss_impl, ce_chunk_size=cfg.ce_chunk_size)
+    return model.to(device), tokenizer
+
+
+def _wrap_lora(lm: nn.Module, cfg: ModelConfig) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM", bias="none")
+    return get_peft_model(lm, lora)  # freezes every base weight
+
+
+def param_groups(model: PrefixLM) -> dict[str, list[nn.Parameter]]:
+    """Trainable parameters by learning-rate group: the Stage1 tail gets `--encoder-lr`."""
+    groups: dict[str, list[nn.Parameter]] = {"lora_and_prefix": [], "stage1_tail": []}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups["stage1_tail" if name.startswith("prefix.tail.") else "lora_and_prefix"].append(p)
+    return groups
+
+
+def save_adapter(model: PrefixLM, out_dir: str | Path) -> None:
+    """Write the standard PEFT adapter files (`adapter_config.json`, `adapter_model.safetensors`)."""
+    if not hasattr(model.lm, "peft_config"):
+        raise ValueError("save_adapter: the model has no LoRA adapter (built with use_lora=False)")
+    model.lm.save_pretrained(str(out_dir), safe_serialization=True)
+
+
+def load_adapter_into(model: PrefixLM, ckpt_dir: str | Path) -> None:
+    """Load a saved PEFT adapter into the model's existing (same-shaped) adapter, in place."""
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / "adapter_config.json").exists():
+        raise FileNotFoundError(f"{ckpt_dir}: no adapter_config.json")
+    weights = load_peft_weights(str(ckpt_dir), device="cpu")
+    result = set_peft_model_state_dict(model.lm, weights)
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    if unexpected:
+        raise ValueError(f"{ckpt_dir}: adapter weights do not fit the model (unexpected {unexpected[:5]})")
