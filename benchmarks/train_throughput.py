@@ -96,7 +96,8 @@ class BenchConfig:
     shard_dir: str = field(default="", metadata={"help": "take examples (and latents) from train shards"})
     lengths_file: str = field(default="", metadata={
         "help": "JSON from --write-lengths: example lengths only (token ids are random)"})
-    write_lengths: str = field(default="", metadata={"help": "write the examples' lengths to this JSON"})
+    write_lengths: str = field(default="", metadata={
+        "help": "only write the examples' lengths to this JSON (for --lengths-file elsewhere) and exit"})
     tokenizer: str = field(default="", metadata={
         "help": "tokenizer dir for the lengths (default: the tiny BPE trained on the data)"})
     synthetic_cases: int = field(default=40, metadata={"help": "cases of synthetic data (20 elements each)"})
@@ -519,6 +520,7 @@ def time_mode(loss_fn, opt, batches: list[dict], groups: list[list[Example]], cf
     slots = sum(int(b["input_ids"].numel()) for b in batches[w:])
     return {"seconds": seconds, "ms_per_step": 1000 * seconds / len(timed), "real_tokens": real,
             "tokens_per_s": real / seconds, "pad_fraction": 1 - real / slots,
+            "slots_per_step": slots / len(timed),
             "examples_per_step": statistics.fmean(len(g) for g in timed),
             "loss_last": float(losses[-1].float()), "loss_finite": all(bool(torch.isfinite(x)) for x in losses)}
 
@@ -781,10 +783,10 @@ def markdown_table(results: dict, ratio: dict, peak: dict) -> str:
             continue
         lines.append(f"| {m} {MODE_NAMES[m]} | {r['label']} | {r['examples_per_step']:.1f} | "
                      f"{r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | {100 * r['pad_fraction']:.0f} | "
-                     f"{r['tflops']:.1f} | {100 * r['mfu']:.1f}% | {f(r['peak_gib'], '.1f')} |")
+                     f"{r['tflops']:.4g} | {100 * r['mfu']:.1f}% | {f(r['peak_gib'], '.1f')} |")
     lines.append("")
     lines.append("ratios (real tokens/s): " + (", ".join(f"{k} = {v:.2f}x" for k, v in ratio.items()) or "–"))
-    lines.append(f"MFU against the measured matmul peak: {peak['tflops']:.1f} TFLOP/s ({peak['gemm']})")
+    lines.append(f"MFU against the measured matmul peak: {peak['tflops']:.4g} TFLOP/s ({peak['gemm']})")
     lines.append(FLOPS_FORMULA)
     return "\n".join(lines)
 
@@ -797,8 +799,14 @@ def run(cfg: BenchConfig) -> dict:
         pool, model_dir, tokenizer = load_examples(cfg, Path(tmp))
         if cfg.write_lengths:
             write_lengths_file(cfg.write_lengths, pool)
-            log.info("wrote %d example lengths to %s", len(pool), cfg.write_lengths)
+            log.info("wrote %d example lengths to %s: %s", len(pool), cfg.write_lengths,
+                     length_stats(pool, cfg.model.num_image_tokens))
+            return {"lengths_file": cfg.write_lengths, "lengths": length_stats(pool, cfg.model.num_image_tokens)}
         hf_config = lm_config(cfg.shape, model_dir)
+        if len(tokenizer) > hf_config.vocab_size:
+            raise ValueError(f"tokenizer {cfg.tokenizer!r} has {len(tokenizer)} tokens, more than the "
+                             f"{cfg.shape} model's vocab ({hf_config.vocab_size}): write its lengths with "
+                             f"--write-lengths and run with --lengths-file instead")
         peak = measure_peak_tflops(device)
         ctx = Context(cfg, device, dtype, hf_config, model_dir, tokenizer.pad_token_id,
                       example_stream(pool, stream_size(cfg, pool), cfg.seed), peak["tflops"])
@@ -826,6 +834,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_config(BenchConfig, argv)
     print_config(cfg)
     report = run(cfg)
+    if "markdown" not in report:  # --write-lengths: nothing was timed
+        return 0
     print(report["markdown"], flush=True)
     if cfg.out:
         atomic_write_json(cfg.out, report)

@@ -42,6 +42,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections import Counter
@@ -404,9 +405,14 @@ def _sample(case: Case, el: Element, latent, logits, tokens, image_bytes) -> Ele
         image_bytes=image_bytes)
 
 
+_OBJECT_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
 def _image_skip(case: Case, el: Element, path: str, reason: str, detail: str) -> Skip:
+    # PIL messages may name an object address ("<_io.BytesIO object at 0x7f...>"): drop it, so
+    # that the skip report, like the shards, is the same on every run.
     return Skip(case.source_file, case.case_index, el.index, "image_rel_path", reason, path=path,
-                detail=detail)
+                detail=_OBJECT_ADDRESS.sub("", detail))
 
 
 def _build_shards(cfg: BuildConfig, inputs: _Inputs, todo: list[PlannedShard], fingerprints: dict,

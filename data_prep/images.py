@@ -18,7 +18,7 @@ import io
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -102,13 +102,29 @@ def load_gif(path: ImageSource, frame: int = 0) -> Image.Image:
         raise ImageDecodeError(name, "corrupt", str(e)) from None
 
 
-def preprocess(img: Image.Image, image_size: int) -> np.ndarray:
-    """RGB image -> float32 [3, image_size, image_size]: bicubic resize, [0, 1], mean/std."""
+Stats = Optional[Sequence[float]]
+
+
+def _check_size(image_size: int) -> None:
+    if not isinstance(image_size, int) or image_size <= 0:
+        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+
+
+def preprocess(img: Image.Image, image_size: int, mean: Stats = None, std: Stats = None) -> np.ndarray:
+    """RGB image -> float32 [3, image_size, image_size]: bicubic resize, [0, 1], mean/std.
+
+    `mean`/`std` default to `normalization()`; passing them explicitly (e.g. from the manifest)
+    spares a worker process the import of trainer.stage1 (torch + transformers, seconds).
+    """
+    _check_size(image_size)
     if img.mode != "RGB":
         img = img.convert("RGB")
     if img.size != (image_size, image_size):
         img = img.resize((image_size, image_size), RESAMPLE, reducing_gap=REDUCING_GAP)
-    mean, std = normalization()
+    if mean is None or std is None:
+        default_mean, default_std = normalization()
+        mean = default_mean if mean is None else mean
+        std = default_std if std is None else std
     # Fold /255 and the normalisation into one multiply-add on the uint8 pixels.
     scale = np.asarray([1.0 / (255.0 * s) for s in std], dtype=np.float32)
     shift = np.asarray([-m / s for m, s in zip(mean, std)], dtype=np.float32)
@@ -116,11 +132,13 @@ def preprocess(img: Image.Image, image_size: int) -> np.ndarray:
     return np.ascontiguousarray(hwc.transpose(2, 0, 1))
 
 
-def decode_image(path: ImageSource, image_size: int, frame: int = 0) -> np.ndarray:
-    """load_gif + preprocess; every failure is an ImageDecodeError."""
+def decode_image(path: ImageSource, image_size: int, frame: int = 0, mean: Stats = None,
+                 std: Stats = None) -> np.ndarray:
+    """load_gif + preprocess; every failure of the image is an ImageDecodeError."""
+    _check_size(image_size)  # a bad argument is the caller's error, not the image's
     img = load_gif(path, frame)
     try:
-        return preprocess(img, image_size)
+        return preprocess(img, image_size, mean, std)
     except (OSError, ValueError) as e:
         name = "<bytes>" if isinstance(path, (bytes, bytearray)) else str(path)
         raise ImageDecodeError(name, "corrupt", str(e)) from None

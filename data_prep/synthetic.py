@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import colorsys
 import io
-import json
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -61,12 +60,13 @@ FOLDERS = {"rgnlrad": "rgnlrad_cropped", "bigsfc": "bigsfc_cropped"}
 FOREIGN_PREFIX = "kse/ClimateToText/data/WeatherQA/"
 MULTI_FRAME_PROB = 1 / 6
 
-# kind -> (field, reason) of the skip the loader (JSON) or the image decoder must report.
+# kind -> (field, reason) of the skip that load_gemini_json (JSON faults) or the shard builder
+# (image faults: ImageDecodeError.reason, recorded under the element's image_rel_path) reports.
 FAULT_KINDS: dict[str, tuple[str, str]] = {
-    "missing_image": ("image", "missing"),
-    "empty_file": ("image", "empty"),
-    "corrupt_gif": ("image", "corrupt"),
-    "not_an_image": ("image", "not_an_image"),
+    "missing_image": ("image_rel_path", "missing"),
+    "empty_file": ("image_rel_path", "empty"),
+    "corrupt_gif": ("image_rel_path", "corrupt"),
+    "not_an_image": ("image_rel_path", "not_an_image"),
     "bad_cond_name": ("cond_name", "unknown_cond_name"),
     "missing_caption": ("caption", "missing"),
     "empty_summary": ("global_summary", "empty"),
@@ -494,9 +494,11 @@ def generate(out_dir: str | Path, num_cases: int = 40, num_files: int = 2, seed:
         files.append((out_dir / _file_name(years), cases))
     bar.close()
 
+    faults_file = out_dir / "injected_faults.json"
     if corrupt is not None:
-        injected = _inject_faults(corrupt, files, out_dir, seed)
-        atomic_write_json(out_dir / "injected_faults.json", injected)
+        atomic_write_json(faults_file, _inject_faults(corrupt, files, out_dir, seed))
+    else:
+        faults_file.unlink(missing_ok=True)  # a stale one from an earlier run would mislead
     for path, cases in files:
         atomic_write_json(path, cases)
     return [path for path, _ in files]

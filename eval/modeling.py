@@ -243,20 +243,27 @@ def generation_kwargs(decoding: DecodingConfig, model: EvalModel) -> dict:
 
 @torch.no_grad()
 def generate_token_ids(model: EvalModel, requests: Sequence[GenRequest], decoding: DecodingConfig,
-                       prefix_mode: str = "true",
-                       latents_from: Optional[Sequence[EvalCase]] = None) -> torch.Tensor:
-    """New token ids `[len(requests), <= max_new_tokens]` for one batch (padded with pad_id)."""
+                       prefix_mode: str = "true", latents_from: Optional[Sequence[EvalCase]] = None,
+                       return_scores: bool = False):
+    """New token ids `[len(requests), <= max_new_tokens]` for one batch (padded with pad_id).
+
+    With `return_scores`, also the processed next-token scores `[len(requests), steps, vocab]`.
+    """
     batch = collate_requests(model, requests, latents_from)
     with stock_attention(model):
         embeds = embed_batch(model, batch, prefix_mode)
         out = model.lm.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
                                 position_ids=batch["position_ids"], use_cache=True,
+                                output_scores=return_scores, return_dict_in_generate=True,
                                 **generation_kwargs(decoding, model))
+    ids = out.sequences
     # With only inputs_embeds given, HF returns just the new tokens; guard against versions that
     # prepend the prompt ids.
-    if out.shape[1] > decoding.max_new_tokens:
-        out = out[:, embeds.shape[1]:]
-    return out
+    if ids.shape[1] > decoding.max_new_tokens:
+        ids = ids[:, embeds.shape[1]:]
+    if return_scores:
+        return ids, torch.stack(out.scores, dim=1)
+    return ids
 
 
 def generate_texts(model: EvalModel, requests: Sequence[GenRequest], decoding: DecodingConfig,

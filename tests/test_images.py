@@ -123,3 +123,11 @@ def test_decode_image_is_load_plus_preprocess(two_frame_gif):
         np.testing.assert_array_equal(decode_image(two_frame_gif, 16, frame=frame), expected)
     # The raw bytes (e.g. a shard's `gif` field) decode the same as the file.
     np.testing.assert_array_equal(decode_image(two_frame_gif.read_bytes(), 16), decode_image(two_frame_gif, 16))
+
+
+def test_explicit_statistics_override_the_default(two_frame_gif):
+    plain = decode_image(two_frame_gif, 8, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    assert plain.min() >= 0.0 and plain.max() <= 1.0
+    np.testing.assert_allclose(plain, 40 / 255, atol=2 / 255)
+    mean, std = normalization()
+    np.testing.assert_array_equal(decode_image(two_frame_gif, 8, mean=mean, std=std), decode_image(two_frame_gif, 8))

@@ -360,16 +360,23 @@ def build_prefix_lm(cfg: ModelConfig, latent_dim: int, num_classes: int = 20, ta
 
     if not cfg.model_path or not Path(cfg.model_path).is_dir():
         raise FileNotFoundError(f"model_path {cfg.model_path!r} is not a local model directory")
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = _resolve_device(device)
     tokenizer = load_tokenizer(cfg.model_path)
-    backend = attn.resolve_attn_implementation(cfg.attn_implementation, device)
-    loss_impl = resolve_fused_kernels(cfg.fused_kernels, device)
-
     lm = AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=resolve_precision(cfg.precision, device),
                                               attn_implementation="sdpa")
-    lm.config._attn_implementation = attn.hf_attn_name(backend)
     if lm.config.pad_token_id is None:
         lm.config.pad_token_id = tokenizer.pad_token_id
+    return wrap_lm(lm, cfg, latent_dim, num_classes, tail, device), tokenizer
+
+
+def wrap_lm(lm: nn.Module, cfg: ModelConfig, latent_dim: int, num_classes: int = 20,
+            tail: nn.Module | None = None, device=None) -> PrefixLM:
+    """Turn a loaded HF causal LM into the trainable PrefixLM (attention backend, kernels, LoRA,
+    prefix). Split from `build_prefix_lm` so benchmarks can start from a randomly initialised LM."""
+    device = _resolve_device(device)
+    backend = attn.resolve_attn_implementation(cfg.attn_implementation, device)
+    loss_impl = resolve_fused_kernels(cfg.fused_kernels, device)
+    lm.config._attn_implementation = attn.hf_attn_name(backend)
     if loss_impl == "liger":
         kernels.apply_liger_to_mistral(lm)  # before PEFT, so LoRA wraps the patched modules
     if cfg.gradient_checkpointing:
@@ -380,8 +387,13 @@ def build_prefix_lm(cfg: ModelConfig, latent_dim: int, num_classes: int = 20, ta
     embed_std = float(lm.get_input_embeddings().weight.float().std())
     prefix = Stage2Prefix(latent_dim, lm.config.hidden_size, cfg.num_image_tokens, num_classes, tail=tail,
                           init_std=embed_std)
-    model = PrefixLM(lm, prefix, loss_impl=loss_impl, ce_chunk_size=cfg.ce_chunk_size)
-    return model.to(device), tokenizer
+    return PrefixLM(lm, prefix, loss_impl=loss_impl, ce_chunk_size=cfg.ce_chunk_size).to(device)
+
+
+def _resolve_device(device) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _wrap_lora(lm: nn.Module, cfg: ModelConfig) -> nn.Module:

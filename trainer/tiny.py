@@ -1,0 +1,176 @@
+"""Tiny models of the real architectures, for the demo, the tests and the benchmarks.
+
+`make_tiny_lm` writes a model directory that loads exactly like a real Mistral checkpoint
+(`AutoTokenizer.from_pretrained(dir)`, `AutoModelForCausalLM.from_pretrained(dir)`): a random
+`MistralForCausalLM` a few hundred kB in size and a byte-level BPE tokenizer trained here on the
+project's own texts (the Gemini captions and summaries plus every prompt template, so that the
+prompts tokenise into words rather than bytes). Nothing is downloaded.
+
+`mistral_7b_shape_config` gives the Mistral-7B shape for speed and memory benchmarks.
+
+    python -m trainer.tiny --out /tmp/tiny_lm --gemini-json a.json b.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Sequence
+
+import torch
+from transformers import MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
+
+from data_prep.cond_names import COND_NAMES
+from trainer.tasks import TASKS, TaskUnavailable, build_prompt
+
+UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
+SPECIAL_TOKENS = (UNK, BOS, EOS, PAD)  # ids 0..3, in this order
+
+
+# ----------------------------------------------------------------------------------------------
+# Corpus
+# ----------------------------------------------------------------------------------------------
+
+def _cases(data) -> list:
+    """The case list of a Gemini JSON document: a list, {"cases": [...]}, or {id: case, ...}."""
+    if isinstance(data, list):
+        return data
+    if isinstance(data, dict):
+        if isinstance(data.get("cases"), list):
+            return data["cases"]
+        return [v for v in data.values() if isinstance(v, dict)]
+    return []
+
+
+def gemini_texts(paths: Iterable[str | Path]) -> Iterator[str]:
+    """Summaries and captions of Gemini JSON files, read tolerantly (this is only a corpus)."""
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: cannot read the Gemini JSON for the tokenizer corpus: {e}") from e
+        for case in _cases(data):
+            if not isinstance(case, dict):
+                continue
+            if isinstance(case.get("global_summary"), str):
+                yield case["global_summary"]
+            for el in case.get("elements") or []:
+                if isinstance(el, dict) and isinstance(el.get("caption"), str):
+                    yield el["caption"]
+
+
+def prompt_texts() -> Iterator[str]:
+    """Every task's prompt wording, for every image type, so template words become tokens."""
+    caption = "First sentence. Second sentence. Third sentence. Fourth sentence."
+    for task in TASKS:
+        for cond in COND_NAMES:
+            for with_image in (True, False):
+                try:
+                    p = build_prompt(task, cond_name=cond, caption=caption, global_summary="Summary.",
+                                     case_captions=[caption], with_image=with_image)
+                except TaskUnavailable:
+                    continue
+                yield p.text
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer
+# ----------------------------------------------------------------------------------------------
+
+def train_tokenizer(texts: Sequence[str], vocab_size: int = 1024, model_max_length: int = 2048) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (lossless on any text) with Mistral's special-token conventions.
+
+    Like Mistral's tokenizer it prepends BOS (and not EOS) when `add_special_tokens=True`;
+    `trainer.tasks` tokenises with `add_special_tokens=False` and adds BOS/EOS itself.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size must be >= {256 + len(SPECIAL_TOKENS)} (bytes + special tokens), got {vocab_size}")
+    tok = Tokenizer(models.BPE(unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    bos_id = tok.token_to_id(BOS)
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
+                                                       special_tokens=[(BOS, bos_id)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, unk_token=UNK,
+                                   pad_token=PAD, model_max_length=model_max_length,
+                                   clean_up_tokenization_spaces=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------
+
+def tiny_mistral_config(vocab_size: int, hidden_size: int = 64, num_layers: int = 2, bos_token_id: int = 1,
+                        eos_token_id: int = 2, pad_token_id: Optional[int] = None) -> MistralConfig:
+    """The Mistral architecture (GQA 4:2 heads, SwiGLU, RMSNorm, RoPE) at toy width."""
+    return MistralConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=hidden_size // 4, max_position_embeddings=2048, rms_norm_eps=1e-5,
+                         rope_theta=1e6, sliding_window=None, tie_word_embeddings=False,
+                         bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+
+
+def mistral_7b_shape_config(vocab_size: int = 32768) -> MistralConfig:
+    """Mistral-7B (v0.3) shape: 4096 hidden, 32 layers, 14336 MLP, 32 heads / 8 KV heads, theta 1e6."""
+    return MistralConfig(vocab_size=vocab_size, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                         max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=1e6, sliding_window=None,
+                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+
+
+def make_tiny_lm(out_dir: str | Path, corpus_json: Sequence[str | Path] | None = None,
+                 corpus_texts: Sequence[str] | None = None, vocab_size: int = 1024, hidden_size: int = 64,
+                 num_layers: int = 2, seed: int = 0) -> Path:
+    """Write a tiny random MistralForCausalLM + a locally trained tokenizer as a model directory.
+
+    Deterministic for given texts and arguments. The files are written into a temp directory and
+    moved into `out_dir` one by one, so a killed run never leaves a half-written file there.
+    """
+    out_dir = Path(out_dir)
+    texts = list(gemini_texts(corpus_json or ())) + list(corpus_texts or ()) + list(prompt_texts())
+    tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
+    config = tiny_mistral_config(len(tokenizer), hidden_size, num_layers, tokenizer.bos_token_id,
+                                 tokenizer.eos_token_id, tokenizer.pad_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MistralForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, out_dir / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def main(argv: Optional[list[str]] = None) -> Path:
+    parser = argparse.ArgumentParser(description="Write a tiny random Mistral + tokenizer trained on the given texts")
+    parser.add_argument("--out", required=True, help="model directory to write")
+    parser.add_argument("--gemini-json", nargs="*", default=[], help="Gemini JSON files whose texts train the tokenizer")
+    parser.add_argument("--vocab-size", type=int, default=1024)
+    parser.add_argument("--hidden-size", type=int, default=64)
+    parser.add_argument("--num-layers", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    out = make_tiny_lm(args.out, corpus_json=args.gemini_json, vocab_size=args.vocab_size,
+                       hidden_size=args.hidden_size, num_layers=args.num_layers, seed=args.seed)
+    print(f"wrote tiny Mistral + tokenizer to {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
