@@ -36,7 +36,6 @@ import contextlib
 import gc
 import json
 import math
-import os
 import random
 import statistics
 import sys

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from common.config import parse_config, print_config
+from common.config import parse_config, print_config, save_config
 from common.io import atomic_write_json
 from data_prep.cond_names import default_cond_name_to_id, load_cond_map
 from eval.inputs import EvalCase, load_json_cases, load_shard_cases
@@ -154,6 +154,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     cfg = parse_config(CotStatsConfig, argv)
     print_config(cfg)
+    out = Path(cfg.out_json)
+    save_config(cfg, out.with_name(out.stem + ".config.json"))
     tok_path = Path(cfg.tokenizer_path)
     ckpt = _checkpoint_settings(tok_path)
     max_seq_len = cfg.max_seq_len or int(ckpt["max_seq_len"] or 256)

@@ -18,6 +18,7 @@ the generated tokens, identically for every model compared.
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
@@ -28,6 +29,9 @@ from eval.inputs import EvalCase
 from trainer.tasks import Prompt, TaskUnavailable, TokenizedExample, build_prompt, tokenize_prompt
 
 PREFIX_MODES = ("true", "shuffled", "zero")
+
+# Penalties acting on generated tokens only is the documented choice above; don't warn per batch.
+warnings.filterwarnings("ignore", message=r"Passing `(repetition_penalty|no_repeat_ngram_size)` with `inputs_embeds`")
 
 
 @dataclass

@@ -52,3 +52,18 @@ def test_truncation_counts_match_hand_arithmetic(word_tokenizer):
     assert stats["caption_sentences"] == {"1": 1, "4": 2}
     table = format_table(stats)
     assert "summary" in table and "cot" in table
+
+
+def test_cli_on_shards(word_tokenizer, shard_dir, tmp_path):
+    import json
+
+    from eval.cot_stats import main
+
+    word_tokenizer.save_pretrained(tmp_path / "tok")
+    out = tmp_path / "stats.json"
+    stats = main(["--shard-dir", str(shard_dir), "--tokenizer-path", str(tmp_path / "tok"), "--max-seq-len", "64",
+                  "--out-json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["num_cases"] == 24 and set(saved["tasks"]) == {"caption", "summary", "cot", "text_summary"}
+    assert saved["tasks"]["text_summary"]["examples"] == 24  # one per case
+    assert stats["tasks"]["summary"]["examples"] == saved["num_elements"]

@@ -79,3 +79,27 @@ def test_report_writes_outputs_with_right_stats(tmp_path, scorer):
     assert "| good | 5 |" in md and "win vs bad" in md
     png = (tmp_path / "out" / "eval_plot.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_report_with_judge_against_local_server(tmp_path, scorer):
+    from tests.test_eval_judge import FakeJudgeServer
+
+    server = FakeJudgeServer()
+    try:
+        refs = ["r1", "r2", "r3"]
+        _write(tmp_path / "a.jsonl", "a", ["ok:8", "ok:6", "garbage"], refs)
+        _write(tmp_path / "b.jsonl", "b", ["ok:5", "ok:6", "ok:2"], refs)
+        cfg = ReportConfig(generations=[str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")], metric="both",
+                           out_dir=str(tmp_path / "out"), num_bootstrap=100, num_print_samples=0)
+        cfg.judge.judge_base_url = server.url
+        cfg.judge.judge_max_retries = 0
+        cfg.validate()
+        out = run_report(cfg)
+    finally:
+        server.close()
+    judge_rows = {r["model"]: r for r in out["rows"] if r["metric"] == "judge"}
+    # The garbage reply is a counted failure; the stats stay paired over the 2 judged samples.
+    assert out["failures"]["judge"] == {"a": {"parse": 1}}
+    assert judge_rows["a"]["n"] == 2 and judge_rows["a"]["mean"] == pytest.approx(7.0)
+    assert judge_rows["a"]["win_vs_b"] == pytest.approx((1 + 0.5) / 2)
+    assert (tmp_path / "out" / "judge_cache.jsonl").exists()

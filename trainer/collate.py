@@ -16,6 +16,11 @@ Two training layouts:
 - padded: one example per row, right padding, `attention_mask`. Right padding also means plain
   causal attention is exact for every real token.
 
+Besides the keys of the contract, a training batch carries `loss_index` (Long [num_target_tokens]:
+flat indices over R*L of the positions whose next token is a target, i.e. the only hidden states
+the loss reads, computed here so the model needs no device sync), `task_counts` (Long [4],
+examples per task) and `keys` (sample keys, for logging). `batch_to_device` moves a batch.
+
 Generation uses LEFT padding (so that new tokens are appended at the same column for all rows)
 and position ids that start at 0 at the first real token, matching HF `generate`.
 """

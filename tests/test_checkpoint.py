@@ -1,0 +1,153 @@
+"""Inference checkpoints (save, plain-PEFT load, load_inference_model, bad input) and resume bookkeeping."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from trainer.checkpoint import (CheckpointError, TrainerState, latest_resume_tag, load_inference_model,
+                                rng_state, save_inference_checkpoint, set_rng_state)
+from trainer.config import TrainConfig, replace
+
+COND_MAP = {"shr6": 0, "scp": 1}
+
+
+def _batch(tokenizer, latent_dim, n=3):
+    from trainer.collate import TrainItem, collate_train
+    from trainer.tasks import build_prompt, tokenize_prompt
+
+    rng = np.random.default_rng(1)
+    items = []
+    for i, task in zip(range(n), ["caption", "summary", "caption"]):
+        p = build_prompt(task, cond_name="shr6", caption="Strong shear in the northwest. Storms form.",
+                         global_summary="SUMMARY...Isolated severe storms possible.")
+        items.append(TrainItem(tokenize_prompt(p, tokenizer, 256, 4), rng.standard_normal(latent_dim).astype(np.float32),
+                               i % 2, key=f"k{i}"))
+    return collate_train(items, tokenizer.pad_token_id, 4)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_lm_dir, tmp_path_factory):
+    """A PrefixLM with non-trivial (randomised) LoRA/prefix weights saved as an inference checkpoint."""
+    from trainer.model import build_prefix_lm
+
+    cfg = replace(TrainConfig(), model={"model_path": str(tiny_lm_dir), "precision": "fp32"})
+    torch.manual_seed(0)
+    model, tok = build_prefix_lm(cfg.model, latent_dim=32)
+    with torch.no_grad():  # LoRA B starts at zero: make the adapter matter
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    model.eval()
+    out = tmp_path_factory.mktemp("ckpt") / "checkpoint-7"
+    save_inference_checkpoint(model, tok, COND_MAP, cfg, out)
+    return model, tok, out
+
+
+def test_inference_checkpoint_contents(trained):
+    _, _, ckpt = trained
+    names = {p.name for p in ckpt.iterdir()}
+    for f in ("adapter_config.json", "adapter_model.safetensors", "stage2_prefix_modules.safetensors",
+              "prefix_config.json", "cond_name_to_id.json", "train_config.json", "tokenizer_config.json"):
+        assert f in names, f
+    assert json.loads((ckpt / "cond_name_to_id.json").read_text()) == COND_MAP
+    assert not any(p.name.startswith(".tmp") for p in ckpt.parent.iterdir())
+
+
+def test_adapter_loads_in_plain_peft_with_same_logits(trained, tiny_lm_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model, tok, ckpt = trained
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_lm_dir), dtype=torch.float32)
+    peft = PeftModel.from_pretrained(base, str(ckpt)).eval()
+    ids = torch.tensor([tok("The map shows strong shear over the northwest.")["input_ids"]])
+    with torch.no_grad():
+        want = model.lm(input_ids=ids).logits
+        got = peft(input_ids=ids).logits
+    assert torch.allclose(want, got, atol=1e-5)
+    plain = AutoModelForCausalLM.from_pretrained(str(tiny_lm_dir), dtype=torch.float32)
+    with torch.no_grad():
+        assert not torch.allclose(plain(input_ids=ids).logits, got, atol=1e-3)  # the adapter matters
+
+
+def test_load_inference_model_gives_the_same_loss(trained):
+    model, tok, ckpt = trained
+    loaded, tok2, cond_map, train_cfg = load_inference_model(ckpt)
+    assert cond_map == COND_MAP and train_cfg["model"]["lora_r"] == 32
+    batch = _batch(tok, 32)
+    with torch.no_grad():
+        assert torch.allclose(model(batch).loss, loaded(batch).loss, atol=1e-5)
+    assert tok2("hello world")["input_ids"] == tok("hello world")["input_ids"]
+
+
+def test_seed_file_names_are_accepted(trained, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    model, tok, ckpt = trained
+    seed = tmp_path / "seed_ckpt"
+    shutil.copytree(ckpt, seed)
+    (seed / "train_config.json").unlink()
+    torch.save(load_file(str(seed / "adapter_model.safetensors")), seed / "adapter_model.bin")
+    (seed / "adapter_model.safetensors").unlink()
+    torch.save(load_file(str(seed / "stage2_prefix_modules.safetensors")), seed / "stage2_prefix_modules.pt")
+    (seed / "stage2_prefix_modules.safetensors").unlink()
+    loaded, _, _, _ = load_inference_model(seed)
+    batch = _batch(tok, 32)
+    with torch.no_grad():
+        assert torch.allclose(model(batch).loss, loaded(batch).loss, atol=1e-5)
+
+
+@pytest.mark.parametrize("missing", ["adapter_model.safetensors", "stage2_prefix_modules.safetensors",
+                                     "cond_name_to_id.json", "adapter_config.json"])
+def test_missing_file_is_named(trained, tmp_path, missing):
+    import shutil
+
+    _, _, ckpt = trained
+    broken = tmp_path / "broken"
+    shutil.copytree(ckpt, broken)
+    (broken / missing).unlink()
+    with pytest.raises(CheckpointError, match=missing.split(".")[0]):
+        load_inference_model(broken)
+
+
+def test_adapter_for_another_base_model_is_a_clear_error(trained, tmp_path, synthetic_data):
+    from trainer.tiny import make_tiny_lm
+
+    _, _, ckpt = trained
+    other = make_tiny_lm(tmp_path / "other_lm", corpus_json=synthetic_data[0], hidden_size=48)
+    with pytest.raises(CheckpointError, match="hidden size"):
+        load_inference_model(ckpt, base_model_path=str(other))
+
+
+def test_latest_pointer_ignores_an_incomplete_newer_checkpoint(tmp_path):
+    root = tmp_path / "resume"
+    (root / "step-2").mkdir(parents=True)
+    (root / "step-2" / "trainer_state.json").write_text(json.dumps({"step": 2}))
+    (root / "latest").write_text("step-2\n")
+    (root / "step-4").mkdir()  # a save killed before trainer_state.json and `latest` were written
+    assert latest_resume_tag(tmp_path) == "step-2"
+    assert latest_resume_tag(tmp_path / "nothing") is None
+    (root / "latest").write_text("step-4\n")  # a pointer to an incomplete save is reported
+    with pytest.raises(CheckpointError, match="step-4"):
+        latest_resume_tag(tmp_path)
+
+
+def test_rng_state_round_trip_through_json():
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    state = json.loads(json.dumps(rng_state()))
+    want = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(2), np.random.seed(2), torch.manual_seed(2)
+    set_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == want
+
+
+def test_trainer_state_defaults():
+    s = TrainerState(world_size=2, seed=3)
+    assert (s.step, s.epoch, s.batches_in_epoch, s.consecutive_nan) == (0, 0, 0, 0)

@@ -1,0 +1,283 @@
+"""The streaming data pipeline: splitting across ranks/workers, exact resume, task mix, bad shards.
+
+Most tests use a small hand-made shard directory (written with shard_format + webdataset, sizes
+chosen so that N is not divisible by the number of ranks or workers) and a BPE tokenizer trained
+here; one test runs on the conftest's built shards and tiny LM.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from common.io import sha256_file
+from data_prep.cond_names import COND_NAMES, default_cond_name_to_id
+from data_prep.manifest import Manifest, ShardEntry, Stage1Record, load_manifest, save_manifest
+from data_prep.shard_format import CASES_FILENAME, ElementSample, encode_sample
+from trainer.data import (DataConfig, DataError, TrainStream, plan_rank, resume_point, round_robin_order,
+                          split_evenly)
+from trainer.schedules import ScheduleConfig, build_phases
+from trainer.tasks import TASKS
+
+TRAIN_SHARD_SIZES = (7, 5, 6, 4)  # N = 22: not divisible by 2 ranks x 2 workers x batch 3
+VAL_SHARD_SIZES = (5, 4)
+LATENT_DIM = 8
+NUM_IMAGE_TOKENS = 2
+
+
+def _caption(case: int, el: int) -> str:
+    if el == 1:  # one sentence: task cot is unavailable -> falls back to caption
+        return f"A lone sentence about map {el} of case {case}."
+    return (f"The map {el} shows strong shear over Kansas in case {case}. Values rise to the east. "
+            f"This favours organised storms. It links to the watch in the summary.")
+
+
+def _summary(case: int) -> str:
+    return f"Areas affected...portions of Kansas. Severe potential...Watch possible for case {case}."
+
+
+def write_shard_dir(out: Path, train_sizes=TRAIN_SHARD_SIZES, val_sizes=VAL_SHARD_SIZES) -> Path:
+    """Shards whose samples are (case, element) pairs with 3 elements per case, cases.jsonl, manifest."""
+    rng = np.random.default_rng(0)
+    entries, cases = [], {}
+    counter = itertools.count()
+    for split, sizes in (("train", train_sizes), ("val", val_sizes)):
+        for i, size in enumerate(sizes):
+            name = f"{split}-{i:06d}.tar"
+            with wds.TarWriter(str(out / name)) as w:
+                for _ in range(size):
+                    n = next(counter)
+                    case, el = n // 3, n % 3
+                    s = ElementSample(case_id=f"case{case:03d}", element_index=el, split=split,
+                                      cond_name=COND_NAMES[n % 20], cond_id=n % 20, caption=_caption(case, el),
+                                      global_summary=_summary(case),
+                                      latent=rng.standard_normal(LATENT_DIM).astype(np.float16),
+                                      cls_logits=rng.standard_normal(20).astype(np.float16))
+                    w.write(encode_sample(s))
+                    c = cases.setdefault(s.case_id, {"case_id": s.case_id, "split": split,
+                                                     "global_summary": s.global_summary, "captions": []})
+                    c["captions"].append(s.caption)
+            entries.append(ShardEntry(name, split, size, sha256_file(out / name), (out / name).stat().st_size))
+    (out / CASES_FILENAME).write_text("".join(json.dumps(c) + "\n" for c in cases.values()))
+    stage1 = Stage1Record("0" * 64, "0" * 64, 32, 0, "mean", LATENT_DIM, 0, {"mean": [0.5] * 3, "std": [0.5] * 3})
+    save_manifest(out, Manifest(shards=entries, split_counts={}, stage1=stage1,
+                                cond_name_to_id=default_cond_name_to_id()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_shards(tmp_path_factory) -> Path:
+    return write_shard_dir(tmp_path_factory.mktemp("small_shards"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from trainer.tiny import prompt_texts, train_tokenizer
+
+    texts = [_caption(c, e) for c in range(10) for e in range(3)] + [_summary(c) for c in range(10)]
+    return train_tokenizer(texts + list(prompt_texts()), vocab_size=400)
+
+
+def make_stream(shard_dir, tokenizer, rank=0, world_size=1, seed=0, schedule=None, **data_kw) -> TrainStream:
+    cfg = DataConfig(shard_dir=str(shard_dir), **{"batch_size": 3, "num_workers": 2, "shuffle_buffer": 4,
+                                                  "max_seq_len": 512, **data_kw})
+    cfg.validate()
+    phases = build_phases(schedule or ScheduleConfig(num_epochs=3))
+    return TrainStream(load_manifest(shard_dir), shard_dir, tokenizer, cfg, phases, NUM_IMAGE_TOKENS,
+                       rank, world_size, seed)
+
+
+def train_keys() -> list[str]:
+    return [f"case{n // 3:03d}__e{n % 3:02d}" for n in range(sum(TRAIN_SHARD_SIZES))]
+
+
+def fingerprint(batch: dict) -> tuple:
+    """What identifies a batch: its examples, their loss weights and the exact token ids."""
+    return tuple(batch["keys"]), tuple(batch["loss_weights"]), tuple(batch["input_ids"].flatten().tolist())
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan (pure arithmetic)
+
+
+@pytest.mark.parametrize("n, world, workers, batch", [
+    (22, 2, 2, 3), (22, 3, 2, 4), (7, 4, 3, 2), (3, 4, 2, 1), (1, 2, 0, 8), (100, 8, 4, 5), (9, 4, 1, 3),
+])
+def test_plan_covers_every_sample_once_with_equal_counts(n, world, workers, batch):
+    real, dups, slot_counts, batch_counts = Counter(), 0, set(), set()
+    for rank in range(world):
+        plan = plan_rank(n, rank, world, workers, batch)
+        assert len(plan) == max(1, workers)
+        for w in plan:
+            real.update(w.positions)
+            assert w.num_batches == -(-w.num_slots // batch)
+        dups += sum(w.duplicate is not None for w in plan)
+        slot_counts.add(sum(w.num_slots for w in plan))
+        batch_counts.add(tuple(w.num_batches for w in plan))
+    assert real == Counter(range(n))  # every sample exactly once per epoch
+    assert len(slot_counts) == 1 and len(batch_counts) == 1  # identical on all ranks
+    assert dups == slot_counts.pop() * world - n < world  # duplicates only fill the remainder
+
+
+def test_split_evenly_and_round_robin():
+    assert [len(r) for r in split_evenly(10, 4)] == [3, 3, 2, 2]
+    assert round_robin_order([2, 2, 1]) == [0, 1, 2, 0, 1]
+    assert resume_point([2, 2, 1], 0) == ([0, 0, 0], 0)
+    assert resume_point([2, 2, 1], 3) == ([1, 1, 1], 0)
+    assert resume_point([2, 2, 1], 4) == ([2, 1, 1], 1)
+    assert resume_point([2, 2, 1], 5)[0] == [2, 2, 1]
+    with pytest.raises(ValueError, match="skip_batches"):
+        resume_point([2, 2, 1], 6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Streams over real shards
+
+
+def test_two_ranks_see_every_sample_once_and_same_batch_counts(small_shards, tokenizer):
+    streams = [make_stream(small_shards, tokenizer, rank=r, world_size=2) for r in range(2)]
+    assert streams[0].batches_per_epoch == streams[1].batches_per_epoch
+    orders = []
+    for epoch in range(2):
+        seen, per_rank = Counter(), []
+        for stream in streams:
+            batches = list(stream.loader(epoch))
+            assert len(batches) == stream.batches_per_epoch
+            per_rank.append([k for b in batches for k in b["keys"]])
+            for b in batches:
+                seen.update(k for k, w in zip(b["keys"], b["loss_weights"]) if w > 0)
+                assert b["stats"]["pad_duplicates"] == sum(w == 0 for w in b["loss_weights"])
+                assert sum(b["stats"]["truncation"]["dropped"].values()) == 0
+                # Loss-free duplicates carry no target tokens.
+                assert b["num_target_tokens"] == (b["labels"] != -100).sum().item()
+        assert sorted(seen) == sorted(train_keys()) and set(seen.values()) == {1}
+        assert len(per_rank[0]) == len(per_rank[1]) == 11
+        orders.append(per_rank)
+    assert orders[0] != orders[1]  # epochs are shuffled differently
+
+
+def test_same_seed_same_batches_other_seed_other_order(small_shards, tokenizer):
+    a = [fingerprint(b) for b in make_stream(small_shards, tokenizer, seed=1).loader(0)]
+    b = [fingerprint(b) for b in make_stream(small_shards, tokenizer, seed=1).loader(0)]
+    c = [fingerprint(b) for b in make_stream(small_shards, tokenizer, seed=2).loader(0)]
+    assert a == b and a != c
+
+
+@pytest.mark.parametrize("world_size, num_workers", [(2, 2), (1, 3), (1, 0)])
+def test_skip_batches_resumes_exactly(small_shards, tokenizer, world_size, num_workers):
+    stream = make_stream(small_shards, tokenizer, rank=world_size - 1, world_size=world_size,
+                         num_workers=num_workers, batch_size=2)
+    full = [fingerprint(b) for b in stream.loader(1)]
+    assert len(full) == stream.batches_per_epoch
+    for skip in sorted({1, 2, len(full) // 2 + 1, len(full) - 1, len(full)}):
+        assert [fingerprint(b) for b in stream.loader(1, skip_batches=skip)] == full[skip:], skip
+
+
+def test_task_mix_fallbacks_and_truncation_stats(small_shards, tokenizer):
+    schedule = ScheduleConfig(schedule="summary_centric", prob_summary=0.0, prob_caption=0.0, prob_cot=0.5,
+                              prob_text_summary=0.5, text_summary=True, warmup_epochs=1, main_epochs=1)
+    stream = make_stream(small_shards, tokenizer, schedule=schedule, num_workers=0, max_seq_len=48)
+    batches = list(stream.loader(1))
+    mix, fallbacks, trunc = Counter(), 0, Counter()
+    for b in batches:
+        mix.update(b["stats"]["task_counts"])
+        fallbacks += b["stats"]["task_fallbacks"]
+        for kind, per_task in b["stats"]["truncation"].items():
+            trunc.update({(kind, t): v for t, v in per_task.items()})
+    # Element 1 of every case has a one-sentence caption: cot falls back to caption there.
+    assert fallbacks > 0 and mix["caption"] == fallbacks
+    assert mix["summary"] == 0 and mix["cot"] > 0 and mix["text_summary"] > 0
+    assert sum(mix.values()) == stream.num_train_samples
+    assert trunc[("prompt_truncated", "text_summary")] > 0  # 3 captions do not fit 48 positions
+    # Task D examples have no image prefix, so fewer latents than examples.
+    assert sum(len(b["latents"]) if "latents" in b else 0 for b in batches) == stream.num_train_samples - mix["text_summary"]
+
+
+def test_val_loader_is_fixed_capped_and_split(small_shards, tokenizer):
+    streams = [make_stream(small_shards, tokenizer, rank=r, world_size=2, val_max_samples=7) for r in range(2)]
+    runs = [[fingerprint(b) for s in streams for b in s.val_loader()] for _ in range(2)]
+    assert runs[0] == runs[1]
+    keys = [k for fp in runs[0] for k, w in zip(fp[0], fp[1]) if w > 0]
+    assert len(keys) == len(set(keys)) == 7
+    items = streams[0].val_items(3)
+    assert [it.key for it in items] == [f"case{(22 + i) // 3:03d}__e{(22 + i) % 3:02d}" for i in range(3)]
+    assert make_stream(small_shards, tokenizer, val_max_samples=0).val_loader() == []
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad shards
+
+
+def _copy_shards(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for p in src.iterdir():
+        (dst / p.name).write_bytes(p.read_bytes())
+    return dst
+
+
+def test_missing_or_truncated_shard_is_named(small_shards, tokenizer, tmp_path):
+    missing = _copy_shards(small_shards, tmp_path / "missing")
+    (missing / "train-000002.tar").unlink()
+    with pytest.raises(DataError, match=r"train-000002\.tar.*missing"):
+        make_stream(missing, tokenizer)
+    stream = make_stream(missing, tokenizer, skip_bad_shards=True)
+    assert stream.skipped_shards == ["train-000002.tar"] and stream.num_train_samples == 22 - 6
+
+    cut = _copy_shards(small_shards, tmp_path / "cut")
+    data = (cut / "train-000001.tar").read_bytes()
+    (cut / "train-000001.tar").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"train-000001\.tar.*bytes"):
+        make_stream(cut, tokenizer)
+
+
+def test_corrupt_shard_found_while_reading(small_shards, tokenizer, tmp_path):
+    """A shard whose size the manifest does not record is only found bad when read."""
+    bad = _copy_shards(small_shards, tmp_path / "bad")
+    manifest = json.loads((bad / "manifest.json").read_text())
+    for s in manifest["shards"]:
+        s["size"] = -1
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    data = (bad / "train-000000.tar").read_bytes()
+    (bad / "train-000000.tar").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"train-000000\.tar: cannot read sample"):
+        list(make_stream(bad, tokenizer).loader(0))
+
+    stream = make_stream(bad, tokenizer, skip_bad_shards=True, num_workers=0)
+    batches = list(stream.loader(0))
+    assert len(batches) == stream.batches_per_epoch  # the layout survives: stand-ins are loss-free
+    bad_count = sum(b["stats"]["bad_samples"] for b in batches)
+    assert 0 < bad_count <= 7
+    assert sum(w == 0 for b in batches for w in b["loss_weights"]) == bad_count
+
+
+# ----------------------------------------------------------------------------------------------
+# The real builder's shards and the tiny LM's tokenizer
+
+
+def test_stream_over_built_shards(shard_dir, tiny_lm_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    manifest = load_manifest(shard_dir)
+    cfg = DataConfig(shard_dir=str(shard_dir), batch_size=4, num_workers=2, shuffle_buffer=16, max_seq_len=256)
+    phases = build_phases(ScheduleConfig(text_summary=True))
+    streams = [TrainStream(manifest, shard_dir, tok, cfg, phases, 4, r, 2, 0) for r in range(2)]
+    seen = Counter()
+    for s in streams:
+        batches = list(s.loader(0))
+        assert len(batches) == s.batches_per_epoch
+        for b in batches:
+            seen.update(k for k, w in zip(b["keys"], b["loss_weights"]) if w > 0)
+            assert b["latents"].shape[1] == manifest.stage1.latent_dim
+            assert b["cu_seqlens"][-1] == b["input_ids"].shape[1]
+    assert sum(seen.values()) == len(seen) == manifest.num_samples("train")
+    mix = Counter()
+    for b in streams[0].val_loader():
+        mix.update({t: n for t, n in b["stats"]["task_counts"].items() if n})
+    assert set(mix) <= set(TASKS) and len(mix) >= 3

@@ -1,0 +1,176 @@
+"""End-to-end training runs (CPU, DeepSpeed ZeRO-2 over gloo, tiny models, synthetic shards).
+
+The multi-process runs go through launch/train.sh exactly as a user would start them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.io import read_jsonl
+from trainer.config import parse_train_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The seed README's two recipes (minus the torchrun prefix), plus --shard-dir.
+SPEC_UNIFORM = """--gemini-json a.json b.json --image-root data --model-path m --output-dir o
+  --batch-size 1 --num-epochs 1 --lr 2e-5 --encoder-lr 5e-6 --warmup-ratio 0.1 --max-seq-len 256 --image-size 224
+  --use-lora --lora-r 32 --lora-alpha 64 --lora-dropout 0.05 --num-image-tokens 4
+  --stage1-encoder-ckpt enc.pt --stage1-classifier-ckpt cls.pt --stage1-trainable-blocks 1
+  --distributed --num-workers 2 --sample-log-steps 500 --sample-log-max-new-tokens 80
+  --use-wandb --wandb-project climate-to-text-stage2-mtl --wandb-run-name stage2_uniform_mtl"""
+SPEC_SUMMARY_CENTRIC = """--gemini-json a.json --image-root data --model-path m --output-dir o --batch-size 1
+  --warmup-epochs 1 --main-epochs 1 --prob-summary 0.7 --prob-caption 0.15 --prob-cot 0.15 --prob-text-summary 0.0
+  --lr 2e-5 --encoder-lr 5e-6 --warmup-ratio 0.1 --max-seq-len 256 --image-size 224 --use-lora --lora-r 32
+  --lora-alpha 64 --lora-dropout 0.05 --num-image-tokens 4 --stage1-encoder-ckpt enc.pt
+  --stage1-classifier-ckpt cls.pt --stage1-trainable-blocks 1 --distributed --num-workers 2
+  --sample-log-steps 500 --sample-log-max-new-tokens 80 --use-wandb --wandb-project p --wandb-run-name r
+  --schedule summary_centric --text-summary"""
+
+
+@pytest.mark.parametrize("flags", [SPEC_UNIFORM, SPEC_SUMMARY_CENTRIC])
+def test_every_spec_flag_parses(flags):
+    cfg = parse_train_config(shlex.split(flags) + ["--shard-dir", "s", "--local_rank=1"])
+    assert cfg.model.lora_r == 32 and cfg.optim.encoder_lr == 5e-6 and cfg.stage1.stage1_trainable_blocks == 1
+    assert cfg.logging.use_wandb and cfg.logging.sample_log_max_new_tokens == 80 and cfg.local_rank == 1
+    assert cfg.data.num_workers == 2 and cfg.checkpoint.output_dir == "o"
+
+
+def test_gemini_json_without_shards_says_how_to_build_them():
+    with pytest.raises(ValueError, match="data_prep.build_shards"):
+        parse_train_config(shlex.split(SPEC_UNIFORM))
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers shared with tests/test_resume.py and tests/test_train_slurm.py
+
+
+def base_flags(shard_dir, lm_dir, out_dir, **over) -> list[str]:
+    """A tiny, fast fp32 run: small batches, 1 data worker, log every step."""
+    flags = {"shard-dir": shard_dir, "model-path": lm_dir, "output-dir": out_dir, "precision": "fp32",
+             "batch-size": 4, "num-workers": 1, "shuffle-buffer": 16, "max-seq-len": 256, "lora-r": 8,
+             "lora-alpha": 16, "lr": 1e-3, "log-steps": 1, "save-steps": 0, "sample-log-steps": 0,
+             "val-max-samples": 16, "max-steps": 6, "seed": 1}
+    flags.update(over)
+    out = []
+    for k, v in flags.items():
+        if v is True:
+            out.append(f"--{k}")
+        elif v is not None:
+            out += [f"--{k}"] + ([str(x) for x in v] if isinstance(v, (list, tuple)) else [str(v)])
+    return out
+
+
+def run_env() -> dict:
+    return {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
+            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def run_train(flags: list[str], num_procs: int = 2, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    cmd = [str(REPO / "launch" / "train.sh"), "--num-gpus", str(num_procs), "--", *flags]
+    proc = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def train_records(out_dir, kind="train") -> list[dict]:
+    return [r for r in read_jsonl(Path(out_dir) / "train_log.jsonl") if r["kind"] == kind]
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["uniform", "summary_centric"])
+def test_two_process_zero2_run_writes_checkpoints_and_learns(schedule, shard_dir, tiny_lm_dir, tmp_path):
+    out = tmp_path / "run"
+    over = {"schedule": schedule, "max-steps": 8, "save-steps": 4, "sample-log-steps": 4, "sample-log-num": 1,
+            "sample-log-max-new-tokens": 8}
+    if schedule == "summary_centric":
+        over.update({"warmup-epochs": 1, "main-epochs": 1})
+    run_train(base_flags(shard_dir, tiny_lm_dir, out, **over))
+
+    recs = train_records(out)
+    assert [r["step"] for r in recs] == list(range(1, 9))
+    assert recs[-1]["loss"] < recs[0]["loss"], [r["loss"] for r in recs]
+    assert all(r["tokens_per_s"] > 0 and sum(r["task_mix"].values()) > 0 for r in recs)
+    if schedule == "summary_centric":  # warm-up phase: captions and CoT links only
+        assert all(r["task_mix"].get("summary", 0) == 0 for r in recs)
+    assert train_records(out, "sample"), "sample generations are logged"
+    for ckpt in ("checkpoint-4", "final"):
+        assert (out / ckpt / "adapter_model.safetensors").is_file() and (out / ckpt / "train_config.json").is_file()
+    assert (out / "resume" / "latest").read_text().strip() == "step-8"
+    assert (out / "resume" / "step-8" / "trainer_state.json").is_file()
+    assert json.loads((out / "resume" / "step-8" / "trainer_state.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_nan_steps_are_skipped_then_too_many_stop_the_run(shard_dir, tiny_lm_dir, tmp_path):
+    out = tmp_path / "nan_ok"
+    run_train(base_flags(shard_dir, tiny_lm_dir, out, **{"max-steps": 4, "debug-nan-at-steps": [2]}), num_procs=1)
+    recs = train_records(out)
+    assert [r["nan_steps_total"] for r in recs] == [0, 1, 1, 1]
+    assert all(r["loss"] == r["loss"] for r in recs)  # skipped steps do not poison the logged loss
+
+    out = tmp_path / "nan_stop"
+    proc = run_train(base_flags(shard_dir, tiny_lm_dir, out, **{"max-steps": 6, "debug-nan-at-steps": [2, 3, 4],
+                                                                "max-nan-steps": 2}), num_procs=1, check=False)
+    assert proc.returncode != 0
+    assert "consecutive non-finite steps" in proc.stderr + proc.stdout
+    assert not (out / "final").exists()
+
+
+@pytest.mark.slow
+def test_truncated_shard_is_a_clear_error_naming_it(shard_dir, tiny_lm_dir, tmp_path):
+    broken = tmp_path / "shards"
+    shutil.copytree(shard_dir, broken)
+    victim = sorted(broken.glob("train-*.tar"))[0]
+    victim.write_bytes(victim.read_bytes()[:1000])
+    proc = run_train(base_flags(broken, tiny_lm_dir, tmp_path / "o"), num_procs=1, check=False)
+    assert proc.returncode != 0 and victim.name in proc.stderr, proc.stderr[-3000:]
+    victim.unlink()
+    proc = run_train(base_flags(broken, tiny_lm_dir, tmp_path / "o2"), num_procs=1, check=False)
+    assert proc.returncode != 0 and victim.name in proc.stderr and "missing" in proc.stderr
+
+
+@torch.no_grad()
+def _heldout_loss(model, stream, shuffle: bool) -> float:
+    g = torch.Generator().manual_seed(0)
+    total, tokens = 0.0, 0.0
+    for batch in stream.val_loader():
+        if shuffle and batch.get("latents") is not None:
+            batch = dict(batch, latents=batch["latents"][torch.randperm(batch["latents"].shape[0], generator=g)])
+        out = model(batch)
+        total += float(out.task_loss_sum.sum())
+        tokens += float(out.task_token_count.sum())
+    return total / tokens
+
+
+@pytest.mark.slow
+def test_the_image_is_used(shard_dir, tiny_lm_dir, tmp_path):
+    """Text depends on the image in the synthetic data: shuffled latents must hurt held-out loss."""
+    from data_prep.manifest import load_manifest
+    from trainer.checkpoint import load_inference_model
+    from trainer.data import DataConfig, TrainStream
+    from trainer.schedules import ScheduleConfig, build_phases
+
+    out = tmp_path / "img"
+    run_train(base_flags(shard_dir, tiny_lm_dir, out, **{"max-steps": 60, "lr": 3e-3, "batch-size": 8,
+                                                        "num-epochs": 3, "warmup-ratio": 0.05, "lora-dropout": 0.0}),
+              num_procs=1)
+    model, tok, _, _ = load_inference_model(out / "final")
+    data_cfg = DataConfig(shard_dir=str(shard_dir), batch_size=8, num_workers=0, val_max_samples=64)
+    stream = TrainStream(load_manifest(shard_dir), shard_dir, tok, data_cfg, build_phases(ScheduleConfig()),
+                         4, 0, 1, 1)
+    true_loss, shuffled = _heldout_loss(model, stream, False), _heldout_loss(model, stream, True)
+    assert true_loss < shuffled - 0.05, (true_loss, shuffled)

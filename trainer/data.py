@@ -1,0 +1,530 @@
+"""The streaming training data pipeline: WebDataset shards -> packed, collated micro-batches.
+
+Splitting (docs/architecture.md, "Data pipeline"). Per epoch:
+
+    train shards, in a seeded (seed, epoch) order -> one virtual sequence of N samples
+    -> world_size contiguous rank ranges of ceil(N / W) slots; the < W slots left over are filled
+       with loss-free duplicates (loss_weight 0) of a sample of the shorter rank's own range
+    -> each rank's slots into num_workers contiguous worker ranges (sizes differ by at most 1)
+    -> each worker's range into batches of batch_size (the last one may be partial)
+
+The counts depend only on (N, W, num_workers, batch_size), so every rank has the same number of
+batches, every epoch. A DataLoader returns its workers' batches round-robin, so the position in an
+epoch is one integer (batches consumed): `loader(epoch, skip_batches=n)` works out how many batches
+each worker had produced, has each worker skip that many samples (before decoding), and rotates
+the workers so that the remaining batches come in exactly the order an uninterrupted run gives.
+
+Each worker runs one chain of stages over its range (see `TrainStream._examples`):
+
+    shard tars -> raw samples -> shuffle buffer -> skip (resume) -> decode -> choose task
+    -> build prompt -> tokenize/truncate -> batch -> collate (+ per-batch stats)
+
+The task of a sample is `schedules.sample_task(phase.probs, seed, epoch, key)`: independent of the
+rank/worker layout. A task the sample cannot serve (cot on a one-sentence caption, text_summary
+without the case's captions) falls back to caption and is counted.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import json
+import logging
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional, Sequence
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from common.io import stable_hash
+from data_prep.shard_format import ElementSample, SampleFormatError, decode_sample
+from trainer.collate import TrainItem, collate_train
+from trainer.schedules import Phase, enabled_tasks, phase_at, sample_task
+from trainer.tasks import TASKS, TaskUnavailable, TruncationStats, build_prompt, tokenize_prompt
+
+log = logging.getLogger("trainer.data")
+
+FALLBACK_TASK = "caption"
+VAL_TASK_SEED = 0  # val tasks are fixed: the same held-out examples in every epoch and run
+
+
+class DataError(RuntimeError):
+    """A shard or sample cannot be read; the message names the shard file (and sample)."""
+
+
+@dataclass
+class DataConfig:
+    shard_dir: str = field(default="", metadata={"help": "directory built by python -m data_prep.build_shards (shards, cases.jsonl, manifest.json)"})
+    batch_size: int = field(default=8, metadata={"help": "examples per micro-batch per GPU (packed into one row by default)"})
+    num_workers: int = field(default=2, metadata={"help": "data-loader worker processes per GPU (0 = load in the training process)"})
+    shuffle_buffer: int = field(default=1000, metadata={"help": "samples each worker holds in its shuffle buffer (<= 1 = no shuffling inside a worker)"})
+    max_seq_len: int = field(default=256, metadata={"help": "max positions per example, image prefix included; longer ones are truncated (counted per task)"})
+    packed: bool = field(default=True, metadata={"help": "pack each micro-batch into one row with per-example attention (--no-packed: one padded row per example)"})
+    skip_bad_shards: bool = field(default=False, metadata={"help": "log and skip missing/truncated shards and unreadable samples (counted) instead of stopping with an error"})
+    val_max_samples: int = field(default=256, metadata={"help": "held-out loss is computed on at most this many val samples (0 = off)"})
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1 (got {self.batch_size})")
+        if self.num_workers < 0:
+            raise ValueError(f"--num-workers must be >= 0 (got {self.num_workers})")
+        if self.shuffle_buffer < 0:
+            raise ValueError(f"--shuffle-buffer must be >= 0 (got {self.shuffle_buffer})")
+        if self.max_seq_len < 16:
+            raise ValueError(f"--max-seq-len must be >= 16 (got {self.max_seq_len})")
+        if self.val_max_samples < 0:
+            raise ValueError(f"--val-max-samples must be >= 0 (got {self.val_max_samples})")
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan: pure integer arithmetic over the virtual sequence, identical on every rank
+
+
+@dataclass(frozen=True)
+class ShardSpan:
+    """One shard's place in an epoch's virtual sequence: samples [start, start + num_samples)."""
+
+    path: str
+    start: int
+    num_samples: int
+
+
+@dataclass(frozen=True)
+class WorkerRange:
+    """A worker's slots: real virtual positions, then (maybe) one loss-free duplicate."""
+
+    positions: range
+    duplicate: Optional[int]  # virtual position re-read as a loss_weight 0 copy (rank padding)
+    num_batches: int
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.positions) + (self.duplicate is not None)
+
+
+def split_evenly(n: int, parts: int) -> list[range]:
+    """`parts` contiguous ranges covering range(n); sizes differ by at most 1, larger ones first."""
+    base, extra = divmod(n, parts)
+    bounds = [0]
+    for i in range(parts):
+        bounds.append(bounds[-1] + base + (i < extra))
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def lay_out(spans_sizes: Sequence[tuple[str, int]]) -> list[ShardSpan]:
+    spans, start = [], 0
+    for path, size in spans_sizes:
+        spans.append(ShardSpan(path, start, size))
+        start += size
+    return spans
+
+
+def plan_rank(num_samples: int, rank: int, world_size: int, num_workers: int, batch_size: int) -> list[WorkerRange]:
+    """The worker ranges of `rank` over a virtual sequence of `num_samples` samples."""
+    if num_samples < 1:
+        raise DataError("no samples to split across ranks (is the split empty?)")
+    slots_per_rank = math.ceil(num_samples / world_size)
+    real = split_evenly(num_samples, world_size)[rank]
+    # A shorter rank re-reads one of its own samples (its last); with N < W it has none of its
+    # own and borrows one from the global sequence.
+    duplicate = None
+    if len(real) < slots_per_rank:
+        duplicate = real[-1] if len(real) else rank % num_samples
+    workers = []
+    for slots in split_evenly(slots_per_rank, max(1, num_workers)):
+        positions = range(real.start + slots.start, real.start + min(slots.stop, len(real)))
+        dup = duplicate if (duplicate is not None and slots.stop == slots_per_rank and len(slots)) else None
+        workers.append(WorkerRange(positions, dup, math.ceil(len(slots) / batch_size)))
+    return workers
+
+
+def round_robin_order(batch_counts: Sequence[int]) -> list[int]:
+    """Which worker each batch of a DataLoader comes from: round-robin over the workers that
+    still have batches (how torch's DataLoader interleaves IterableDataset workers)."""
+    return [w for r in range(max(batch_counts, default=0)) for w, c in enumerate(batch_counts) if r < c]
+
+
+def resume_point(batch_counts: Sequence[int], consumed: int) -> tuple[list[int], int]:
+    """(batches each worker already produced, the worker the next batch comes from)."""
+    order = round_robin_order(batch_counts)
+    if not 0 <= consumed <= len(order):
+        raise ValueError(f"skip_batches={consumed} is outside the epoch's 0..{len(order)} batches")
+    done = [0] * len(batch_counts)
+    for w in order[:consumed]:
+        done[w] += 1
+    return done, (order[consumed] if consumed < len(order) else 0)
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """Everything one data-loader worker needs to run its stage chain (picklable)."""
+
+    spans: tuple[ShardSpan, ...]
+    work: WorkerRange
+    skip_samples: int
+    shuffle_buffer: int
+    shuffle_seed: int
+    probs: dict
+    task_seed: int
+    task_epoch: int
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages: each takes an iterator and returns one
+
+
+@dataclass
+class Example:
+    """One sample on its way through the stages."""
+
+    raw: Optional[dict]  # tar sample (ext -> bytes); None if it could not be read (skip_bad_shards)
+    loss_weight: float
+    where: str = ""
+    sample: Optional[ElementSample] = None
+    bad: bool = False  # stands in (loss-free) for an unreadable sample
+    task: str = ""
+    fell_back: bool = False
+    prompt: object = None
+    tokens: object = None  # TokenizedExample, or None when truncation dropped it
+
+
+def tar_samples(path: str) -> Iterator[dict]:
+    """The samples of one local shard, via webdataset's tar reading."""
+    with open(path, "rb") as stream:
+        yield from group_by_keys(tar_file_expander([{"url": path, "stream": stream}]))
+
+
+class ShardReader:
+    """Reads samples by virtual position (non-decreasing), opening each shard at most once."""
+
+    def __init__(self, spans: Sequence[ShardSpan], skip_bad: bool):
+        self.spans, self.skip_bad = list(spans), skip_bad
+        self.starts = [s.start for s in self.spans]
+        self.span: Optional[ShardSpan] = None
+        self.samples: Optional[Iterator[dict]] = None
+        self.next_offset = 0
+        self.broken = False
+        self.last: tuple[int, Optional[dict]] = (-1, None)
+
+    def _open(self, span: ShardSpan) -> None:
+        if self.samples is not None:
+            self.samples.close()
+        self.span, self.samples, self.next_offset, self.broken = span, tar_samples(span.path), 0, False
+
+    def read(self, position: int) -> Optional[dict]:
+        if position == self.last[0]:
+            return self.last[1]
+        span = self.spans[bisect.bisect_right(self.starts, position) - 1]
+        if span is not self.span:
+            self._open(span)
+        offset = position - span.start
+        raw = None
+        if not self.broken:
+            try:
+                while self.next_offset <= offset:
+                    raw = next(self.samples)
+                    self.next_offset += 1
+            except StopIteration:
+                self._fail(offset, f"the shard ends after {self.next_offset} samples, the manifest "
+                                   f"records {span.num_samples}")
+            except Exception as e:  # tarfile.ReadError, EOFError, OSError, ...
+                self._fail(offset, f"{type(e).__name__}: {e}")
+        self.last = (position, raw if not self.broken else None)
+        return self.last[1]
+
+    def _fail(self, offset: int, why: str) -> None:
+        msg = f"{self.span.path}: cannot read sample {offset} (truncated or corrupt shard?): {why}"
+        if not self.skip_bad:
+            raise DataError(msg + " (pass --skip-bad-shards to skip such samples)")
+        log.warning("%s; its remaining samples are replaced by loss-free duplicates", msg)
+        self.broken = True
+
+
+def read_range(spans: Sequence[ShardSpan], work: WorkerRange, skip_bad: bool) -> Iterator[Example]:
+    reader = ShardReader(spans, skip_bad)
+    slots = itertools.chain(((p, 1.0) for p in work.positions),
+                            [] if work.duplicate is None else [(work.duplicate, 0.0)])
+    for position, weight in slots:
+        yield Example(reader.read(position), weight, where=f"{reader.span.path}#{position - reader.span.start}")
+    if reader.samples is not None:
+        reader.samples.close()
+
+
+def shuffle_buffer(examples: Iterable, size: int, rng: random.Random) -> Iterator:
+    """Emit items in a random order drawn from a buffer of `size` (deterministic given `rng`)."""
+    if size <= 1:
+        yield from examples
+        return
+    buf: list = []
+    for ex in examples:
+        buf.append(ex)
+        if len(buf) >= size:
+            i = rng.randrange(len(buf))
+            buf[i], buf[-1] = buf[-1], buf[i]
+            yield buf.pop()
+    rng.shuffle(buf)
+    yield from buf
+
+
+def decode(examples: Iterable[Example], skip_bad: bool) -> Iterator[Example]:
+    """Raw bytes -> ElementSample. With skip_bad, an unreadable sample becomes a loss-free copy
+    of the last good one, so that the batch layout (and so resume) is unchanged."""
+    last_good: Optional[ElementSample] = None
+    for ex in examples:
+        try:
+            if ex.raw is None:
+                raise SampleFormatError(f"{ex.where}: unreadable sample")
+            ex.sample = decode_sample(ex.raw)
+            last_good = ex.sample
+        except SampleFormatError as e:
+            if not skip_bad:
+                raise DataError(f"{e} (pass --skip-bad-shards to skip such samples)") from None
+            if last_good is None:
+                raise DataError(f"{e}; no readable sample before it to stand in") from None
+            ex.sample, ex.loss_weight, ex.bad = last_good, 0.0, True
+        ex.raw = None  # free the bytes early
+        yield ex
+
+
+def choose_task(examples: Iterable[Example], probs: dict, seed: int, epoch: int) -> Iterator[Example]:
+    for ex in examples:
+        ex.task = sample_task(probs, seed, epoch, ex.sample.key)
+        yield ex
+
+
+def build_prompts(examples: Iterable[Example], case_captions: dict[str, list[str]]) -> Iterator[Example]:
+    for ex in examples:
+        s = ex.sample
+        fields = dict(cond_name=s.cond_name, caption=s.caption, global_summary=s.global_summary,
+                      case_captions=case_captions.get(s.case_id, ()))
+        try:
+            ex.prompt = build_prompt(ex.task, **fields)
+        except TaskUnavailable:
+            ex.task, ex.fell_back = FALLBACK_TASK, True
+            ex.prompt = build_prompt(FALLBACK_TASK, **fields)
+        yield ex
+
+
+def tokenize(examples: Iterable[Example], tokenizer, max_seq_len: int, num_image_tokens: int) -> Iterator[Example]:
+    for ex in examples:
+        ex.tokens = tokenize_prompt(ex.prompt, tokenizer, max_seq_len, num_image_tokens)
+        yield ex
+
+
+def batched(examples: Iterable[Example], batch_size: int) -> Iterator[list[Example]]:
+    """Batches by sample count (dropped examples included), so the layout never depends on text."""
+    it = iter(examples)
+    while chunk := list(itertools.islice(it, batch_size)):
+        yield chunk
+
+
+def collate(batches: Iterable[list[Example]], pad_id: int, num_image_tokens: int, packed: bool,
+            max_seq_len: int) -> Iterator[dict]:
+    for chunk in batches:
+        kept = [ex for ex in chunk if ex.tokens is not None]
+        if not kept:
+            raise DataError(f"every example of a batch was dropped by truncation ({chunk[0].where}, ...): "
+                            f"--max-seq-len {max_seq_len} is too small for task(s) "
+                            f"{sorted({ex.task for ex in chunk})}")
+        items = [TrainItem(ex.tokens, ex.sample.latent, ex.sample.cond_id, ex.sample.block_tokens,
+                           key=ex.sample.key, loss_weight=ex.loss_weight) for ex in kept]
+        batch = collate_train(items, pad_id, num_image_tokens, packed=packed)
+        batch["loss_weights"] = [it.loss_weight for it in items]
+        batch["stats"] = batch_stats(chunk)
+        yield batch
+
+
+def batch_stats(chunk: Sequence[Example]) -> dict:
+    """What the trainer logs about a batch: task mix, fallbacks, padding, bad samples, truncation."""
+    trunc = TruncationStats()
+    task_counts = {t: 0 for t in TASKS}
+    for ex in chunk:
+        if ex.loss_weight > 0:
+            task_counts[ex.task] += 1
+            trunc.add(ex.tokens, ex.task)
+    return {
+        "task_counts": task_counts,
+        "task_fallbacks": sum(ex.fell_back for ex in chunk if ex.loss_weight > 0),
+        "pad_duplicates": sum(ex.loss_weight == 0 and not ex.bad for ex in chunk),
+        "bad_samples": sum(ex.bad for ex in chunk),
+        "truncation": trunc.as_dict(),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# The stream
+
+
+class _JobsDataset(IterableDataset):
+    """DataLoader worker j runs jobs[j] (in-process with num_workers=0: the single job)."""
+
+    def __init__(self, jobs: Sequence[WorkerJob], run: Callable[[WorkerJob], Iterator[dict]]):
+        self.jobs, self.run = list(jobs), run
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        jobs = self.jobs if info is None else [self.jobs[info.id]]
+        for job in jobs:
+            yield from self.run(job)
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # workers tokenize and copy small arrays; leave the cores to the GPU feeders
+
+
+class TrainStream:
+    """The train (and val) batches of one rank. See the module docstring for the design."""
+
+    def __init__(self, manifest, shard_dir, tokenizer, data_cfg: DataConfig, phases: Sequence[Phase],
+                 num_image_tokens: int, rank: int, world_size: int, seed: int):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.manifest, self.shard_dir = manifest, Path(shard_dir)
+        self.tokenizer, self.cfg, self.phases = tokenizer, data_cfg, list(phases)
+        self.num_image_tokens, self.rank, self.world_size, self.seed = num_image_tokens, rank, world_size, seed
+        self.pad_id = _pad_id(tokenizer)
+        self.skipped_shards: list[str] = []
+        self.train_shards = self._usable_shards("train")
+        self.val_shards = self._usable_shards("val")
+        self.num_train_samples = sum(n for _, n in self.train_shards)
+        self.num_val_samples = min(sum(n for _, n in self.val_shards), data_cfg.val_max_samples)
+        self.num_workers = data_cfg.num_workers
+        self.tasks = enabled_tasks(self.phases)
+        self.case_captions = self._load_case_captions() if "text_summary" in self.tasks else {}
+        self.batches_per_epoch = sum(w.num_batches for w in self._train_plan(0)[1])
+
+    # -- set-up checks --------------------------------------------------------------------------
+
+    def _usable_shards(self, split: str) -> list[tuple[str, int]]:
+        """(path, num_samples) of the split's shards, after a cheap existence + size check."""
+        usable = []
+        for entry in self.manifest.entries(split):
+            path = self.shard_dir / entry.name
+            problem = None
+            if not path.is_file():
+                problem = "is missing"
+            elif entry.size >= 0 and path.stat().st_size != entry.size:
+                problem = (f"has {path.stat().st_size} bytes, the manifest records {entry.size} "
+                           "(truncated or modified after the build?)")
+            if problem is None:
+                usable.append((str(path), entry.num_samples))
+                continue
+            msg = f"{path}: shard listed in the manifest {problem}"
+            if not self.cfg.skip_bad_shards:
+                raise DataError(msg + " (rebuild the shards, or pass --skip-bad-shards to train without it)")
+            log.warning("%s; skipping its %d samples (--skip-bad-shards)", msg, entry.num_samples)
+            self.skipped_shards.append(entry.name)
+        if split == "train" and not any(n for _, n in usable):
+            raise DataError(f"{self.shard_dir}: no readable train samples in the manifest's shards")
+        return usable
+
+    def _load_case_captions(self) -> dict[str, list[str]]:
+        path = self.shard_dir / self.manifest.cases_file
+        if not path.is_file():
+            raise DataError(f"{path}: missing; task text_summary needs the case captions (rebuild the shards)")
+        captions = {}
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    case = json.loads(line)
+                    captions[case["case_id"]] = list(case["captions"])
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise DataError(f"{path}: line {i}: bad case record ({type(e).__name__}: {e})") from None
+        return captions
+
+    # -- plans ----------------------------------------------------------------------------------
+
+    def _train_plan(self, epoch: int) -> tuple[list[ShardSpan], list[WorkerRange]]:
+        shards = list(self.train_shards)
+        random.Random(stable_hash(f"shards/{self.seed}/{epoch}")).shuffle(shards)
+        return lay_out(shards), plan_rank(self.num_train_samples, self.rank, self.world_size,
+                                          self.num_workers, self.cfg.batch_size)
+
+    def _jobs(self, spans, workers: list[WorkerRange], skip_batches: int, epoch: int, probs: dict,
+              task_seed: int, shuffle: bool) -> list[WorkerJob]:
+        done, first = resume_point([w.num_batches for w in workers], skip_batches)
+        # DataLoader worker j plays worker (first + j): its round-robin then continues where the
+        # interrupted epoch stopped.
+        order = [(first + j) % len(workers) for j in range(len(workers))]
+        return [WorkerJob(spans=tuple(spans), work=workers[k], skip_samples=done[k] * self.cfg.batch_size,
+                          shuffle_buffer=self.cfg.shuffle_buffer if shuffle else 0,
+                          shuffle_seed=stable_hash(f"buffer/{self.seed}/{epoch}/{self.rank}/{k}"),
+                          probs=probs, task_seed=task_seed, task_epoch=epoch) for k in order]
+
+    # -- the stage chain ------------------------------------------------------------------------
+
+    def _examples(self, job: WorkerJob) -> Iterator[Example]:
+        skip_bad = self.cfg.skip_bad_shards
+        stream = read_range(job.spans, job.work, skip_bad)
+        stream = shuffle_buffer(stream, job.shuffle_buffer, random.Random(job.shuffle_seed))
+        stream = itertools.islice(stream, job.skip_samples, None)  # resume: before any decoding
+        stream = decode(stream, skip_bad)
+        stream = choose_task(stream, job.probs, job.task_seed, job.task_epoch)
+        stream = build_prompts(stream, self.case_captions)
+        return tokenize(stream, self.tokenizer, self.cfg.max_seq_len, self.num_image_tokens)
+
+    def _batches(self, job: WorkerJob) -> Iterator[dict]:
+        return collate(batched(self._examples(job), self.cfg.batch_size), self.pad_id, self.num_image_tokens,
+                       self.cfg.packed, self.cfg.max_seq_len)
+
+    def _dataloader(self, jobs: list[WorkerJob]) -> DataLoader:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers + Rust threads
+        nw = self.num_workers
+        return DataLoader(_JobsDataset(jobs, self._batches), batch_size=None, num_workers=nw,
+                          pin_memory=torch.cuda.is_available(), persistent_workers=False,
+                          prefetch_factor=4 if nw > 0 else None, worker_init_fn=_worker_init if nw > 0 else None)
+
+    # -- public ---------------------------------------------------------------------------------
+
+    def loader(self, epoch: int, skip_batches: int = 0) -> DataLoader:
+        """The batches of `epoch` on this rank, after the first `skip_batches` (exact resume)."""
+        spans, workers = self._train_plan(epoch)
+        probs = phase_at(self.phases, epoch).probs
+        return self._dataloader(self._jobs(spans, workers, skip_batches, epoch, probs, self.seed, shuffle=True))
+
+    @property
+    def val_probs(self) -> dict:
+        return {t: 1.0 / len(self.tasks) if t in self.tasks else 0.0 for t in TASKS}
+
+    def _val_spans(self) -> list[ShardSpan]:
+        return lay_out(self.val_shards)
+
+    def val_loader(self) -> Iterable[dict]:
+        """Held-out batches: the first --val-max-samples val samples (manifest order), split over
+        ranks like the train set, each with a fixed task drawn uniformly over the trained tasks."""
+        if self.num_val_samples == 0:
+            return []
+        workers = plan_rank(self.num_val_samples, self.rank, self.world_size, self.num_workers, self.cfg.batch_size)
+        return self._dataloader(self._jobs(self._val_spans(), workers, 0, 0, self.val_probs, VAL_TASK_SEED,
+                                           shuffle=False))
+
+    def val_items(self, num: int) -> list[TrainItem]:
+        """The first `num` val examples as TrainItems (same tasks as val_loader), for sample logs."""
+        n = min(num, sum(n for _, n in self.val_shards))
+        if n <= 0:
+            return []
+        job = WorkerJob(tuple(self._val_spans()), WorkerRange(range(n), None, 1), 0, 0, 0, self.val_probs,
+                        VAL_TASK_SEED, 0)
+        return [TrainItem(ex.tokens, ex.sample.latent, ex.sample.cond_id, ex.sample.block_tokens, key=ex.sample.key)
+                for ex in self._examples(job) if ex.tokens is not None]
+
+
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an eos token id")
+    return pad
+
+
+def build_stream(manifest, tokenizer, data_cfg: DataConfig, phases: Sequence[Phase], num_image_tokens: int,
+                 rank: int = 0, world_size: int = 1, seed: int = 42) -> TrainStream:
+    """A TrainStream over `data_cfg.shard_dir` (convenience for eval, benchmarks and tests)."""
+    return TrainStream(manifest, data_cfg.shard_dir, tokenizer, data_cfg, phases, num_image_tokens,
+                       rank, world_size, seed)
