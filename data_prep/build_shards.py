@@ -237,6 +237,11 @@ class DecodedBatch:
     failures: list[tuple[int, str, str, str]]  # (position, path, reason, detail)
     image_bytes: list[Optional[bytes]]  # per ok position (keep_images), else Nones
 
+    def pin_memory(self) -> "DecodedBatch":
+        """Called by the DataLoader's pin-memory thread (GPU builds): async host-to-device copies."""
+        self.pixels = self.pixels.pin_memory()
+        return self
+
 
 class _DecodeJobs(torch.utils.data.Dataset):
     """Item i = the i-th plan batch of this node, decoded. Workers see only paths and ints."""
@@ -484,7 +489,8 @@ def _commit_shard(out: Path, writer: ShardWriter, fingerprint: str, runner: Stag
 def build(cfg: BuildConfig) -> Optional[Manifest]:
     """Build this node's shards; return the manifest if this call completed the build, else None."""
     cfg.validate()
-    cfg.num_nodes, cfg.node_rank = resolve_layout(cfg)
+    num_nodes, node_rank = resolve_layout(cfg)
+    cfg = dataclasses.replace(cfg, num_nodes=num_nodes, node_rank=node_rank)
     out = Path(cfg.out)
     (out / BUILD_DIR).mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
@@ -591,8 +597,16 @@ def _print_summary(out: Path, manifest: Manifest, report: SkipReport, file=None)
     file.flush()
 
 
+CLI_DESCRIPTION = (
+    "Build WebDataset shards with cached Stage1 latents from Gemini JSON + GIFs. Rerunning the same "
+    "command resumes (finished shards are verified by sha256 and kept). Several nodes/GPUs: run the same "
+    "command with --num-nodes N --node-rank k on each (defaults come from a SLURM job array, see "
+    "launch/build_shards.sbatch); node k builds shards i with i %% N == k, and the last node to finish writes "
+    "manifest.json. Where the nodes' view of --out may lag, run --finalize-only once all have finished.")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    cfg = parse_config(BuildConfig, argv)
+    cfg = parse_config(BuildConfig, argv, description=CLI_DESCRIPTION)
     cfg.num_nodes, cfg.node_rank = resolve_layout(cfg)
     setup_logging("data_prep.build_shards", rank=0)
     print_config(cfg)

@@ -42,3 +42,17 @@ def load_pretrained_model(model_path: str, device: str = "auto", dtype: str = "a
 
 def describe_baseline(model: EvalModel) -> str:
     return json.dumps({"name": model.name, "source": model.source, "adapter": False, "image": False})
+
+
+def main(argv=None) -> None:
+    """`python -m eval.baseline ...` == `python -m eval.generate --model pretrained ...`."""
+    import sys
+
+    from eval.generate import main as generate_main
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    generate_main(["--model", "pretrained", "--model-name", PRETRAINED_NAME, *args])
+
+
+if __name__ == "__main__":
+    main()

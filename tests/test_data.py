@@ -179,24 +179,38 @@ def test_skip_batches_resumes_exactly(small_shards, tokenizer, world_size, num_w
         assert [fingerprint(b) for b in stream.loader(1, skip_batches=skip)] == full[skip:], skip
 
 
-def test_task_mix_fallbacks_and_truncation_stats(small_shards, tokenizer):
-    schedule = ScheduleConfig(schedule="summary_centric", prob_summary=0.0, prob_caption=0.0, prob_cot=0.5,
-                              prob_text_summary=0.5, text_summary=True, warmup_epochs=1, main_epochs=1)
-    stream = make_stream(small_shards, tokenizer, schedule=schedule, num_workers=0, max_seq_len=48)
-    batches = list(stream.loader(1))
+def _epoch_stats(stream: TrainStream, epoch: int):
+    batches = list(stream.loader(epoch))
     mix, fallbacks, trunc = Counter(), 0, Counter()
     for b in batches:
         mix.update(b["stats"]["task_counts"])
         fallbacks += b["stats"]["task_fallbacks"]
         for kind, per_task in b["stats"]["truncation"].items():
             trunc.update({(kind, t): v for t, v in per_task.items()})
+    return batches, mix, fallbacks, trunc
+
+
+def test_task_mix_fallbacks_and_truncation_stats(small_shards, tokenizer):
+    schedule = ScheduleConfig(schedule="summary_centric", prob_summary=0.0, prob_caption=0.0, prob_cot=0.5,
+                              prob_text_summary=0.5, text_summary=True, warmup_epochs=1, main_epochs=1)
+    # 140 positions: every cot head fits, three captions of a case (task D) do not.
+    stream = make_stream(small_shards, tokenizer, schedule=schedule, num_workers=0, max_seq_len=140)
+    batches, mix, fallbacks, trunc = _epoch_stats(stream, 1)
     # Element 1 of every case has a one-sentence caption: cot falls back to caption there.
     assert fallbacks > 0 and mix["caption"] == fallbacks
     assert mix["summary"] == 0 and mix["cot"] > 0 and mix["text_summary"] > 0
     assert sum(mix.values()) == stream.num_train_samples
-    assert trunc[("prompt_truncated", "text_summary")] > 0  # 3 captions do not fit 48 positions
+    assert trunc[("prompt_truncated", "text_summary")] == mix["text_summary"]
+    assert sum(v for (kind, _), v in trunc.items() if kind == "dropped") == 0
     # Task D examples have no image prefix, so fewer latents than examples.
-    assert sum(len(b["latents"]) if "latents" in b else 0 for b in batches) == stream.num_train_samples - mix["text_summary"]
+    assert sum(len(b["latents"]) for b in batches if "latents" in b) == stream.num_train_samples - mix["text_summary"]
+
+    # 100 positions: no cot head fits; those examples are counted as dropped and become captions.
+    stream = make_stream(small_shards, tokenizer, schedule=schedule, num_workers=0, max_seq_len=100)
+    _, mix100, fallbacks100, trunc100 = _epoch_stats(stream, 1)
+    assert mix100["cot"] == 0 and trunc100[("dropped", "cot")] == mix["cot"]
+    assert mix100["caption"] == fallbacks100 == mix["caption"] + mix["cot"]
+    assert sum(mix100.values()) == stream.num_train_samples
 
 
 def test_val_loader_is_fixed_capped_and_split(small_shards, tokenizer):
@@ -274,7 +288,8 @@ def test_stream_over_built_shards(shard_dir, tiny_lm_dir):
         assert len(batches) == s.batches_per_epoch
         for b in batches:
             seen.update(k for k, w in zip(b["keys"], b["loss_weights"]) if w > 0)
-            assert b["latents"].shape[1] == manifest.stage1.latent_dim
+            if "latents" in b:  # absent when every example of the batch is task D (text only)
+                assert b["latents"].shape[1] == manifest.stage1.latent_dim
             assert b["cu_seqlens"][-1] == b["input_ids"].shape[1]
     assert sum(seen.values()) == len(seen) == manifest.num_samples("train")
     mix = Counter()

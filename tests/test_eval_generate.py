@@ -151,6 +151,13 @@ def test_bad_inputs_are_clear_errors(ckpt, lm_dir, shard_dir, tmp_path):
     with pytest.raises(Exception, match="adapter"):
         load_checkpoint_model(str(broken), str(lm_dir), device="cpu")
 
+    # An adapter trained for another base model (other hidden size) is refused by name.
+    from trainer.tiny import make_tiny_lm
+
+    other = make_tiny_lm(tmp_path / "other_lm", corpus_texts=["The image is a map."], hidden_size=32)
+    with pytest.raises(Exception, match="hidden size"):
+        load_checkpoint_model(str(ckpt), str(other), device="cpu")
+
     swapped = tmp_path / "swapped"
     shutil.copytree(ckpt, swapped)
     cmap = json.loads((swapped / "cond_name_to_id.json").read_text())
@@ -200,3 +207,12 @@ def test_compare_same_cases_for_every_model(ckpt, lm_dir, shard_dir, tmp_path):
     keys = {n: {(r["case_id"], r["element"]) for r in read_jsonl(out / f"{n}.jsonl")}
             for n in ("pretrained", "uniform", "other")}
     assert len(keys["pretrained"]) == 3 and keys["pretrained"] == keys["uniform"] == keys["other"]
+
+
+def test_local_hf_judge_runs_and_counts_garbage(lm_dir):
+    from eval.judge import LocalHFJudge, judge_all
+
+    judge = LocalHFJudge(str(lm_dir), max_new_tokens=4)
+    scores, failures = judge_all(judge, ["severe storms"], ["hail in Kansas"], num_threads=1, progress=False)
+    # A random tiny LM cannot follow the rubric: its reply is a counted parse failure, not a crash.
+    assert (scores == [None] and failures == {"parse": 1}) or (scores[0] is not None and 1 <= scores[0] <= 10)

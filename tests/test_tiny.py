@@ -32,6 +32,8 @@ def test_tiny_lm_dir_loads_via_auto_classes(tiny_lm_dir, loaded):
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads) == (64, 2, 4, 2)
     assert cfg.vocab_size == len(tokenizer) and not cfg.tie_word_embeddings
     assert (tiny_lm_dir / "model.safetensors").is_file()
+    # a class name transformers 4 resolves too (v5 would write its own "TokenizersBackend")
+    assert json.loads((tiny_lm_dir / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
     assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == \
         (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
 

@@ -59,7 +59,7 @@ def base_flags(shard_dir, lm_dir, out_dir, **over) -> list[str]:
     flags = {"shard-dir": shard_dir, "model-path": lm_dir, "output-dir": out_dir, "precision": "fp32",
              "batch-size": 4, "num-workers": 1, "shuffle-buffer": 16, "max-seq-len": 256, "lora-r": 8,
              "lora-alpha": 16, "lr": 1e-3, "log-steps": 1, "save-steps": 0, "sample-log-steps": 0,
-             "val-max-samples": 16, "max-steps": 6, "seed": 1}
+             "val-max-samples": 16, "max-steps": 6, "seed": 1, "image-size": 32}
     flags.update(over)
     out = []
     for k, v in flags.items():

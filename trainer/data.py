@@ -189,6 +189,7 @@ class Example:
     bad: bool = False  # stands in (loss-free) for an unreadable sample
     task: str = ""
     fell_back: bool = False
+    dropped_task: str = ""  # the task first chosen, when it did not fit max_seq_len
     prompt: object = None
     tokens: object = None  # TokenizedExample, or None when truncation dropped it
 
@@ -299,20 +300,29 @@ def choose_task(examples: Iterable[Example], probs: dict, seed: int, epoch: int)
 
 def build_prompts(examples: Iterable[Example], case_captions: dict[str, list[str]]) -> Iterator[Example]:
     for ex in examples:
-        s = ex.sample
-        fields = dict(cond_name=s.cond_name, caption=s.caption, global_summary=s.global_summary,
-                      case_captions=case_captions.get(s.case_id, ()))
         try:
-            ex.prompt = build_prompt(ex.task, **fields)
+            ex.prompt = _prompt(ex.task, ex.sample, case_captions)
         except TaskUnavailable:
             ex.task, ex.fell_back = FALLBACK_TASK, True
-            ex.prompt = build_prompt(FALLBACK_TASK, **fields)
+            ex.prompt = _prompt(FALLBACK_TASK, ex.sample, case_captions)
         yield ex
 
 
+def _prompt(task: str, s: ElementSample, case_captions: dict[str, list[str]]):
+    return build_prompt(task, cond_name=s.cond_name, caption=s.caption, global_summary=s.global_summary,
+                        case_captions=case_captions.get(s.case_id, ()))
+
+
 def tokenize(examples: Iterable[Example], tokenizer, max_seq_len: int, num_image_tokens: int) -> Iterator[Example]:
+    """Tokenize + truncate. An example whose fixed prompt parts alone exceed max_seq_len (e.g. a
+    cot head with long caption sentences) is dropped for its task (counted) and falls back to
+    caption, so the batch keeps its size; with bs=1 a drop would otherwise empty the batch."""
     for ex in examples:
         ex.tokens = tokenize_prompt(ex.prompt, tokenizer, max_seq_len, num_image_tokens)
+        if ex.tokens is None and ex.task != FALLBACK_TASK:
+            ex.dropped_task, ex.task, ex.fell_back = ex.task, FALLBACK_TASK, True
+            ex.prompt = _prompt(FALLBACK_TASK, ex.sample, {})
+            ex.tokens = tokenize_prompt(ex.prompt, tokenizer, max_seq_len, num_image_tokens)
         yield ex
 
 
@@ -329,8 +339,7 @@ def collate(batches: Iterable[list[Example]], pad_id: int, num_image_tokens: int
         kept = [ex for ex in chunk if ex.tokens is not None]
         if not kept:
             raise DataError(f"every example of a batch was dropped by truncation ({chunk[0].where}, ...): "
-                            f"--max-seq-len {max_seq_len} is too small for task(s) "
-                            f"{sorted({ex.task for ex in chunk})}")
+                            f"--max-seq-len {max_seq_len} leaves no room even for a caption example")
         items = [TrainItem(ex.tokens, ex.sample.latent, ex.sample.cond_id, ex.sample.block_tokens,
                            key=ex.sample.key, loss_weight=ex.loss_weight) for ex in kept]
         batch = collate_train(items, pad_id, num_image_tokens, packed=packed)
@@ -345,7 +354,9 @@ def batch_stats(chunk: Sequence[Example]) -> dict:
     task_counts = {t: 0 for t in TASKS}
     for ex in chunk:
         if ex.loss_weight > 0:
-            task_counts[ex.task] += 1
+            if ex.dropped_task:
+                trunc.add(None, ex.dropped_task)
+            task_counts[ex.task] += ex.tokens is not None
             trunc.add(ex.tokens, ex.task)
     return {
         "task_counts": task_counts,

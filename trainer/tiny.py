@@ -150,11 +150,19 @@ def make_tiny_lm(out_dir: str | Path, corpus_json: Sequence[str | Path] | None =
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        _portable_tokenizer_class(tmp / "tokenizer_config.json")
         for f in sorted(tmp.iterdir()):
             os.replace(f, out_dir / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _portable_tokenizer_class(config_path: Path) -> None:
+    """Name the class both transformers 4 and 5 resolve (v5 writes its own 'TokenizersBackend')."""
+    cfg = json.loads(config_path.read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 def main(argv: Optional[list[str]] = None) -> Path:

@@ -207,10 +207,8 @@ def sample_generations(model, tokenizer, stream, num: int, max_new_tokens: int, 
     for k in ("latents", "block_tokens"):
         if isinstance(batch.get(k), torch.Tensor):
             batch[k] = batch[k].to(dtype)
-    embeds = model.embed(batch)
-    out = model.lm.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
-                            max_new_tokens=max_new_tokens, do_sample=False,
-                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    out = model.generate(batch, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     model.train(was_training)
     return [{"key": it.key, "task": it.example.task,
              "generation": tokenizer.decode(ids, skip_special_tokens=True),
