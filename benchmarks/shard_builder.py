@@ -23,20 +23,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Sequence
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from common.config import parse_config, print_config
 from common.io import atomic_path
-from data_prep.build_shards import BuildConfig, Stage1Runner, build, resolve_device
+from data_prep.build_shards import BuildConfig, build, resolve_device
 from data_prep.cond_names import default_cond_name_to_id
 from data_prep.gemini import assign_split, load_gemini_json, resolve_image_path
 from data_prep.images import ImageDecodeError, decode_image
 from data_prep.shard_format import ElementSample, encode_sample
 from data_prep.synthetic import generate
-from trainer.stage1 import (NUM_STAGE1_CLASSES, Stage1Classifier, Stage1Encoder, Stage1Settings,
-                            load_stage1_classifier, load_stage1_encoder, save_tiny_stage1)
+from trainer.stage1 import (NUM_STAGE1_CLASSES, Stage1Classifier, Stage1Encoder, load_stage1_classifier,
+                            load_stage1_encoder, save_tiny_stage1)
 
 
 @dataclass

@@ -26,8 +26,9 @@ the same shards and manifest as a clean one.
 
 Several nodes / GPUs (shard i is built by node i % num_nodes):
 - SLURM job array: `sbatch --array=0-3 launch/build_shards.sbatch <flags>`; each array task is one
-  node; `--num-nodes/--node-rank` default to SLURM_ARRAY_TASK_COUNT/SLURM_ARRAY_TASK_ID (times
-  SLURM_NTASKS/plus SLURM_PROCID when a task runs several processes, e.g. one per GPU).
+  node: `--num-nodes/--node-rank` default to SLURM_ARRAY_TASK_COUNT / SLURM_ARRAY_TASK_ID. An array
+  task that runs several processes (srun, e.g. one per GPU) counts as SLURM_NTASKS nodes, process
+  SLURM_PROCID being node array_index * SLURM_NTASKS + SLURM_PROCID.
 - By hand, e.g. one process per GPU on one machine:
   `for r in 0 1 2 3; do CUDA_VISIBLE_DEVICES=$r python -m data_prep.build_shards ... --num-nodes 4 --node-rank $r & done; wait`.
 The last node to finish writes the manifest (each node checks after writing its own shards). If
@@ -48,7 +49,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal, Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import numpy as np
 import torch
@@ -63,7 +64,7 @@ from data_prep.gemini import Case, Element, Skip, SkipReport, assign_split, load
 from data_prep.images import ImageDecodeError, decode_image, normalization
 from data_prep.manifest import (BUILD_CONFIG_FILENAME, SKIP_REPORT_FILENAME, SPLITS, Manifest,
                                 ShardEntry, Stage1Record, save_manifest)
-from data_prep.shard_format import CASES_FILENAME, ElementSample, encode_sample
+from data_prep.shard_format import CASES_FILENAME, MANIFEST_FILENAME, ElementSample, encode_sample
 from trainer.stage1 import Stage1Settings, load_stage1_classifier, load_stage1_encoder
 
 log = logging.getLogger("data_prep.build_shards")
@@ -420,9 +421,9 @@ def _image_skip(case: Case, el: Element, path: str, reason: str, detail: str) ->
                 detail=_OBJECT_ADDRESS.sub("", detail))
 
 
-def _build_shards(cfg: BuildConfig, inputs: _Inputs, todo: list[PlannedShard], fingerprints: dict,
-                  runner: Stage1Runner, device: torch.device) -> int:
-    """Decode, encode and write the `todo` shards; returns the number of images processed."""
+def _build_shards(cfg: BuildConfig, todo: list[PlannedShard], fingerprints: dict, runner: Stage1Runner,
+                  device: torch.device) -> tuple[int, int]:
+    """Decode, encode and write the `todo` shards; returns (images processed, images skipped)."""
     out = Path(cfg.out)
     jobs, plan_batches = [], {}
     for shard in todo:
@@ -439,6 +440,7 @@ def _build_shards(cfg: BuildConfig, inputs: _Inputs, todo: list[PlannedShard], f
     by_index = {s.index: s for s in todo}
     total = sum(len(s.items) for s in todo)
     writer: Optional[ShardWriter] = None
+    num_skipped = 0
     bar = tqdm(total=total, unit="img", desc=f"node {cfg.node_rank}", dynamic_ncols=True, smoothing=0.1)
     try:
         for decoded in loader:
@@ -453,6 +455,7 @@ def _build_shards(cfg: BuildConfig, inputs: _Inputs, todo: list[PlannedShard], f
                 if cfg.strict:
                     raise ValueError(f"--strict: {skip.message()}")
                 writer.skips.append(skip)
+                num_skipped += 1
             if decoded.ok:
                 latents, logits, tokens = runner(decoded.pixels)
                 for j, pos in enumerate(decoded.ok):
@@ -461,7 +464,7 @@ def _build_shards(cfg: BuildConfig, inputs: _Inputs, todo: list[PlannedShard], f
                                          None if tokens is None else tokens[j], decoded.image_bytes[j]))
             bar.update(len(items))
             if decoded.batch_index == len(plan_batches[shard.index]) - 1:
-                _commit_shard(out, writer, fingerprints[shard.name], runner)
+                _commit_shard(out, writer, fingerprints[shard.name])
                 writer = None
     except BaseException:
         if writer is not None:
@@ -469,7 +472,7 @@ def _build_shards(cfg: BuildConfig, inputs: _Inputs, todo: list[PlannedShard], f
         raise
     finally:
         bar.close()
-    return total
+    return total, num_skipped
 
 
 def _remove_stale_temp_files(out: Path, shards: list[PlannedShard]) -> None:
@@ -479,7 +482,7 @@ def _remove_stale_temp_files(out: Path, shards: list[PlannedShard]) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def _commit_shard(out: Path, writer: ShardWriter, fingerprint: str, runner: Stage1Runner) -> None:
+def _commit_shard(out: Path, writer: ShardWriter, fingerprint: str) -> None:
     entry = writer.commit()
     record = {**dataclasses.asdict(entry), "fingerprint": fingerprint,
               "skips": [dataclasses.asdict(s) for s in writer.skips]}
@@ -501,22 +504,7 @@ def build(cfg: BuildConfig) -> Optional[Manifest]:
     runner = Stage1Runner(cfg.stage1, device, compute_dtype)
 
     if not cfg.finalize_only:
-        mine = [s for s in inputs.plan if s.index % cfg.num_nodes == cfg.node_rank]
-        todo = [s for s in mine if read_done_shard(out, s, fingerprints[s.name], full=True) is None]
-        _remove_stale_temp_files(out, todo)
-        log.info("node %d/%d: %d of %d planned shards are mine, %d to build (%d already done), device %s, %s",
-                 cfg.node_rank, cfg.num_nodes, len(mine), len(inputs.plan), len(todo), len(mine) - len(todo),
-                 device, compute_dtype)
-        start = time.perf_counter()
-        num_images = _build_shards(cfg, inputs, todo, fingerprints, runner, device) if todo else 0
-        seconds = time.perf_counter() - start
-        atomic_write_json(out / BUILD_DIR / f"node-{cfg.node_rank}-of-{cfg.num_nodes}.json", {
-            "node_rank": cfg.node_rank, "num_nodes": cfg.num_nodes, "shards": [s.name for s in mine],
-            "built": [s.name for s in todo], "images": num_images, "seconds": round(seconds, 3),
-            "images_per_s": round(num_images / seconds, 1) if seconds > 0 else None, "device": str(device)})
-        if num_images:
-            log.info("node %d: %d images in %.1f s (%.1f images/s)", cfg.node_rank, num_images, seconds,
-                     num_images / seconds)
+        _build_my_shards(cfg, inputs.plan, fingerprints, runner, device, compute_dtype)
 
     missing = [s.name for s in inputs.plan if read_done_shard(out, s, fingerprints[s.name], full=False) is None]
     if missing:
@@ -529,6 +517,32 @@ def build(cfg: BuildConfig) -> Optional[Manifest]:
     return finalize(cfg, inputs, fingerprints, runner, compute_dtype)
 
 
+def _build_my_shards(cfg: BuildConfig, plan: list[PlannedShard], fingerprints: dict, runner: Stage1Runner,
+                     device: torch.device, compute_dtype: str) -> None:
+    """Build the shards of this node that are missing, broken or stale; record what was done."""
+    out = Path(cfg.out)
+    mine = [s for s in plan if s.index % cfg.num_nodes == cfg.node_rank]
+    todo = [s for s in mine if read_done_shard(out, s, fingerprints[s.name], full=True) is None]
+    log.info("node %d/%d: %d of %d planned shards are mine, %d to build (%d already done), device %s, %s",
+             cfg.node_rank, cfg.num_nodes, len(mine), len(plan), len(todo), len(mine) - len(todo),
+             device, compute_dtype)
+    if todo:
+        # The directory no longer holds a finished build: readers must not trust an old manifest.
+        (out / MANIFEST_FILENAME).unlink(missing_ok=True)
+        _remove_stale_temp_files(out, todo)
+    start = time.perf_counter()
+    num_images, num_skipped = _build_shards(cfg, todo, fingerprints, runner, device) if todo else (0, 0)
+    seconds = time.perf_counter() - start
+    atomic_write_json(out / BUILD_DIR / f"node-{cfg.node_rank}-of-{cfg.num_nodes}.json", {
+        "node_rank": cfg.node_rank, "num_nodes": cfg.num_nodes, "shards": [s.name for s in mine],
+        "built": [s.name for s in todo], "images": num_images, "images_skipped": num_skipped,
+        "seconds": round(seconds, 3), "images_per_s": round(num_images / seconds, 1) if num_images else None,
+        "device": str(device)})
+    if num_images:
+        log.info("node %d: %d images in %.1f s (%.1f images/s), %d image(s) skipped", cfg.node_rank,
+                 num_images, seconds, num_images / seconds, num_skipped)
+
+
 # ----------------------------------------------------------------------------------------------
 # Finalize
 
@@ -538,48 +552,66 @@ def finalize(cfg: BuildConfig, inputs: _Inputs, fingerprints: dict, runner: Stag
     """Assemble cases.jsonl, the skip report, the cond map, the build config and the manifest."""
     out = Path(cfg.out)
     sidecars = [read_done_shard(out, s, fingerprints[s.name], full=False) for s in inputs.plan]
+    _warn_about_stray_shards(out, inputs.plan)
+    # JSON skips first, then image skips in plan order: the same report for every node layout.
     report = SkipReport().merge(inputs.report)
     for side in sidecars:
         for skip in side["skips"]:
             report.add(Skip(**skip))
-    image_skipped = {(s.file, s.case_index, s.element_index) for s in report if s.field == "image_rel_path"}
-
-    cases_written = Counter()
-    lines = []
-    for case in inputs.cases:
-        kept = [el for el in case.elements
-                if (case.source_file, case.case_index, el.index) not in image_skipped]
-        if not kept:
-            continue
-        cases_written[case.split] += 1
-        lines.append(json.dumps({"case_id": case.case_id, "split": case.split,
-                                 "global_summary": case.global_summary,
-                                 "captions": [el.caption for el in kept],
-                                 "element_indices": [el.index for el in kept]}, ensure_ascii=False))
-    atomic_write_text(out / CASES_FILENAME, "".join(line + "\n" for line in lines))
+    cases_per_split = _write_cases(out / CASES_FILENAME, inputs.cases, report)
 
     shards = [ShardEntry(s["name"], s["split"], s["num_samples"], s["sha256"], s["size"]) for s in sidecars]
     split_counts = {split: {"num_samples": sum(s.num_samples for s in shards if s.split == split),
                             "num_shards": sum(s.split == split for s in shards),
-                            "num_cases": cases_written[split]} for split in SPLITS}
-    latent_dim, num_tokens = runner.shapes()
-    mean, std = normalization()
-    settings = cfg.stage1
+                            "num_cases": cases_per_split[split]} for split in SPLITS}
     builder = {**content_config(cfg), "compute_dtype": compute_dtype}
-    manifest = Manifest(
-        shards=shards, split_counts=split_counts,
-        stage1=Stage1Record(encoder_sha256=inputs.ckpt_sha[0], classifier_sha256=inputs.ckpt_sha[1],
-                            image_size=settings.image_size, trainable_blocks=settings.stage1_trainable_blocks,
-                            pooling=settings.latent_pooling, latent_dim=latent_dim, frame=settings.gif_frame,
-                            normalization={"mean": list(mean), "std": list(std)}, num_tokens=num_tokens),
-        cond_name_to_id=inputs.cond_map, cases_file=CASES_FILENAME, skip_summary=report.summary(),
-        skip_report_file=SKIP_REPORT_FILENAME, builder=builder)
+    manifest = Manifest(shards=shards, split_counts=split_counts,
+                        stage1=_stage1_record(cfg.stage1, inputs.ckpt_sha, runner),
+                        cond_name_to_id=inputs.cond_map, cases_file=CASES_FILENAME,
+                        skip_summary=report.summary(), skip_report_file=SKIP_REPORT_FILENAME, builder=builder)
     report.save(out / SKIP_REPORT_FILENAME)
     save_cond_map(out / COND_MAP_FILENAME, inputs.cond_map)
     atomic_write_json(out / BUILD_CONFIG_FILENAME, builder)
     save_manifest(out, manifest)  # last: its presence means the build is complete
     _print_summary(out, manifest, report)
     return manifest
+
+
+def _write_cases(path: Path, cases: list[Case], report: SkipReport) -> Counter:
+    """cases.jsonl for task D: each case with a sample in the shards, its kept captions in element order.
+
+    Returns the number of cases written per split.
+    """
+    image_skipped = {(s.file, s.case_index, s.element_index) for s in report if s.field == "image_rel_path"}
+    per_split, lines = Counter(), []
+    for case in cases:
+        kept = [el for el in case.elements if (case.source_file, case.case_index, el.index) not in image_skipped]
+        if not kept:
+            continue
+        per_split[case.split] += 1
+        lines.append(json.dumps({"case_id": case.case_id, "split": case.split,
+                                 "global_summary": case.global_summary,
+                                 "captions": [el.caption for el in kept],
+                                 "element_indices": [el.index for el in kept]}, ensure_ascii=False))
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+    return per_split
+
+
+def _stage1_record(settings: Stage1Settings, ckpt_sha: tuple[str, str], runner: Stage1Runner) -> Stage1Record:
+    latent_dim, num_tokens = runner.shapes()
+    mean, std = normalization()
+    return Stage1Record(encoder_sha256=ckpt_sha[0], classifier_sha256=ckpt_sha[1],
+                        image_size=settings.image_size, trainable_blocks=settings.stage1_trainable_blocks,
+                        pooling=settings.latent_pooling, latent_dim=latent_dim, frame=settings.gif_frame,
+                        normalization={"mean": list(mean), "std": list(std)}, num_tokens=num_tokens)
+
+
+def _warn_about_stray_shards(out: Path, plan: list[PlannedShard]) -> None:
+    planned = {s.name for s in plan}
+    strays = sorted(p.name for p in out.glob("*.tar") if p.name not in planned)
+    if strays:
+        log.warning("%s: %d shard file(s) left by an earlier build with another plan are not in the "
+                    "manifest: %s", out, len(strays), ", ".join(strays[:5]))
 
 
 def _print_summary(out: Path, manifest: Manifest, report: SkipReport, file=None) -> None:
@@ -601,7 +633,7 @@ CLI_DESCRIPTION = (
     "Build WebDataset shards with cached Stage1 latents from Gemini JSON + GIFs. Rerunning the same "
     "command resumes (finished shards are verified by sha256 and kept). Several nodes/GPUs: run the same "
     "command with --num-nodes N --node-rank k on each (defaults come from a SLURM job array, see "
-    "launch/build_shards.sbatch); node k builds shards i with i %% N == k, and the last node to finish writes "
+    "launch/build_shards.sbatch); node k builds shards i with i % N == k, and the last node to finish writes "
     "manifest.json. Where the nodes' view of --out may lag, run --finalize-only once all have finished.")
 
 

@@ -125,6 +125,13 @@ def test_plan_covers_every_sample_once_with_equal_counts(n, world, workers, batc
     assert dups == slot_counts.pop() * world - n < world  # duplicates only fill the remainder
 
 
+@pytest.mark.parametrize("field, value", [("batch_size", 0), ("num_workers", -1), ("shuffle_buffer", -1),
+                                          ("max_seq_len", 8), ("val_max_samples", -1)])
+def test_data_config_validation(field, value):
+    with pytest.raises(ValueError, match="--" + field.replace("_", "-")):
+        DataConfig(**{field: value}).validate()
+
+
 def test_split_evenly_and_round_robin():
     assert [len(r) for r in split_evenly(10, 4)] == [3, 3, 2, 2]
     assert round_robin_order([2, 2, 1]) == [0, 1, 2, 0, 1]
@@ -169,6 +176,7 @@ def test_same_seed_same_batches_other_seed_other_order(small_shards, tokenizer):
     assert a == b and a != c
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
 @pytest.mark.parametrize("world_size, num_workers", [(2, 2), (1, 3), (1, 0)])
 def test_skip_batches_resumes_exactly(small_shards, tokenizer, world_size, num_workers):
     stream = make_stream(small_shards, tokenizer, rank=world_size - 1, world_size=world_size,
@@ -259,8 +267,10 @@ def test_corrupt_shard_found_while_reading(small_shards, tokenizer, tmp_path):
     (bad / "manifest.json").write_text(json.dumps(manifest))
     data = (bad / "train-000000.tar").read_bytes()
     (bad / "train-000000.tar").write_bytes(data[: len(data) // 2])
+    # In-process (num_workers=0): a DataLoader whose worker raised takes ~10 s to shut down, and
+    # the worker path re-raises the same DataError message.
     with pytest.raises(DataError, match=r"train-000000\.tar: cannot read sample"):
-        list(make_stream(bad, tokenizer).loader(0))
+        list(make_stream(bad, tokenizer, num_workers=0).loader(0))
 
     stream = make_stream(bad, tokenizer, skip_bad_shards=True, num_workers=0)
     batches = list(stream.loader(0))

@@ -9,7 +9,8 @@ Splitting (docs/architecture.md, "Data pipeline"). Per epoch:
     -> each worker's range into batches of batch_size (the last one may be partial)
 
 The counts depend only on (N, W, num_workers, batch_size), so every rank has the same number of
-batches, every epoch. A DataLoader returns its workers' batches round-robin, so the position in an
+batches, every epoch (all ranks must see the same shard files: with --skip-bad-shards a shard
+missing on one node only would give that node another plan). A DataLoader returns its workers' batches round-robin, so the position in an
 epoch is one integer (batches consumed): `loader(epoch, skip_batches=n)` works out how many batches
 each worker had produced, has each worker skip that many samples (before decoding), and rotates
 the workers so that the remaining batches come in exactly the order an uninterrupted run gives.
@@ -408,6 +409,17 @@ class TrainStream:
         self.tasks = enabled_tasks(self.phases)
         self.case_captions = self._load_case_captions() if "text_summary" in self.tasks else {}
         self.batches_per_epoch = sum(w.num_batches for w in self._train_plan(0)[1])
+        log.info("train: %d samples in %d shards -> %d batches per epoch per rank (%d ranks x %d workers x "
+                 "batch %d); val: %d samples", self.num_train_samples, len(self.train_shards),
+                 self.batches_per_epoch, world_size, max(1, self.num_workers), data_cfg.batch_size,
+                 self.num_val_samples)
+
+    @property
+    def layout(self) -> dict:
+        """What a position (batches consumed) means: resuming with another layout cannot be exact,
+        so the trainer can store this with its state and compare on resume."""
+        return {"world_size": self.world_size, "num_workers": max(1, self.num_workers),
+                "batch_size": self.cfg.batch_size, "num_train_samples": self.num_train_samples, "seed": self.seed}
 
     # -- set-up checks --------------------------------------------------------------------------
 

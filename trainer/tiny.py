@@ -173,7 +173,14 @@ def main(argv: Optional[list[str]] = None) -> Path:
     parser.add_argument("--hidden-size", type=int, default=64)
     parser.add_argument("--num-layers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stage1-out", default="", help="also write tiny Stage1 encoder/classifier checkpoints here")
+    parser.add_argument("--image-size", type=int, default=32, help="image size of the tiny Stage1 models")
     args = parser.parse_args(argv)
+    if args.stage1_out:
+        from trainer.stage1 import save_tiny_stage1
+
+        enc, cls = save_tiny_stage1(args.stage1_out, image_size=args.image_size, seed=args.seed)
+        print(f"wrote tiny Stage1 checkpoints {enc} and {cls}")
     out = make_tiny_lm(args.out, corpus_json=args.gemini_json, vocab_size=args.vocab_size,
                        hidden_size=args.hidden_size, num_layers=args.num_layers, seed=args.seed)
     print(f"wrote tiny Mistral + tokenizer to {out}")

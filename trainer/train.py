@@ -151,7 +151,14 @@ class RunLog:
             return
         append_jsonl(self.path, {"kind": kind, "step": step, **record})
         if self.wandb is not None:
-            flat = {f"{kind}/{k}": v for k, v in record.items() if isinstance(v, (int, float))}
+            flat = {}
+            for k, v in record.items():
+                if isinstance(v, dict):  # task mix, truncation, lr groups: one chart per entry
+                    flat.update({f"{kind}/{k}/{kk}": vv for kk, vv in v.items() if isinstance(vv, (int, float))})
+                elif isinstance(v, (int, float)):
+                    flat[f"{kind}/{k}"] = v
+            if kind == "sample":
+                flat = {f"sample/{record.get('key', '')}": f"{record.get('generation', '')}  ||  REF: {record.get('reference', '')}"}
             self.wandb.log(flat, step=step)
 
     def close(self) -> None:

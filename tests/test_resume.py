@@ -1,0 +1,43 @@
+"""Exact resume: N steps + resume + M steps give the per-step losses of N + M uninterrupted steps.
+
+One 2-process ZeRO-2 run of N + M steps saves resume checkpoints along the way. Pointing
+`resume/latest` back at step N recreates the state of a job killed right after that save (the
+pointer is the commit point); `--resume` must then reproduce steps N+1..N+M exactly (fp32, with
+LoRA dropout on and an epoch boundary inside the resumed part).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from common.io import read_jsonl
+from tests.test_train_e2e import base_flags, run_train
+
+
+@pytest.mark.slow
+def test_resume_reproduces_the_uninterrupted_losses(shard_dir, tiny_lm_dir, tmp_path):
+    out = tmp_path / "run"
+    # 400 train samples / 2 ranks / 16 per batch = 13 batches per epoch: step 12 is mid-epoch 0,
+    # steps 13..16 cross into epoch 1.
+    flags = base_flags(shard_dir, tiny_lm_dir, out, **{"batch-size": 16, "num-epochs": 2, "max-steps": 16,
+                                                      "save-steps": 6, "save-total-limit": 10, "lora-dropout": 0.1})
+    run_train(flags)
+    first = read_jsonl(out / "train_log.jsonl")
+    assert (out / "resume" / "step-12" / "trainer_state.json").is_file()
+
+    (out / "resume" / "latest").write_text("step-12\n")  # "killed" right after the step-12 save
+    run_train(flags + ["--resume"])
+    log = read_jsonl(out / "train_log.jsonl")
+    second = log[len(first):]
+    assert second[0]["kind"] == "start" and second[0]["step"] == 12, second[0]
+
+    def losses(recs):
+        return {r["step"]: r["loss"] for r in recs if r["kind"] == "train" and r["step"] > 12}
+
+    want, got = losses(first), losses(second)
+    assert sorted(got) == [13, 14, 15, 16] and sorted(want) == [13, 14, 15, 16]
+    for step in want:
+        assert got[step] == pytest.approx(want[step], abs=1e-5), (step, want[step], got[step])
+    # The held-out loss at the end of epoch 0 (inside the resumed part) matches too.
+    val = [r for r in first if r["kind"] == "val"], [r for r in second if r["kind"] == "val"]
+    assert val[0] and val[1] and val[1][0]["val_loss"] == pytest.approx(val[0][0]["val_loss"], abs=1e-5)
