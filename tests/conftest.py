@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.slurm import slurm_cluster  # noqa: F401  (session fixture: a real single-node SLURM)
+
 # Two cores in CI: keep torch from oversubscribing them when tests start subprocesses.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -158,7 +158,12 @@ class RunLog:
                 elif isinstance(v, (int, float)):
                     flat[f"{kind}/{k}"] = v
             if kind == "sample":
-                flat = {f"sample/{record.get('key', '')}": f"{record.get('generation', '')}  ||  REF: {record.get('reference', '')}"}
+                import html
+
+                import wandb
+
+                text = f"GEN: {record.get('generation', '')}\nREF: {record.get('reference', '')}"
+                flat = {f"sample/{record.get('task', '')}": wandb.Html(f"<pre>{html.escape(text)}</pre>")}
             self.wandb.log(flat, step=step)
 
     def close(self) -> None:
