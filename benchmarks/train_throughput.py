@@ -10,10 +10,13 @@ file), so only the way the step is executed differs:
 | 1    | seed-like      | batch 1, padded to max_seq_len (256), eager attention (the seed's recipe)   |
 | 2    | padded-sdpa    | plain HF padded batching (pad to the longest), SDPA, best batch that fits   |
 | 3    | packed-offshelf| packed rows, stock HF SDPA/flex (document mask from `position_ids`) + Liger |
-| 4    | project        | `build_prefix_lm` + `collate_train(packed=True)` + the trainer's defaults   |
+| 4    | project        | `build_prefix_lm` + `collate_train(packed=True)` + the trainer's engine     |
 
 Modes 1-3 use plain HF + PEFT and a minimal prefix module written here (nothing of the project's
-model code); mode 4 is exactly what `trainer.train` runs. The 7B shape is Mistral-7B's
+model code) with torch AdamW; mode 4 is exactly what `trainer.train` runs: the same model build
+and the same step, `trainer.engine.build_engine` (DeepSpeed ZeRO-2 from ds_configs/zero2.json,
+bf16 compute weights with fp32 master weights in the optimizer, gradient clipping, LR schedule) in
+a 1-process world; `--step-engine torch` swaps in plain torch AdamW for a quick look. The 7B shape is Mistral-7B's
 (`trainer.tiny.mistral_7b_shape_config`) with random bf16 weights (values don't change speed).
 
 Throughput counts real (non-pad) tokens only. Model FLOPs per step (printed with the results):
@@ -103,6 +106,11 @@ class BenchConfig:
     task_mix: str = field(default="caption:1,summary:1,cot:1,text_summary:0", metadata={
         "help": "task weights of the example stream (the uniform A/B/C schedule by default)"})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cuda or cpu"})
+    step_engine: Literal["auto", "deepspeed", "torch"] = field(default="auto", metadata={
+        "help": "mode 4's optimizer step: deepspeed = the trainer's build_engine (ZeRO-2, bf16 + fp32 "
+                "master weights), torch = plain AdamW on the model's params; auto = deepspeed if importable"})
+    deepspeed_config: str = field(default="ds_configs/zero2.json", metadata={
+        "help": "mode 4 with the deepspeed engine: the DeepSpeed JSON (as the trainer's --deepspeed)"})
     profile: bool = field(default=False, metadata={
         "help": "mode 4: write a torch.profiler summary (top kernels by device time) next to --out"})
     out: str = field(default="", metadata={"help": "write the results as JSON here"})
@@ -463,14 +471,16 @@ def doc_lengths(group: list[Example], num_image_tokens: int) -> list[int]:
     return [e.length(num_image_tokens) for e in group]
 
 
-def step_flops(lengths: list[int], n_params: int, layers: int, hidden: int, checkpointing: bool) -> float:
-    linear = (6 if checkpointing else 4) * n_params * sum(lengths)
-    attention = (8 if checkpointing else 6) * layers * hidden * sum(n * n for n in lengths)
+def step_flops(lengths: list[int], n_params: int, layers: int, hidden: int, checkpointing: float) -> float:
+    """`checkpointing`: the fraction of decoder layers recomputed in backward (bool = all/none)."""
+    c = float(checkpointing)
+    linear = (4 + 2 * c) * n_params * sum(lengths)
+    attention = (6 + 2 * c) * layers * hidden * sum(n * n for n in lengths)
     return float(linear + attention)
 
 
 FLOPS_FORMULA = ("model FLOPs/step = 4*N*real_tokens + 6*layers*hidden*sum(n_i^2) "
-                 "(6*N and 8*... with activation checkpointing); N = all parameters incl. LoRA and "
+                 "((4+2c)*N and (6+2c)*... when a fraction c of the layers is recomputed in backward); N = all parameters incl. LoRA and "
                  "prefix, n_i = real tokens of example i; padding not counted")
 
 
@@ -499,18 +509,33 @@ def train_step(loss_fn: Callable[[dict], torch.Tensor], opt: torch.optim.Optimiz
     return loss.detach()
 
 
-def time_mode(loss_fn, opt, batches: list[dict], groups: list[list[Example]], cfg: BenchConfig,
-              device: torch.device, desc: str) -> dict:
+def torch_stepper(loss_fn: Callable[[dict], torch.Tensor], opt: torch.optim.Optimizer) -> Callable[[dict], torch.Tensor]:
+    return lambda batch: train_step(loss_fn, opt, batch)
+
+
+def engine_stepper(engine) -> Callable[[dict], torch.Tensor]:
+    """The trainer's step (trainer.train): engine.forward -> engine.backward -> engine.step."""
+    def step(batch: dict) -> torch.Tensor:
+        loss = engine.forward(batch).loss
+        engine.backward(loss)
+        engine.step()
+        return loss.detach()
+
+    return step
+
+
+def time_mode(step: Callable[[dict], torch.Tensor], batches: list[dict], groups: list[list[Example]],
+              cfg: BenchConfig, device: torch.device, desc: str) -> dict:
     """Warm-up steps, then timed steps between two device syncs. Batches are on the device
     already, so the time is the step's alone (the trainer's loader prefetches them too)."""
     from tqdm import tqdm
 
     w = cfg.warmup_steps
     for b in tqdm(batches[:w], desc=f"{desc} warm-up", leave=False, disable=None):
-        train_step(loss_fn, opt, b)
+        step(b)
     synchronize(device)
     t0 = time.perf_counter()
-    losses = [train_step(loss_fn, opt, b) for b in tqdm(batches[w:], desc=desc, leave=False, disable=None)]
+    losses = [step(b) for b in tqdm(batches[w:], desc=desc, leave=False, disable=None)]
     synchronize(device)
     seconds = time.perf_counter() - t0
     timed = groups[w:]
@@ -544,7 +569,7 @@ class Context:
         return self.cfg.warmup_steps + self.cfg.steps
 
 
-def _finish(ctx: Context, result: dict, groups: list[list[Example]], n_params: int, checkpointing: bool) -> dict:
+def _finish(ctx: Context, result: dict, groups: list[list[Example]], n_params: int, checkpointing: float) -> dict:
     cfg, hf = ctx.cfg, ctx.hf_config
     timed = groups[cfg.warmup_steps:]
     flops = sum(step_flops(doc_lengths(g, cfg.model.num_image_tokens), n_params, hf.num_hidden_layers,
@@ -570,7 +595,7 @@ def run_baseline_mode(ctx: Context, attn: str, batch_size: int, packed: bool, pa
     n_params = sum(p.numel() for p in model.parameters())
     opt = make_optimizer(model, ctx.device)
     try:
-        result = time_mode(model, opt, batches, groups, cfg, ctx.device, f"{attn} b{batch_size}")
+        result = time_mode(torch_stepper(model, opt), batches, groups, cfg, ctx.device, f"{attn} b{batch_size}")
     finally:
         opt.zero_grad(set_to_none=True)
         del opt
@@ -642,22 +667,66 @@ def mode_project(ctx: Context) -> dict:
     model, _ = build_project(cfg, ctx.model_dir, ctx.device)
     batches = [batch_to_device(project_batch(g, ctx.pad_id, n_img), ctx.device) for g in groups]
     n_params = sum(p.numel() for p in model.parameters())
-    opt = make_optimizer(model, ctx.device)
-    loss_fn = lambda b: model(b).loss  # noqa: E731
-    result = time_mode(loss_fn, opt, batches, groups, cfg, ctx.device, "project")
-    result = _finish(ctx, result, groups, n_params, checkpointing=cfg.model.gradient_checkpointing)
+    engine_name = resolve_step_engine(cfg.step_engine)
+    engine = opt = None
+    if engine_name == "deepspeed":
+        engine = build_bench_engine(model, cfg, ctx)
+        step = engine_stepper(engine)
+    else:
+        opt = make_optimizer(model, ctx.device)
+        step = torch_stepper(lambda b: model(b).loss, opt)
+    result = time_mode(step, batches, groups, cfg, ctx.device, "project")
+    ckpt_layers = _checkpointed_layers(cfg.model, ctx.hf_config.num_hidden_layers)
+    result = _finish(ctx, result, groups, n_params, checkpointing=ckpt_layers / ctx.hf_config.num_hidden_layers)
     result["packed_vs_padded_loss_diff"] = packed_vs_padded(model, groups[0], ctx)
     if cfg.profile:
-        result["profile"] = profile_steps(loss_fn, opt, batches[:3], ctx)
+        result["profile"] = profile_steps(step, batches[:3], ctx)
     backend = resolve_attn_implementation(cfg.model.attn_implementation, ctx.device)
     loss_impl = resolve_fused_kernels(cfg.model.fused_kernels, ctx.device)
-    result.update(attn_implementation=backend, fused_kernels=loss_impl,
+    lora_dtype = next((str(p.dtype).split(".")[-1] for n, p in model.named_parameters() if "lora_A" in n), None)
+    result.update(attn_implementation=backend, fused_kernels=loss_impl, step_engine=engine_name,
+                  fused_lora=cfg.model.fused_lora, lora_dtype=lora_dtype, checkpointed_layers=ckpt_layers,
                   label=f"build_prefix_lm + collate_train packed ({_packing_desc(cfg)}), attention "
-                        f"{backend!r}, kernels {loss_impl!r}, LoRA dropout {cfg.model.lora_dropout}"
-                        + (", activation checkpointing" if cfg.model.gradient_checkpointing else ""))
-    opt.zero_grad(set_to_none=True)
-    del model, opt, batches
+                        f"{backend!r}, kernels {loss_impl!r}, LoRA {lora_dtype}"
+                        f"{' fused' if cfg.model.fused_lora else ''} dropout {cfg.model.lora_dropout}, "
+                        + ("DeepSpeed ZeRO-2 engine (the trainer's step)" if engine else "torch AdamW")
+                        + (f", activation checkpointing of {ckpt_layers} layers" if ckpt_layers else ""))
+    if opt is not None:
+        opt.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=True)
+    del model, opt, engine, step, batches
     return result
+
+
+def resolve_step_engine(name: str) -> str:
+    if name == "torch":
+        return "torch"
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        if name == "deepspeed":
+            raise
+        return "torch"
+    return "deepspeed"
+
+
+def build_bench_engine(model: nn.Module, cfg: BenchConfig, ctx: "Context"):
+    """`trainer.engine.build_engine` exactly as `trainer.train` calls it, in a 1-process world."""
+    from trainer.config import TrainConfig
+    from trainer.distributed import init_distributed, is_initialized
+    from trainer.engine import build_engine
+
+    if not is_initialized():
+        init_distributed(timeout_s=600)
+    tcfg = TrainConfig(model=replace(cfg.model, model_path=str(ctx.model_dir)), deepspeed=cfg.deepspeed_config,
+                       seed=cfg.seed)
+    return build_engine(model, tcfg, total_steps=ctx.n_steps + 3, device=ctx.device)
+
+
+def _checkpointed_layers(m: ModelConfig, num_layers: int) -> int:
+    if not m.gradient_checkpointing:
+        return 0
+    return num_layers if m.gradient_checkpointing_layers < 0 else min(m.gradient_checkpointing_layers, num_layers)
 
 
 @torch.no_grad()
@@ -671,7 +740,7 @@ def packed_vs_padded(model, group: list[Example], ctx: Context) -> float:
     return abs(losses[0] - losses[1])
 
 
-def profile_steps(loss_fn, opt, batches: list[dict], ctx: Context) -> dict:
+def profile_steps(step: Callable[[dict], torch.Tensor], batches: list[dict], ctx: Context) -> dict:
     """torch.profiler over a few steps: the top kernels/ops by self device time (CPU time on CPU)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -679,7 +748,7 @@ def profile_steps(loss_fn, opt, batches: list[dict], ctx: Context) -> dict:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         for b in batches:
-            train_step(loss_fn, opt, b)
+            step(b)
         synchronize(ctx.device)
     sort = "self_device_time_total" if cuda else "self_cpu_time_total"
     events = prof.key_averages()

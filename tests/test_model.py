@@ -51,8 +51,8 @@ def perturb_trainables(model: PrefixLM, seed: int = 0) -> None:
 
 
 def build(lm_dir, **overrides) -> PrefixLM:
-    cfg = ModelConfig(model_path=str(lm_dir), num_image_tokens=NUM_IMAGE_TOKENS, lora_r=4, lora_alpha=8,
-                      lora_dropout=0.0, ce_chunk_size=5, **overrides)
+    kwargs = dict(num_image_tokens=NUM_IMAGE_TOKENS, lora_r=4, lora_alpha=8, lora_dropout=0.0, ce_chunk_size=5)
+    cfg = ModelConfig(model_path=str(lm_dir), **{**kwargs, **overrides})
     torch.manual_seed(1)
     model, _ = build_prefix_lm(cfg, latent_dim=LATENT_DIM, device="cpu")
     perturb_trainables(model)
@@ -223,3 +223,126 @@ def test_batched_generation_equals_one_at_a_time(lm_dir):
     for r, it in enumerate(its):
         single = model.generate(collate_generation([it], 0, NUM_IMAGE_TOKENS), **kw)
         assert batched[r].tolist() == single[0].tolist(), r
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused LoRA forward (trainer.lora_fused) against PEFT's own forward
+# ---------------------------------------------------------------------------------------------
+
+def _lora_layers(model: PrefixLM):
+    from peft.tuners.lora import Linear
+
+    return [m for m in model.modules() if isinstance(m, Linear)]
+
+
+def _loss_and_grads(model: PrefixLM, batch: dict):
+    model.zero_grad(set_to_none=True)
+    loss = model(batch).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_fused_lora_equals_peft_values_and_grads(lm_dir):
+    from trainer.lora_fused import fused_lora_linear_class
+
+    fused, plain = build(lm_dir), build(lm_dir, fused_lora=False)
+    layers = _lora_layers(fused)
+    assert len(layers) == 2 * 7 and all(type(m) is fused_lora_linear_class() for m in layers)
+    assert not any(type(m) is fused_lora_linear_class() for m in _lora_layers(plain))
+    assert fused.state_dict().keys() == plain.state_dict().keys()  # same names: standard PEFT
+    batch = collate_train(items(), 0, NUM_IMAGE_TOKENS)
+    loss_f, grads_f = _loss_and_grads(fused.train(), batch)
+    loss_p, grads_p = _loss_and_grads(plain.train(), batch)
+    torch.testing.assert_close(loss_f, loss_p, atol=1e-6, rtol=0)
+    assert grads_f.keys() == grads_p.keys() and any("lora_A" in n for n in grads_f)
+    for name in grads_p:
+        torch.testing.assert_close(grads_f[name], grads_p[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_fused_lora_dropout_is_shared_per_input_and_has_peft_distribution(lm_dir, monkeypatch):
+    """One mask per distinct input tensor (q/k/v share one), Bernoulli(1-p) with 1/(1-p) scaling;
+    a new input draws a new mask; eval mode has no dropout."""
+    import torch.nn.functional as F
+
+    from trainer.lora_fused import shared_dropout_cache
+
+    drawn = []
+    real_dropout = F.dropout
+
+    def recording_dropout(x, p=0.5, training=True, inplace=False):
+        out = real_dropout(x, p, training, inplace)
+        drawn.append(out.detach().clone())
+        return out
+
+    monkeypatch.setattr(F, "dropout", recording_dropout)
+    p = 0.25
+    model = build(lm_dir, lora_dropout=p).train()
+    attn = model.decoder.layers[0].self_attn
+    x = torch.ones(64, 32, 32)
+    with torch.no_grad():
+        y_q, y_k, y_v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    assert len(drawn) == 1  # one dropout for the three readers of x
+    kept = drawn[0] != 0
+    assert abs(kept.float().mean().item() - (1 - p)) < 0.01  # 65k draws: ~4 sigma
+    torch.testing.assert_close(drawn[0][kept], torch.full_like(drawn[0][kept], 1 / (1 - p)))
+    # each output is exactly PEFT's formula on that shared dropped input
+    for layer, y in ((attn.q_proj, y_q), (attn.k_proj, y_k), (attn.v_proj, y_v)):
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        want = layer.base_layer(x) + (drawn[0] @ a.t() @ b.t()) * layer.scaling["default"]
+        torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        attn.q_proj(x.clone())
+    assert len(drawn) == 2 and not torch.equal(drawn[0], drawn[1])  # another tensor, another mask
+    shared_dropout_cache(model.lm).clear()
+    model.eval()
+    with torch.no_grad():
+        attn.q_proj(x)
+    assert len(drawn) == 2  # eval: no dropout
+
+
+def test_fused_lora_with_dropout_trains_and_checkpointing_matches(lm_dir):
+    """Dropout + activation checkpointing: the recompute redraws the same masks (RNG restored),
+    so the gradients equal those without checkpointing under the same seed."""
+    batch = collate_train(items(), 0, NUM_IMAGE_TOKENS)
+    results = []
+    for ckpt in (False, True):
+        model = build(lm_dir, lora_dropout=0.3, gradient_checkpointing=ckpt).train()
+        torch.manual_seed(123)
+        results.append(_loss_and_grads(model, batch))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b, atol=1e-6, rtol=0)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_partial_gradient_checkpointing_flags_only_first_layers(lm_dir):
+    model = build(lm_dir, gradient_checkpointing=True, gradient_checkpointing_layers=1)
+    assert [layer.gradient_checkpointing for layer in model.decoder.layers] == [True, False]
+    ref = build(lm_dir)
+    batch = collate_train(items(), 0, NUM_IMAGE_TOKENS)
+    loss_c, grads_c = _loss_and_grads(model.train(), batch)
+    loss_r, grads_r = _loss_and_grads(ref.train(), batch)
+    torch.testing.assert_close(loss_c, loss_r, atol=1e-6, rtol=0)
+    for name in grads_r:
+        torch.testing.assert_close(grads_c[name], grads_r[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_bf16_base_gets_bf16_adapters_and_standard_peft_files(lm_dir, tmp_path):
+    """On a bf16 base (the GPU default) the adapters are bf16 too (no fp32 LoRA GEMMs/casts), the
+    fused path runs, and the saved adapter loads in plain PEFT with the same logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = build(lm_dir, precision="bf16")
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert lora and all(p.dtype == torch.bfloat16 for p in lora.values())
+    batch = collate_train(items(), 0, NUM_IMAGE_TOKENS)
+    model.train()(batch).loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in lora.values())
+    save_adapter(model, tmp_path)
+    ids = torch.tensor([[1, 3, 4, 5, 6, 7]])
+    with torch.no_grad():
+        ours = model.eval().lm(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.bfloat16)
+        plain = PeftModel.from_pretrained(base, tmp_path, autocast_adapter_dtype=False).eval()
+        torch.testing.assert_close(plain(input_ids=ids).logits, ours, atol=2e-2, rtol=0)

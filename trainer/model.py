@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from common.io import atomic_path, atomic_write_json
 from trainer import attention as attn
-from trainer import kernels
+from trainer import kernels, lora_fused
 from trainer.tasks import TASKS
 
 PREFIX_WEIGHTS = "stage2_prefix_modules.safetensors"
@@ -56,6 +56,12 @@ class ModelConfig:
                                            "CPU -> packed_sdpa"})
     precision: Literal["auto", "bf16", "fp32"] = field(default="auto", metadata={"help": "LM weight dtype; auto = bf16 on GPU, fp32 on CPU"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute decoder layers in backward (less memory, ~30% slower)"})
+    gradient_checkpointing_layers: int = field(default=-1, metadata={
+        "help": "with --gradient-checkpointing: recompute only the first N decoder layers (-1 = all); "
+                "trades memory for speed in steps of one layer's activations"})
+    fused_lora: bool = field(default=True, metadata={
+        "help": "fused LoRA forward (trainer.lora_fused): scale + add inside the LoRA-B GEMM, one dropout "
+                "mask per shared input (q/k/v, gate/up); same parameters and PEFT adapter files"})
     fused_kernels: Literal["auto", "none", "chunked", "liger"] = field(
         default="auto", metadata={"help": "loss/kernels: none = full logits + cross-entropy (HF-equivalent); chunked = "
                                            "exact chunked linear+CE (portable); liger = Liger Triton kernels (fused linear+CE, "
@@ -67,6 +73,8 @@ class ModelConfig:
             raise ValueError(f"num_image_tokens must be >= 1, got {self.num_image_tokens}")
         if self.use_lora and (self.lora_r < 1 or not self.lora_target_modules):
             raise ValueError("use_lora needs lora_r >= 1 and at least one lora_target_modules entry")
+        if self.gradient_checkpointing_layers < -1:
+            raise ValueError(f"gradient_checkpointing_layers must be >= -1, got {self.gradient_checkpointing_layers}")
         if self.ce_chunk_size < 1:
             raise ValueError(f"ce_chunk_size must be >= 1, got {self.ce_chunk_size}")
 
@@ -273,7 +281,14 @@ class PrefixLM(nn.Module):
 
     def forward(self, batch: dict) -> PrefixLMOutput:
         inputs_embeds = self.embed(batch)
-        hidden = self.decoder(inputs_embeds=inputs_embeds, **self._decoder_kwargs(batch)).last_hidden_state
+        try:
+            hidden = self.decoder(inputs_embeds=inputs_embeds, **self._decoder_kwargs(batch)).last_hidden_state
+        finally:
+            # The fused LoRA layers' shared dropout remembers the last input; autograd holds what
+            # backward needs, so let the cache go (activation-checkpoint recomputes draw afresh).
+            cache = lora_fused.shared_dropout_cache(self.lm)
+            if cache is not None:
+                cache.clear()
 
         # Hidden state at position t predicts the label at t + 1 (within a row; a packed
         # example starts with BOS / a prompt token whose label is -100, so nothing crosses).
@@ -380,8 +395,7 @@ def wrap_lm(lm: nn.Module, cfg: ModelConfig, latent_dim: int, num_classes: int =
     if loss_impl == "liger":
         kernels.apply_liger_to_mistral(lm)  # before PEFT, so LoRA wraps the patched modules
     if cfg.gradient_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        lm.config.use_cache = False
+        enable_gradient_checkpointing(lm, cfg.gradient_checkpointing_layers)
     lm = _wrap_lora(lm, cfg) if cfg.use_lora else lm
 
     embed_std = float(lm.get_input_embeddings().weight.float().std())
@@ -396,12 +410,33 @@ def _resolve_device(device) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def enable_gradient_checkpointing(lm: nn.Module, num_layers: int = -1) -> None:
+    """Non-reentrant activation checkpointing of the first `num_layers` decoder layers (-1 = all).
+
+    Checkpointing only some layers frees one layer's activations per layer checkpointed at the
+    cost of recomputing just those layers, so the memory cap can be met with the least recompute.
+    """
+    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm.config.use_cache = False
+    if num_layers < 0:
+        return
+    layers = lm.get_decoder().layers
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i < num_layers
+
+
 def _wrap_lora(lm: nn.Module, cfg: ModelConfig) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM", bias="none")
-    return get_peft_model(lm, lora)  # freezes every base weight
+    # Adapters in the base weights' dtype (bf16 on GPU): PEFT's default upcasts them to fp32,
+    # which turns every LoRA GEMM into an fp32 one plus casts of its input. Under DeepSpeed bf16
+    # the optimizer keeps fp32 master weights, so nothing is lost by bf16 compute weights.
+    lm = get_peft_model(lm, lora, autocast_adapter_dtype=False)  # freezes every base weight
+    if cfg.fused_lora:
+        lora_fused.fuse_lora_linears(lm)
+    return lm
 
 
 def param_groups(model: PrefixLM) -> dict[str, list[nn.Parameter]]:

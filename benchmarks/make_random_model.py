@@ -1,0 +1,252 @@
+"""Random-weight model directories that load exactly like the real checkpoints (nothing is downloaded).
+
+    python -m benchmarks.make_random_model --shape 7b --out /tmp/mistral7b-random \\
+        --gemini-json data/gemini_element_captions_2014-2016.json --stage1-out /tmp/stage1-random
+    python -m benchmarks.make_random_model --shape tiny --out /tmp/tiny_lm --stage1-out /tmp/stage1
+
+LM (`--out`): `AutoModelForCausalLM.from_pretrained(out)` and `AutoTokenizer.from_pretrained(out)`
+work on it as on a downloaded Mistral:
+- `--shape 7b`: `trainer.tiny.mistral_7b_shape_config()` (Mistral-7B v0.3: 32 layers, 4096 hidden,
+  vocab 32768) with random weights, initialised on the GPU when there is one (seconds instead of
+  minutes on a CPU), written as bf16 safetensors in `--max-shard-size` pieces plus the index.
+  The values are random, so only speed and memory results mean anything.
+- `--shape tiny`: `trainer.tiny.make_tiny_lm` (a few hundred kB).
+The tokenizer is the byte-level BPE of `trainer.tiny`, trained on the Gemini JSON texts (or, without
+`--gemini-json`, on the prompt templates only). For 7b it is smaller than the config's vocabulary,
+which is fine: every id it produces is < vocab_size (checked).
+
+Stage1 (`--stage1-out`): random MAE ViT encoder + EfficientNet classifier checkpoints in the
+`{"config", "state_dict"}` layout `trainer.stage1`'s loaders read (encoder under official-MAE names):
+`--stage1-shape vit-b` = ViT-B/16 + EfficientNet-B0 at 224 px (the real sizes, so the real-size shard
+builder runs), `tiny` = `trainer.stage1.save_tiny_stage1` (32 px). Default: vit-b for 7b, tiny for tiny.
+Both are loaded back with the project's loaders before this script returns.
+
+Every file is written into a temp directory next to the target and moved in when complete.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional, Sequence
+
+import torch
+
+from common.config import parse_config, print_config
+from common.io import atomic_write_bytes
+from common.log import setup_logging
+
+log = logging.getLogger("benchmarks.make_random_model")
+
+VIT_B_FILENAME = "vit_b16_mae_random.pt"
+EFFNET_B0_FILENAME = "efficientnet_b0_random.pt"
+
+
+@dataclass
+class RandomModelConfig:
+    """Write a random-weight LM directory (+ optional Stage1 checkpoints) that loads like the real ones."""
+
+    out: str = field(default="", metadata={"help": "model directory to write (LM weights, config, tokenizer)"})
+    shape: Literal["tiny", "7b"] = field(default="tiny", metadata={"help": "tiny test Mistral or the Mistral-7B shape"})
+    gemini_json: list[str] = field(default_factory=list, metadata={"help": "Gemini JSON files whose texts train the tokenizer"})
+    tokenizer_vocab_size: int = field(default=0, metadata={"help": "BPE vocabulary size (0 = 1024 for tiny, 8192 for 7b; capped at the model's vocab)"})
+    model_vocab_size: int = field(default=32768, metadata={"help": "7b: the model's vocabulary (embedding rows); Mistral v0.3 has 32768"})
+    seed: int = field(default=0, metadata={"help": "torch.manual_seed of the weights"})
+    device: str = field(default="auto", metadata={"help": "where 7b weights are initialised: auto (cuda if available) | cpu | cuda"})
+    max_shard_size: str = field(default="5GB", metadata={"help": "7b: safetensors shard size"})
+    stage1_out: str = field(default="", metadata={"help": "also write random Stage1 encoder/classifier checkpoints here"})
+    stage1_shape: Literal["auto", "tiny", "vit-b"] = field(default="auto", metadata={"help": "Stage1 size: vit-b (ViT-B/16 MAE + EfficientNet-B0, 224 px), tiny (32 px), auto (vit-b for 7b)"})
+
+    def validate(self) -> None:
+        if not self.out:
+            raise ValueError("--out is required (the model directory to write)")
+        for path in self.gemini_json:
+            if not Path(path).is_file():
+                raise ValueError(f"--gemini-json: {path} is not a file")
+        if self.tokenizer_vocab_size and self.tokenizer_vocab_size < 260:
+            raise ValueError(f"--tokenizer-vocab-size must be >= 260 (bytes + special tokens), got {self.tokenizer_vocab_size}")
+
+
+# ----------------------------------------------------------------------------------------------
+# LM
+# ----------------------------------------------------------------------------------------------
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _corpus(gemini_json: Sequence[str]) -> list[str]:
+    from trainer.tiny import gemini_texts, prompt_texts
+
+    texts = list(gemini_texts(gemini_json)) + list(prompt_texts())
+    if not gemini_json:
+        log.warning("no --gemini-json: the tokenizer is trained on the prompt templates only")
+    return texts
+
+
+def _move_into(tmp: Path, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for f in sorted(tmp.iterdir()):
+        os.replace(f, out / f.name)
+
+
+def write_random_lm(out_dir: str | Path, config, tokenizer, seed: int = 0, device: str = "auto",
+                    max_shard_size: str = "5GB") -> Path:
+    """A random-weight `MistralForCausalLM` of `config` (bf16 safetensors, sharded) + `tokenizer`."""
+    from transformers import MistralForCausalLM
+
+    from trainer.tiny import _portable_tokenizer_class
+
+    if len(tokenizer) > config.vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} ids but the model only {config.vocab_size} embedding rows")
+    config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    out_dir, dev = Path(out_dir), _resolve_device(device)
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    # Built directly on the device in bf16: a 7B fp32 init on the CPU would need 29 GB and minutes.
+    with torch.device(dev):
+        model = MistralForCausalLM._from_config(config, dtype=torch.bfloat16)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("initialised %.3fB parameters on %s in %.1f s", n_params / 1e9, dev, time.perf_counter() - start)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        start = time.perf_counter()
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(tmp)
+        _portable_tokenizer_class(tmp / "tokenizer_config.json")
+        _move_into(tmp, out_dir)
+        log.info("wrote %s in %.1f s", out_dir, time.perf_counter() - start)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    del model
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return out_dir
+
+
+def write_7b_lm(out_dir: str | Path, gemini_json: Sequence[str] = (), tokenizer_vocab_size: int = 8192,
+                model_vocab_size: int = 32768, seed: int = 0, device: str = "auto",
+                max_shard_size: str = "5GB") -> Path:
+    """Random Mistral-7B-shape weights + a local BPE tokenizer (at most the model's vocabulary)."""
+    from trainer.tiny import mistral_7b_shape_config, train_tokenizer
+
+    tokenizer = train_tokenizer(_corpus(gemini_json), vocab_size=min(tokenizer_vocab_size, model_vocab_size))
+    return write_random_lm(out_dir, mistral_7b_shape_config(vocab_size=model_vocab_size), tokenizer, seed, device,
+                           max_shard_size)
+
+
+def write_lm(cfg: RandomModelConfig) -> Path:
+    if cfg.shape == "tiny":
+        from trainer.tiny import make_tiny_lm
+
+        return make_tiny_lm(cfg.out, corpus_json=cfg.gemini_json or None,
+                            corpus_texts=None if cfg.gemini_json else ["The image is a map."],
+                            vocab_size=cfg.tokenizer_vocab_size or 1024, seed=cfg.seed)
+    return write_7b_lm(cfg.out, cfg.gemini_json, cfg.tokenizer_vocab_size or 8192, cfg.model_vocab_size,
+                       cfg.seed, cfg.device, cfg.max_shard_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage1
+# ----------------------------------------------------------------------------------------------
+
+# MAE ViT-B/16 (He et al., 2022) encoder, as official-MAE training configs name it.
+VIT_B16 = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+               patch_size=16, image_size=224, num_channels=3, qkv_bias=True, layer_norm_eps=1e-6,
+               hidden_act="gelu")
+# EfficientNet-B0. transformers' EfficientNetConfig defaults are B7 (width 2.0, depth 3.1, 600 px);
+# its per-stage lists are B0's, scaled by these two coefficients.
+EFFNET_B0 = dict(width_coefficient=1.0, depth_coefficient=1.0, image_size=224, hidden_dim=1280, dropout_rate=0.2)
+
+
+def save_vit_b_stage1(out_dir: str | Path, seed: int = 0) -> tuple[Path, Path]:
+    """Random MAE ViT-B/16 + EfficientNet-B0 (224 px) checkpoints; returns (encoder, classifier)."""
+    from transformers import EfficientNetConfig, ViTMAEConfig
+
+    from trainer.stage1 import NUM_STAGE1_CLASSES, Stage1Classifier, Stage1Encoder
+
+    out_dir = Path(out_dir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = Stage1Encoder(ViTMAEConfig(**VIT_B16, mask_ratio=0.0))
+        classifier = Stage1Classifier(EfficientNetConfig(**EFFNET_B0, num_labels=NUM_STAGE1_CLASSES))
+    paths = out_dir / VIT_B_FILENAME, out_dir / EFFNET_B0_FILENAME
+    payloads = ({"config": dict(VIT_B16), "state_dict": encoder.canonical_state_dict()},
+                {"config": classifier.config_dict(), "state_dict": classifier.model.state_dict()})
+    for path, payload in zip(paths, payloads):
+        payload["state_dict"] = {k: v.detach().contiguous() for k, v in payload["state_dict"].items()}
+        buffer = io.BytesIO()  # not the temp file: torch.save names the archive after it
+        torch.save(payload, buffer)
+        atomic_write_bytes(path, buffer.getvalue())
+    return paths
+
+
+def write_stage1(out_dir: str | Path, shape: str, seed: int = 0) -> tuple[Path, Path]:
+    """Write and reload (with the project's loaders) the Stage1 checkpoints; returns (encoder, classifier)."""
+    from trainer.stage1 import load_stage1_classifier, load_stage1_encoder, save_tiny_stage1
+
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    enc, cls = save_vit_b_stage1(out_dir, seed) if shape == "vit-b" else save_tiny_stage1(out_dir, seed=seed)
+    encoder, classifier = load_stage1_encoder(enc), load_stage1_classifier(cls)
+    log.info("Stage1 %s: encoder %s (%d px, %d blocks, latent %d), classifier %s (%d px)", shape, enc,
+             encoder.config.image_size, encoder.num_layers, encoder.latent_dim, cls, classifier.config.image_size)
+    return enc, cls
+
+
+def stage1_shape_for(shape: str, stage1_shape: str = "auto") -> str:
+    if stage1_shape != "auto":
+        return stage1_shape
+    return "vit-b" if shape == "7b" else "tiny"
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------
+
+def check_loads(model_dir: str | Path, shape: str) -> dict:
+    """Load the tokenizer (and, for tiny, the model) the way the trainer does; return a summary."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    config = AutoConfig.from_pretrained(model_dir)
+    ids = tokenizer("Areas affected...portions of southeast OH", add_special_tokens=True)["input_ids"]
+    if max(ids) >= config.vocab_size:
+        raise RuntimeError(f"{model_dir}: tokenizer id {max(ids)} >= the model's vocab_size {config.vocab_size}")
+    if shape == "tiny":  # a 7B load here would double the write time; the trainer loads it anyway
+        from transformers import AutoModelForCausalLM
+
+        AutoModelForCausalLM.from_pretrained(model_dir)
+    return {"tokenizer_size": len(tokenizer), "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+            "num_hidden_layers": config.num_hidden_layers}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    cfg = parse_config(RandomModelConfig, argv)
+    setup_logging("benchmarks.make_random_model", rank=0)
+    print_config(cfg)
+    result: dict = {"model_dir": str(write_lm(cfg))}
+    result.update(check_loads(cfg.out, cfg.shape))
+    print(f"wrote {cfg.shape} LM to {cfg.out}: vocab {result['vocab_size']} (tokenizer {result['tokenizer_size']}), "
+          f"{result['num_hidden_layers']} layers x {result['hidden_size']}")
+    if cfg.stage1_out:
+        s1 = stage1_shape_for(cfg.shape, cfg.stage1_shape)
+        enc, cls = write_stage1(cfg.stage1_out, s1, cfg.seed)
+        result.update(stage1_encoder_ckpt=str(enc), stage1_classifier_ckpt=str(cls), stage1_shape=s1)
+        print(f"wrote {s1} Stage1 checkpoints {enc} and {cls}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

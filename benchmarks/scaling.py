@@ -1,0 +1,624 @@
+"""Multi-GPU scaling of the real trainer (and of the shard builder) on one host.
+
+    python -m benchmarks.scaling --shape 7b --gpus 1 2 --builder-gpus 1 2 --workdir /tmp/scaling
+    python -m benchmarks.scaling --shape tiny --gpus 1 2 --max-steps 4 --warmup-steps 1   # CPU smoke run
+
+Training scaling (`--gpus 1 2 ...`):
+1. Inputs: a synthetic dataset (`data_prep.synthetic`) built into shards in this process
+   (`data_prep.build_shards.build`) with random Stage1 models, and a random LM directory
+   (`benchmarks.make_random_model`): `--shape 7b` = the Mistral-7B shape + ViT-B/16 MAE and
+   EfficientNet-B0 at 224 px, `tiny` = the test models. `--shard-dir` / `--model-path` use existing
+   ones instead.
+2. For each N: `launch/train.sh --num-gpus N -- <trainer flags>`, i.e. the real `trainer.train`
+   under the DeepSpeed launcher (on a machine without CUDA: DS_ACCELERATOR=cpu, N processes). Every
+   run gets the same shards, seed and `--max-steps`, and the same GLOBAL batch (examples per
+   optimizer step): the per-GPU micro-batch `--batch-size` is fixed and the gradient accumulation is
+   global_batch / (batch_size x N). Each run logs every step (`--log-steps 1`); validation, sample
+   generation and periodic checkpoints are off, so the steps measure training only.
+3. From each run's `train_log.jsonl`, over the steady-state steps (`--warmup-steps` first steps left
+   out): tokens/s = sum of real (non-padding) tokens / sum of step times, all ranks together, and
+   per GPU; scaling efficiency = tokens/s(N) / (N x tokens/s(1)) (against the smallest N when 1 is
+   not run). Loss agreement against the first N: max |loss_N - loss_ref| over the common steps and
+   the mean |difference| over the last `--last-k` steps. The ranks read different contiguous parts
+   of the epoch (trainer/data.py), so the same step sees other samples at another N: the curves
+   agree statistically, not bit for bit; over a whole epoch every run sees the same samples.
+4. Sample coverage: (a) from the logs, the examples trained per run (the trainer logs per-step
+   counts, not sample identities); (b) the trainer's own data pipeline (`trainer.data.TrainStream`,
+   with the run's exact flags) iterated over one whole epoch for every rank of every N: every train
+   sample must come exactly once with loss weight > 0 (rank-padding duplicates carry weight 0).
+
+Builder scaling (`--builder-gpus 1 2`): `python -m data_prep.build_shards` with N processes, each
+`--num-nodes N --node-rank r` (and `CUDA_VISIBLE_DEVICES=r` on a GPU machine), into a fresh
+directory per N, over `--builder-images` synthetic images of `--builder-image-px` pixels. Reported:
+images/s of the building itself (all images / the slowest process's build time, from the builder's
+per-node records: model loading excluded) and end to end (wall time of the whole command), the
+ratios against the first N, and whether every layout wrote identical shards (the builder's promise).
+
+Output: a Markdown report on stdout and in `<workdir>/scaling.md`, every number in
+`<workdir>/scaling.json` (or `--out`), each run's log in `<workdir>/<run>/launcher.log`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal, Optional, Sequence
+
+from common.config import parse_config, print_config
+from common.io import atomic_write_json, atomic_write_text, read_jsonl
+from common.log import setup_logging
+
+log = logging.getLogger("benchmarks.scaling")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TRAIN_SH = REPO_ROOT / "launch" / "train.sh"
+TRAIN_FRACTION = 0.85  # the builder puts ~10% of the cases in val (by case-id hash): plan with margin
+
+
+@dataclass
+class ScalingConfig:
+    """Multi-GPU scaling of trainer.train (and data_prep.build_shards) on one host."""
+
+    shape: Literal["tiny", "7b"] = field(default="tiny", metadata={"help": "models: tiny test models, or the Mistral-7B shape + ViT-B/EfficientNet-B0 (random weights)"})
+    gpus: list[int] = field(default_factory=lambda: [1, 2], metadata={"help": "training runs: one per GPU count (processes on CPU); empty list = no training runs"})
+    builder_gpus: list[int] = field(default_factory=list, metadata={"help": "shard-builder runs: one per process count (one GPU each); none by default"})
+    workdir: str = field(default="runs/scaling", metadata={"help": "data, models, runs and the report go here (runs are overwritten)"})
+    out: str = field(default="", metadata={"help": "JSON result file ('' = <workdir>/scaling.json)"})
+    # What every training run gets
+    max_steps: int = field(default=30, metadata={"help": "optimizer steps per run"})
+    warmup_steps: int = field(default=5, metadata={"help": "first steps left out of the throughput (start-up, allocator, first batches)"})
+    last_k: int = field(default=10, metadata={"help": "loss agreement: mean |difference| over the last k common steps"})
+    batch_size: int = field(default=8, metadata={"help": "examples per micro-batch per GPU (the trainer's --batch-size)"})
+    global_batch: int = field(default=0, metadata={"help": "examples per optimizer step, equal for every N (0 = batch_size x max(gpus))"})
+    max_seq_len: int = field(default=256, metadata={"help": "the trainer's --max-seq-len"})
+    num_workers: int = field(default=2, metadata={"help": "data-loader workers per GPU (the trainer's --num-workers)"})
+    seed: int = field(default=1, metadata={"help": "the trainer's --seed (same for every run)"})
+    train_args: str = field(default="", metadata={"help": "extra trainer flags for every run, e.g. '--attn-implementation flex --lora-r 16'"})
+    run_timeout_s: int = field(default=3600, metadata={"help": "a run taking longer is killed and reported as failed"})
+    check_coverage: bool = field(default=True, metadata={"help": "iterate the trainer's data pipeline over one epoch per rank and N to check exactly-once coverage"})
+    # Inputs (generated when not given)
+    shard_dir: str = field(default="", metadata={"help": "existing shard directory ('' = generate synthetic data and build shards)"})
+    model_path: str = field(default="", metadata={"help": "existing LM directory ('' = write a random one of --shape)"})
+    stage1_encoder_ckpt: str = field(default="", metadata={"help": "with --shard-dir: the encoder the shards were built with (needed when K > 0)"})
+    num_cases: int = field(default=0, metadata={"help": "synthetic cases (20 images each) for training (0 = enough for --max-steps)"})
+    image_px: int = field(default=64, metadata={"help": "side of the synthetic GIFs for the training shards"})
+    # Builder runs
+    builder_images: int = field(default=2000, metadata={"help": "images the builder runs build (rounded up to whole cases of 20)"})
+    builder_image_px: int = field(default=256, metadata={"help": "side of the builder runs' GIFs (WeatherQA's are a few hundred px)"})
+    builder_num_workers: int = field(default=4, metadata={"help": "image-decoding workers per builder process"})
+    builder_batch_size: int = field(default=64, metadata={"help": "Stage1 batch of the builder"})
+
+    def validate(self) -> None:
+        if not self.gpus and not self.builder_gpus:
+            raise ValueError("nothing to run: give --gpus and/or --builder-gpus")
+        for name in ("gpus", "builder_gpus"):
+            if any(n < 1 for n in getattr(self, name)) or len(set(getattr(self, name))) != len(getattr(self, name)):
+                raise ValueError(f"--{name.replace('_', '-')}: distinct counts >= 1 expected, got {getattr(self, name)}")
+        if self.max_steps < 1 or not 0 <= self.warmup_steps < self.max_steps:
+            raise ValueError(f"need --max-steps >= 1 and 0 <= --warmup-steps < --max-steps (got {self.max_steps}, {self.warmup_steps})")
+        if self.last_k < 1:
+            raise ValueError(f"--last-k must be >= 1 (got {self.last_k})")
+        if self.batch_size < 1 or self.global_batch < 0:
+            raise ValueError("--batch-size must be >= 1 and --global-batch >= 0")
+        if self.gpus:
+            grad_accum_steps(self)  # raises naming the N that does not divide
+        if self.shard_dir and not Path(self.shard_dir, "manifest.json").is_file():
+            raise ValueError(f"--shard-dir {self.shard_dir}: no manifest.json (build it with python -m data_prep.build_shards)")
+        if self.model_path and not Path(self.model_path, "config.json").is_file():
+            raise ValueError(f"--model-path {self.model_path}: no config.json (not a Hugging Face model directory)")
+
+    @property
+    def effective_global_batch(self) -> int:
+        return self.global_batch or self.batch_size * max(self.gpus or [1])
+
+
+def grad_accum_steps(cfg: ScalingConfig) -> dict[int, int]:
+    """Gradient accumulation per N so that batch_size x accumulation x N == the global batch."""
+    g = cfg.effective_global_batch
+    out = {}
+    for n in cfg.gpus:
+        per_step = cfg.batch_size * n
+        if g % per_step:
+            raise ValueError(f"--global-batch {g} is not a multiple of --batch-size {cfg.batch_size} x {n} GPUs; "
+                             f"use a multiple of {math.lcm(*(cfg.batch_size * m for m in cfg.gpus))}")
+        out[n] = g // per_step
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs: data, shards, models
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Inputs:
+    shard_dir: str
+    model_path: str
+    stage1_encoder_ckpt: str = ""
+    gemini_json: list[str] = field(default_factory=list)
+    stage1: tuple[str, str] = ("", "")
+
+
+def _cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _stage1(cfg: ScalingConfig, work: Path) -> tuple[str, str]:
+    from benchmarks.make_random_model import stage1_shape_for, write_stage1
+
+    shape = stage1_shape_for(cfg.shape)
+    folder = work / f"stage1-{shape}"
+    enc, cls = write_stage1(folder, shape, seed=0)
+    return str(enc), str(cls)
+
+
+def synthetic_data(out: Path, num_images: int, image_px: int, seed: int = 0) -> list[str]:
+    """A synthetic WeatherQA-like dataset of about num_images images; returns its JSON paths."""
+    from data_prep.synthetic import generate
+
+    num_cases = max(2, math.ceil(num_images / 20))
+    return [str(p) for p in generate(out, num_cases=num_cases, num_files=2, seed=seed, image_px=image_px)]
+
+
+def build_shards_inprocess(json_paths: Sequence[str], image_root: Path, stage1: tuple[str, str], image_size: int,
+                           out: Path, samples_per_shard: int, num_workers: int) -> None:
+    from data_prep.build_shards import BuildConfig, build
+
+    build(BuildConfig(gemini_json=list(json_paths), image_root=str(image_root), stage1_encoder_ckpt=stage1[0],
+                      stage1_classifier_ckpt=stage1[1], image_size=image_size, out=str(out),
+                      samples_per_shard=samples_per_shard, num_workers=num_workers))
+
+
+def training_samples_needed(cfg: ScalingConfig) -> int:
+    """Train samples for one epoch that outlasts --max-steps at the global batch (with margin for
+    the val split and the ranks' partial last batches)."""
+    return math.ceil(cfg.effective_global_batch * (cfg.max_steps + 2) / TRAIN_FRACTION * 1.1)
+
+
+def prepare_inputs(cfg: ScalingConfig, work: Path) -> Inputs:
+    """Shards and model directory for the training runs: the given ones, or generated ones."""
+    from benchmarks.make_random_model import RandomModelConfig, write_lm
+
+    inputs = Inputs(shard_dir=cfg.shard_dir, model_path=cfg.model_path, stage1_encoder_ckpt=cfg.stage1_encoder_ckpt)
+    if not cfg.shard_dir:
+        data_dir = work / "train-data"
+        num_images = 20 * cfg.num_cases if cfg.num_cases else training_samples_needed(cfg)
+        log.info("generating ~%d synthetic images for training into %s", num_images, data_dir)
+        inputs.gemini_json = synthetic_data(data_dir, num_images, cfg.image_px)
+        inputs.stage1 = _stage1(cfg, work)
+        from trainer.stage1 import load_stage1_encoder
+
+        image_size = load_stage1_encoder(inputs.stage1[0]).config.image_size
+        shard_dir = work / "train-shards"
+        shutil.rmtree(shard_dir, ignore_errors=True)
+        build_shards_inprocess(inputs.gemini_json, data_dir, inputs.stage1, image_size, shard_dir,
+                               samples_per_shard=128, num_workers=min(4, os.cpu_count() or 1) if _cuda_count() else 0)
+        inputs.shard_dir = str(shard_dir)
+    if not cfg.model_path:
+        model_dir = work / f"lm-{cfg.shape}"
+        if (model_dir / "config.json").is_file() and cfg.shape == "7b":
+            log.info("reusing the random 7B model in %s (delete it to rewrite)", model_dir)
+        else:
+            write_lm(RandomModelConfig(out=str(model_dir), shape=cfg.shape, gemini_json=inputs.gemini_json))
+        inputs.model_path = str(model_dir)
+    return inputs
+
+
+# ----------------------------------------------------------------------------------------------
+# Training runs
+# ----------------------------------------------------------------------------------------------
+
+def subprocess_env(cuda: bool) -> dict:
+    env = {**os.environ, "PYTHON": sys.executable, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    if not cuda:
+        env.setdefault("OMP_NUM_THREADS", "1")  # N processes share the cores
+    return env
+
+
+def train_flags(cfg: ScalingConfig, inputs: Inputs, grad_accum: int, out_dir: Path) -> list[str]:
+    """The trainer flags of one run: identical for every N except the gradient accumulation."""
+    from data_prep.manifest import load_manifest
+
+    s1 = load_manifest(inputs.shard_dir).stage1
+    samples_per_epoch = load_manifest(inputs.shard_dir).num_samples("train")
+    steps_per_epoch = max(1, samples_per_epoch // cfg.effective_global_batch)
+    flags = ["--shard-dir", inputs.shard_dir, "--model-path", inputs.model_path, "--output-dir", str(out_dir),
+             "--batch-size", cfg.batch_size, "--gradient-accumulation-steps", grad_accum,
+             "--max-steps", cfg.max_steps, "--num-epochs", math.ceil(cfg.max_steps / steps_per_epoch) + 1,
+             "--max-seq-len", cfg.max_seq_len, "--num-workers", cfg.num_workers, "--seed", cfg.seed,
+             "--log-steps", 1, "--save-steps", 0, "--sample-log-steps", 0, "--val-max-samples", 0,
+             "--image-size", s1.image_size, "--stage1-trainable-blocks", s1.trainable_blocks,
+             "--latent-pooling", s1.pooling, "--gif-frame", s1.frame]
+    encoder = inputs.stage1_encoder_ckpt or (inputs.stage1[0] if s1.trainable_blocks > 0 else "")
+    if encoder:
+        flags += ["--stage1-encoder-ckpt", encoder]
+    return [str(f) for f in flags] + shlex.split(cfg.train_args)
+
+
+@dataclass
+class RunResult:
+    num_gpus: int
+    grad_accum: int
+    command: str
+    wall_s: float
+    ok: bool
+    log_file: str
+    error: str = ""
+    records: list[dict] = field(default_factory=list)  # kind == "train", one per step
+    start: dict = field(default_factory=dict)  # the trainer's "start" record
+
+
+def run_command(cmd: list[str], env: dict, log_file: Path, timeout_s: int) -> tuple[int, float, str]:
+    """Run with output to log_file; (exit code, wall seconds, last lines of the log)."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(log_file, "w") as f:
+        f.write("$ " + shlex.join(cmd) + "\n")
+        f.flush()
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)  # the launcher's whole process group (its ranks included)
+            proc.wait()
+            code = -9
+    wall = time.perf_counter() - start
+    tail = "\n".join(log_file.read_text(errors="replace").splitlines()[-40:])
+    return code, wall, tail
+
+
+def run_training(cfg: ScalingConfig, inputs: Inputs, n: int, grad_accum: int, work: Path, cuda: bool) -> RunResult:
+    run_dir = work / f"train-gpus{n}"
+    shutil.rmtree(run_dir, ignore_errors=True)  # train_log.jsonl is appended to: start clean
+    cmd = [str(TRAIN_SH), "--num-gpus", str(n), "--", *train_flags(cfg, inputs, grad_accum, run_dir)]
+    log_file = work / f"train-gpus{n}.log"
+    print(f"[scaling] training on {n} GPU(s){'' if cuda else ' (CPU processes)'}: batch {cfg.batch_size} x "
+          f"accumulation {grad_accum} x {n} = {cfg.effective_global_batch} examples/step, {cfg.max_steps} steps; "
+          f"log {log_file}", flush=True)
+    code, wall, tail = run_command(cmd, subprocess_env(cuda), log_file, cfg.run_timeout_s)
+    result = RunResult(n, grad_accum, shlex.join(cmd), round(wall, 2), code == 0, str(log_file))
+    records = read_jsonl(run_dir / "train_log.jsonl") if (run_dir / "train_log.jsonl").is_file() else []
+    result.records = [r for r in records if r.get("kind") == "train"]
+    result.start = next((r for r in records if r.get("kind") == "start"), {})
+    if code != 0:
+        result.error = f"exit code {code}; last lines of {log_file}:\n{tail}"
+        print(f"[scaling] run on {n} GPU(s) FAILED ({result.error})", flush=True)
+    else:
+        print(f"[scaling] run on {n} GPU(s) done in {wall:.1f} s", flush=True)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics from the logs
+# ----------------------------------------------------------------------------------------------
+
+def step_seconds(rec: dict) -> float:
+    """A log window's duration: the trainer logs real_tokens and tokens_per_s = real_tokens / seconds."""
+    return rec["real_tokens"] / rec["tokens_per_s"] if rec.get("tokens_per_s") else float("nan")
+
+
+def throughput(records: Sequence[dict], warmup_steps: int, num_gpus: int) -> dict:
+    """Steady-state tokens/s (all ranks) and per GPU, from the per-step records after the warm-up."""
+    steady = [r for r in records if r["step"] > warmup_steps]
+    if not steady:
+        return {"steady_steps": 0}
+    tokens = sum(r["real_tokens"] for r in steady)
+    seconds = sum(step_seconds(r) for r in steady)
+    tps = tokens / seconds
+    return {"steady_steps": len(steady), "first_step": steady[0]["step"], "last_step": steady[-1]["step"],
+            "real_tokens": tokens, "seconds": seconds, "tokens_per_s": tps, "tokens_per_s_per_gpu": tps / num_gpus,
+            "ms_per_step": 1000 * seconds / len(steady), "tokens_per_step": tokens / len(steady)}
+
+
+def scaling_efficiency(results: dict[int, dict]) -> dict[int, float]:
+    """tokens/s(N) / (N x tokens/s(1)), against the smallest N run when 1 is missing."""
+    ok = {n: r["tokens_per_s"] for n, r in results.items() if r.get("tokens_per_s")}
+    if not ok:
+        return {}
+    base = min(ok)
+    return {n: (tps / n) / (ok[base] / base) for n, tps in ok.items()}
+
+
+def loss_agreement(runs: dict[int, Sequence[dict]], last_k: int) -> dict:
+    """|loss_N - loss_ref| at equal steps for every N against the first run."""
+    if len(runs) < 2:
+        return {}
+    ref_n = next(iter(runs))
+    ref = {r["step"]: r["loss"] for r in runs[ref_n]}
+    out = {"reference_gpus": ref_n, "per_gpus": {}}
+    for n, records in list(runs.items())[1:]:
+        steps = sorted(set(ref) & {r["step"] for r in records})
+        if not steps:
+            continue
+        mine = {r["step"]: r["loss"] for r in records}
+        diff = [abs(mine[s] - ref[s]) for s in steps]
+        last = steps[-last_k:]
+        out["per_gpus"][n] = {
+            "common_steps": len(steps), "max_abs_diff": max(diff), "max_abs_diff_step": steps[diff.index(max(diff))],
+            "mean_abs_diff_last_k": sum(abs(mine[s] - ref[s]) for s in last) / len(last),
+            "mean_loss_last_k": sum(mine[s] for s in last) / len(last),
+            "ref_mean_loss_last_k": sum(ref[s] for s in last) / len(last), "k": len(last)}
+    return out
+
+
+def logged_example_counts(records: Sequence[dict]) -> dict:
+    """What the logs say about the samples consumed: examples trained (with loss), per task and in total."""
+    per_task = Counter()
+    for r in records:
+        per_task.update(r.get("task_mix") or {})
+    return {"examples_trained": sum(per_task.values()), "per_task": dict(per_task),
+            "bad_samples": sum(int(r.get("bad_samples", 0)) for r in records),
+            "pad_duplicates": sum(int(r.get("pad_duplicates", 0)) for r in records),
+            "epochs_logged": sorted({r.get("epoch") for r in records if r.get("epoch") is not None})}
+
+
+def epoch_coverage(flags: Sequence[str], world_size: int) -> dict:
+    """Iterate the trainer's own data pipeline (with the run's flags) over epoch 0 for every rank of
+    `world_size`; count how often each train sample comes with loss weight > 0."""
+    from transformers import AutoTokenizer
+
+    from data_prep.manifest import load_manifest
+    from trainer.config import parse_train_config
+    from trainer.data import TrainStream
+    from trainer.schedules import build_phases
+
+    tcfg = parse_train_config(list(flags))
+    manifest = load_manifest(tcfg.data.shard_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tcfg.model.model_path)
+    phases = build_phases(tcfg.schedule)
+    seen: Counter = Counter()
+    batches_per_rank, weight0 = [], 0
+    for rank in range(world_size):
+        stream = TrainStream(manifest, tcfg.data.shard_dir, tokenizer, tcfg.data, phases,
+                             tcfg.model.num_image_tokens, rank, world_size, tcfg.seed)
+        batches = 0
+        for batch in stream.loader(0):
+            batches += 1
+            for key, weight in zip(batch["keys"], batch["loss_weights"]):
+                if weight > 0:
+                    seen[key] += 1
+                else:
+                    weight0 += 1
+        batches_per_rank.append(batches)
+    expected = manifest.num_samples("train")
+    repeated = sorted(k for k, c in seen.items() if c > 1)
+    return {"world_size": world_size, "train_samples": expected, "distinct_seen": len(seen),
+            "missing": expected - len(seen), "repeated": len(repeated), "repeated_examples": repeated[:5],
+            "loss_free_duplicates": weight0, "batches_per_rank": batches_per_rank,
+            "equal_batches_per_rank": len(set(batches_per_rank)) == 1,
+            "exactly_once": len(seen) == expected and not repeated}
+
+
+# ----------------------------------------------------------------------------------------------
+# Builder runs
+# ----------------------------------------------------------------------------------------------
+
+def run_builder(cfg: ScalingConfig, n: int, data: tuple[list[str], Path], stage1: tuple[str, str], image_size: int,
+                samples_per_shard: int, work: Path, cuda: bool) -> dict:
+    """N build_shards processes (one per GPU) into a fresh directory; their per-node records + wall time."""
+    from data_prep.build_shards import BUILD_DIR
+
+    json_paths, image_root = data
+    out = work / f"build-procs{n}"
+    shutil.rmtree(out, ignore_errors=True)
+    base = [sys.executable, "-m", "data_prep.build_shards", "--gemini-json", *json_paths, "--image-root", str(image_root),
+            "--stage1-encoder-ckpt", stage1[0], "--stage1-classifier-ckpt", stage1[1], "--image-size", str(image_size),
+            "--out", str(out), "--samples-per-shard", str(samples_per_shard), "--batch-size", str(cfg.builder_batch_size),
+            "--num-workers", str(cfg.builder_num_workers), "--num-nodes", str(n)]
+    print(f"[scaling] shard builder with {n} process(es), {samples_per_shard} images per shard -> {out}", flush=True)
+    env = subprocess_env(cuda)
+    out.mkdir(parents=True)
+    start = time.perf_counter()
+    procs = []
+    for rank in range(n):
+        penv = {**env, **({"CUDA_VISIBLE_DEVICES": str(rank)} if cuda else {})}
+        f = open(work / f"build-procs{n}-rank{rank}.log", "w")
+        procs.append((subprocess.Popen([*base, "--node-rank", str(rank)], cwd=REPO_ROOT, env=penv, stdout=f,
+                                       stderr=subprocess.STDOUT), f))
+    codes = []
+    for p, f in procs:
+        try:
+            codes.append(p.wait(timeout=cfg.run_timeout_s))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            codes.append(p.wait())
+        f.close()
+    wall = time.perf_counter() - start
+    result = {"processes": n, "wall_s": wall, "ok": all(c == 0 for c in codes), "exit_codes": codes,
+              "out": str(out), "logs": [str(work / f"build-procs{n}-rank{r}.log") for r in range(n)]}
+    nodes = [json.loads((out / BUILD_DIR / f"node-{r}-of-{n}.json").read_text())
+             for r in range(n) if (out / BUILD_DIR / f"node-{r}-of-{n}.json").is_file()]
+    result["nodes"] = nodes
+    images = sum(nd["images"] for nd in nodes)
+    slowest = max((nd["seconds"] for nd in nodes), default=0.0)
+    result.update(images=images, build_s=slowest,
+                  images_per_s=images / slowest if slowest else None,
+                  images_per_s_end_to_end=images / wall if wall else None)
+    manifest = out / "manifest.json"
+    result["shard_sha256"] = ({s["name"]: s["sha256"] for s in json.loads(manifest.read_text())["shards"]}
+                              if manifest.is_file() else {})
+    if not result["ok"] or not result["shard_sha256"]:
+        result["error"] = f"exit codes {codes}; manifest {'present' if manifest.is_file() else 'missing'}; see {result['logs']}"
+        print(f"[scaling] builder with {n} process(es) FAILED: {result['error']}", flush=True)
+    return result
+
+
+def builder_scaling(cfg: ScalingConfig, work: Path, cuda: bool) -> dict:
+    from trainer.stage1 import load_stage1_encoder
+
+    data_dir = work / "builder-data"
+    if not (data_dir / "md_image").is_dir():
+        log.info("generating ~%d synthetic %d px images for the builder runs", cfg.builder_images, cfg.builder_image_px)
+    json_paths = synthetic_data(data_dir, cfg.builder_images, cfg.builder_image_px, seed=1)
+    stage1 = _stage1(cfg, work)
+    image_size = load_stage1_encoder(stage1[0]).config.image_size
+    # Several shards per process, so that no process idles while another builds its last shard.
+    samples_per_shard = max(1, math.ceil(cfg.builder_images / (4 * max(cfg.builder_gpus))))
+    runs = [run_builder(cfg, n, (json_paths, data_dir), stage1, image_size, samples_per_shard, work, cuda)
+            for n in cfg.builder_gpus]
+    base = next((r for r in runs if r.get("images_per_s")), None)
+    for r in runs:
+        if base and r.get("images_per_s"):
+            r["speedup"] = r["images_per_s"] / base["images_per_s"]
+            r["speedup_end_to_end"] = r["images_per_s_end_to_end"] / base["images_per_s_end_to_end"]
+    shas = [r["shard_sha256"] for r in runs if r["shard_sha256"]]
+    return {"runs": runs, "stage1": stage1, "image_size": image_size, "samples_per_shard": samples_per_shard,
+            "identical_shards": all(s == shas[0] for s in shas) if len(shas) > 1 else None}
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------
+
+def _fmt(v, spec: str = ",.0f") -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def markdown_report(result: dict) -> str:
+    cfg = result["config"]
+    lines = [f"# Scaling on {result['environment']['device']}", ""]
+    if result.get("training"):
+        t = result["training"]
+        lines += [f"## Training (`trainer.train` via `launch/train.sh`, shape {cfg['shape']})", "",
+                  f"Every run: {cfg['max_steps']} optimizer steps, global batch {t['global_batch']} examples/step "
+                  f"(micro-batch {cfg['batch_size']} per GPU x accumulation x GPUs), seed {cfg['seed']}, "
+                  f"max_seq_len {cfg['max_seq_len']}, {t['train_samples']} train samples. Throughput = real (non-padding) "
+                  f"tokens / step time, summed over ranks, over steps > {cfg['warmup_steps']} (warm-up excluded).", "",
+                  "| GPUs | accum | steady steps | tokens/s | tokens/s/GPU | ms/step | efficiency | wall s | status |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for n, r in t["runs"].items():
+            tp = r["throughput"]
+            lines.append(f"| {n} | {r['grad_accum']} | {tp.get('steady_steps', 0)} | {_fmt(tp.get('tokens_per_s'))} | "
+                         f"{_fmt(tp.get('tokens_per_s_per_gpu'))} | {_fmt(tp.get('ms_per_step'), ',.1f')} | "
+                         f"{_fmt(t['efficiency'].get(n), '.1%')} | {r['wall_s']:.0f} | {'ok' if r['ok'] else 'FAILED'} |")
+        agree = t.get("loss_agreement") or {}
+        if agree.get("per_gpus"):
+            lines += ["", f"Loss agreement against {agree['reference_gpus']} GPU(s) at equal steps (the ranks read other "
+                      "parts of the epoch at another N, so the curves agree statistically, not bit for bit):", "",
+                      "| GPUs | common steps | max abs diff (step) | mean abs diff, last k | mean loss last k (ref) |",
+                      "|---:|---:|---:|---:|---:|"]
+            for n, a in agree["per_gpus"].items():
+                lines.append(f"| {n} | {a['common_steps']} | {a['max_abs_diff']:.4f} ({a['max_abs_diff_step']}) | "
+                             f"{a['mean_abs_diff_last_k']:.4f} (k={a['k']}) | {a['mean_loss_last_k']:.4f} "
+                             f"({a['ref_mean_loss_last_k']:.4f}) |")
+        lines += ["", "Samples: examples trained per run from the logs; exactly-once per epoch from the trainer's data "
+                  "pipeline iterated over a whole epoch for every rank with the run's flags:", "",
+                  "| GPUs | examples trained (logs) | bad | exactly once per epoch | missing | repeated | loss-free dups | batches/rank |",
+                  "|---:|---:|---:|---|---:|---:|---:|---|"]
+        for n, r in t["runs"].items():
+            c, cov = r["logged_samples"], r.get("coverage") or {}
+            lines.append(f"| {n} | {c['examples_trained']} | {c['bad_samples']} | "
+                         f"{'yes' if cov.get('exactly_once') else ('NO' if cov else '–')} | {cov.get('missing', '–')} | "
+                         f"{cov.get('repeated', '–')} | {cov.get('loss_free_duplicates', '–')} | {cov.get('batches_per_rank', '–')} |")
+        lines += ["", t["coverage_note"]]
+        for n, r in t["runs"].items():
+            if r.get("error"):
+                lines += ["", f"Run on {n} GPU(s) failed:", "```", r["error"], "```"]
+    if result.get("builder"):
+        b = result["builder"]
+        lines += ["", "## Shard builder (`data_prep.build_shards`, one process per GPU, `--num-nodes N --node-rank r`)", "",
+                  f"{b['runs'][0]['images'] if b['runs'] else 0} images, Stage1 at {b['image_size']} px, "
+                  f"{b['samples_per_shard']} images per shard. Build images/s = all images / the slowest process's "
+                  "build time (model loading excluded); end to end = / wall time of the whole command.", "",
+                  "| processes | images | build s | images/s | speed-up | end-to-end images/s | speed-up | status |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for r in b["runs"]:
+            lines.append(f"| {r['processes']} | {r['images']} | {r['build_s']:.1f} | {_fmt(r.get('images_per_s'), ',.1f')} | "
+                         f"{_fmt(r.get('speedup'), '.2f')}x | {_fmt(r.get('images_per_s_end_to_end'), ',.1f')} | "
+                         f"{_fmt(r.get('speedup_end_to_end'), '.2f')}x | {'ok' if r['ok'] else 'FAILED'} |")
+        if b["identical_shards"] is not None:
+            lines += ["", f"Identical shards (sha256) for every process count: {'yes' if b['identical_shards'] else 'NO'}."]
+    return "\n".join(lines) + "\n"
+
+
+COVERAGE_NOTE = ("The trainer's train_log.jsonl has per-step example counts (task_mix, bad_samples, pad_duplicates), "
+                 "not sample identities, so the run itself cannot prove exactly-once; the check above replays the same "
+                 "data plan. For a log-based proof the trainer would log, per rank and epoch, the number of loss-weighted "
+                 "samples and an order-independent digest of their keys (sum of stable_hash(key) mod 2^64), all-reduced "
+                 "at the epoch end, to compare with the same digest over the manifest's train samples.")
+
+
+def environment() -> dict:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return {"device": (f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}" if cuda
+                       else f"CPU ({os.cpu_count()} cores; GPUs = processes)"),
+            "torch": torch.__version__, "cuda": cuda, "python": sys.version.split()[0]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
+
+def training_scaling(cfg: ScalingConfig, work: Path, cuda: bool) -> dict:
+    from data_prep.manifest import load_manifest
+
+    inputs = prepare_inputs(cfg, work)
+    accum = grad_accum_steps(cfg)
+    results = {n: run_training(cfg, inputs, n, accum[n], work, cuda) for n in cfg.gpus}
+    runs = {}
+    for n, r in results.items():
+        entry = {"grad_accum": r.grad_accum, "ok": r.ok, "wall_s": r.wall_s, "command": r.command, "log_file": r.log_file,
+                 "error": r.error, "start": r.start, "throughput": throughput(r.records, cfg.warmup_steps, n),
+                 "logged_samples": logged_example_counts(r.records),
+                 "steps": [{k: rec.get(k) for k in ("step", "loss", "real_tokens", "tokens_per_s", "lr")} for rec in r.records]}
+        if cfg.check_coverage:
+            print(f"[scaling] replaying one epoch of the data pipeline for {n} rank(s)", flush=True)
+            entry["coverage"] = epoch_coverage(train_flags(cfg, inputs, accum[n], work / "coverage-unused"), n)
+        runs[n] = entry
+    tps = {n: r["throughput"] for n, r in runs.items() if r["ok"]}
+    return {"inputs": asdict(inputs), "global_batch": cfg.effective_global_batch,
+            "train_samples": load_manifest(inputs.shard_dir).num_samples("train"), "runs": runs,
+            "efficiency": scaling_efficiency(tps),
+            "loss_agreement": loss_agreement({n: r.records for n, r in results.items() if r.records}, cfg.last_k),
+            "coverage_note": COVERAGE_NOTE}
+
+
+def run(cfg: ScalingConfig) -> dict:
+    work = Path(cfg.workdir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    cuda_count = _cuda_count()
+    wanted = max(cfg.gpus + cfg.builder_gpus)
+    if cuda_count and wanted > cuda_count:
+        raise ValueError(f"asked for {wanted} GPUs, this machine has {cuda_count}")
+    result: dict = {"config": asdict(cfg), "environment": environment()}
+    if cfg.gpus:
+        result["training"] = training_scaling(cfg, work, cuda_count > 0)
+    if cfg.builder_gpus:
+        result["builder"] = builder_scaling(cfg, work, cuda_count > 0)
+    report = markdown_report(result)
+    out = Path(cfg.out) if cfg.out else work / "scaling.json"
+    atomic_write_json(out, result)
+    atomic_write_text(out.with_suffix(".md"), report)
+    print(report)
+    print(f"[scaling] wrote {out} and {out.with_suffix('.md')}", flush=True)
+    return result
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    cfg = parse_config(ScalingConfig, argv)
+    setup_logging("benchmarks", rank=0)
+    print_config(cfg)
+    result = run(cfg)
+    failed = [n for n, r in (result.get("training") or {}).get("runs", {}).items() if not r["ok"]]
+    failed += [r["processes"] for r in (result.get("builder") or {}).get("runs", []) if r.get("error")]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""benchmarks/scaling.py (multi-GPU scaling driver) and benchmarks/make_random_model.py.
+
+The end-to-end tests run the real trainer through launch/train.sh with 1 and 2 CPU processes
+(DS_ACCELERATOR=cpu) and the real shard builder with 1 and 2 processes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from benchmarks.scaling import (Inputs, ScalingConfig, epoch_coverage, grad_accum_steps, loss_agreement,
+                                scaling_efficiency, throughput, train_flags)
+
+
+# ------------------------------------------------------------------------------------------------
+# Pure parts
+
+
+def test_grad_accum_keeps_the_global_batch_equal():
+    cfg = ScalingConfig(gpus=[1, 2, 4, 8], batch_size=4)
+    accum = grad_accum_steps(cfg)
+    assert {n: cfg.batch_size * a * n for n, a in accum.items()} == {n: 32 for n in (1, 2, 4, 8)}
+    assert accum[8] == 1
+    with pytest.raises(ValueError, match="multiple of 12"):
+        grad_accum_steps(ScalingConfig(gpus=[1, 2, 3], batch_size=2, global_batch=8))
+
+
+def test_config_rejects_bad_step_counts():
+    with pytest.raises(ValueError, match="warmup"):
+        ScalingConfig(max_steps=3, warmup_steps=3).validate()
+    with pytest.raises(ValueError, match="distinct"):
+        ScalingConfig(gpus=[2, 2]).validate()
+
+
+def _records(step_seconds: list[float], tokens: int, losses=None) -> list[dict]:
+    return [{"step": i + 1, "real_tokens": tokens, "tokens_per_s": tokens / s,
+             "loss": (losses[i] if losses else 1.0)} for i, s in enumerate(step_seconds)]
+
+
+def test_throughput_skips_warmup_and_weights_by_time():
+    recs = _records([10.0, 1.0, 2.0, 1.0], tokens=1000)  # step 1 is a slow warm-up step
+    tp = throughput(recs, warmup_steps=1, num_gpus=2)
+    assert tp["steady_steps"] == 3 and tp["first_step"] == 2
+    assert tp["tokens_per_s"] == pytest.approx(3000 / 4.0)  # total tokens / total time, not a mean of rates
+    assert tp["tokens_per_s_per_gpu"] == pytest.approx(3000 / 4.0 / 2)
+    assert tp["ms_per_step"] == pytest.approx(4000 / 3)
+
+
+def test_scaling_efficiency_against_the_smallest_run():
+    eff = scaling_efficiency({1: {"tokens_per_s": 100.0}, 2: {"tokens_per_s": 180.0}, 4: {"tokens_per_s": 300.0}})
+    assert eff == pytest.approx({1: 1.0, 2: 0.9, 4: 0.75})
+    eff = scaling_efficiency({2: {"tokens_per_s": 200.0}, 4: {"tokens_per_s": 360.0}})  # no 1-GPU run
+    assert eff == pytest.approx({2: 1.0, 4: 0.9})
+
+
+def test_loss_agreement_at_equal_steps():
+    ref = _records([1.0] * 5, 10, losses=[5.0, 4.0, 3.0, 2.5, 2.0])
+    other = _records([1.0] * 4, 10, losses=[5.0, 4.5, 3.1, 2.4])  # one step shorter
+    a = loss_agreement({1: ref, 2: other}, last_k=2)["per_gpus"][2]
+    assert a["common_steps"] == 4 and a["max_abs_diff"] == pytest.approx(0.5) and a["max_abs_diff_step"] == 2
+    assert a["mean_abs_diff_last_k"] == pytest.approx((0.1 + 0.1) / 2)
+    assert loss_agreement({1: ref}, last_k=2) == {}
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_epoch_coverage_replays_the_trainers_data_plan(shard_dir, tiny_lm_dir, tmp_path, world_size):
+    """Every train sample exactly once per epoch; with N % W != 0 the short ranks get loss-free copies."""
+    from data_prep.manifest import load_manifest
+
+    cfg = ScalingConfig(gpus=[world_size], batch_size=3, num_workers=0, max_steps=2, warmup_steps=0)
+    flags = train_flags(cfg, Inputs(shard_dir=str(shard_dir), model_path=str(tiny_lm_dir)), 1, tmp_path / "run")
+    cov = epoch_coverage(flags, world_size)
+    n = load_manifest(shard_dir).num_samples("train")
+    assert cov["train_samples"] == n and cov["exactly_once"], cov
+    assert cov["loss_free_duplicates"] == math.ceil(n / world_size) * world_size - n
+    assert cov["equal_batches_per_rank"]
+
+
+# ------------------------------------------------------------------------------------------------
+# make_random_model
+
+
+def test_make_random_model_tiny_loads_like_a_real_model(tmp_path, synthetic_data):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from benchmarks.make_random_model import main
+    from trainer.stage1 import load_stage1_classifier, load_stage1_encoder
+
+    json_paths, _ = synthetic_data
+    out = main(["--shape", "tiny", "--out", str(tmp_path / "lm"), "--stage1-out", str(tmp_path / "s1"),
+                "--gemini-json", *map(str, json_paths)])
+    tok = AutoTokenizer.from_pretrained(out["model_dir"])
+    model = AutoModelForCausalLM.from_pretrained(out["model_dir"])
+    ids = tok("Areas affected...portions of southeast OH", return_tensors="pt")["input_ids"]
+    assert ids[0, 0].item() == tok.bos_token_id and ids.max().item() < model.config.vocab_size
+    assert torch.isfinite(model(ids).logits).all()
+    assert load_stage1_encoder(out["stage1_encoder_ckpt"]).latent_dim > 0
+    assert load_stage1_classifier(out["stage1_classifier_ckpt"]).num_classes == 20
+
+
+def test_write_random_lm_sharded_bf16_with_a_larger_vocab(tmp_path):
+    """The 7b path at toy width: bf16 safetensors in several shards + index, vocab > tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from benchmarks.make_random_model import write_random_lm
+    from trainer.tiny import tiny_mistral_config, train_tokenizer
+
+    tokenizer = train_tokenizer(["The image is a map of the southern plains."] * 4, vocab_size=300)
+    config = tiny_mistral_config(vocab_size=4096, hidden_size=64, num_layers=2)
+    out = write_random_lm(tmp_path / "lm", config, tokenizer, seed=3, device="cpu", max_shard_size="200KB")
+    assert len(list(out.glob("model-*.safetensors"))) > 1 and (out / "model.safetensors.index.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.dtype == torch.bfloat16 and model.config.vocab_size == 4096
+    assert model.config.pad_token_id == AutoTokenizer.from_pretrained(out).pad_token_id
+    again = write_random_lm(tmp_path / "lm2", tiny_mistral_config(vocab_size=4096), tokenizer, seed=3, device="cpu")
+    w1 = AutoModelForCausalLM.from_pretrained(out).model.embed_tokens.weight
+    assert torch.equal(w1, AutoModelForCausalLM.from_pretrained(again).model.embed_tokens.weight)  # seeded
+
+
+def test_write_random_lm_refuses_a_vocab_smaller_than_the_tokenizer(tmp_path):
+    from benchmarks.make_random_model import write_random_lm
+    from trainer.tiny import tiny_mistral_config, train_tokenizer
+
+    tokenizer = train_tokenizer(["a b c d e f g"] * 4, vocab_size=300)
+    with pytest.raises(ValueError, match="embedding rows"):
+        write_random_lm(tmp_path / "lm", tiny_mistral_config(vocab_size=100), tokenizer, device="cpu")
+
+
+@pytest.mark.slow
+def test_vit_b_stage1_checkpoints_are_the_real_sizes(tmp_path):
+    from benchmarks.make_random_model import write_stage1
+    from trainer.stage1 import load_stage1_classifier, load_stage1_encoder
+
+    enc, cls = write_stage1(tmp_path, "vit-b")
+    encoder, classifier = load_stage1_encoder(enc), load_stage1_classifier(cls)
+    assert (encoder.config.image_size, encoder.num_layers, encoder.latent_dim) == (224, 12, 768)
+    assert 3.5e6 < sum(p.numel() for p in classifier.parameters()) < 5e6  # B0 with 20 classes (~4.0M)
+    with torch.no_grad():
+        latent, _ = encoder.encode(torch.randn(1, 3, 224, 224))
+    assert latent.shape == (1, 768)
+
+
+# ------------------------------------------------------------------------------------------------
+# End to end (real launcher, real trainer, CPU processes)
+
+
+@pytest.mark.slow
+def test_scaling_end_to_end_on_cpu(tmp_path):
+    from benchmarks.scaling import main
+
+    work = tmp_path / "scaling"
+    code = main(["--shape", "tiny", "--gpus", "1", "2", "--max-steps", "4", "--warmup-steps", "1", "--last-k", "2",
+                 "--batch-size", "2", "--num-workers", "0", "--workdir", str(work)])
+    result = json.loads((work / "scaling.json").read_text())
+    runs = result["training"]["runs"]
+    assert code == 0, {n: r["error"] for n, r in runs.items()}
+    assert [runs[n]["grad_accum"] for n in ("1", "2")] == [2, 1]
+    for n in ("1", "2"):
+        r = runs[n]
+        assert r["start"]["world_size"] == int(n) and [s["step"] for s in r["steps"]] == [1, 2, 3, 4]
+        assert r["throughput"]["steady_steps"] == 3 and r["throughput"]["tokens_per_s"] > 0
+        assert r["coverage"]["exactly_once"], r["coverage"]
+        assert r["logged_samples"]["examples_trained"] == 4 * 4  # 4 steps x global batch 4
+    assert result["training"]["efficiency"]["1"] == pytest.approx(1.0)
+    agree = result["training"]["loss_agreement"]["per_gpus"]["2"]
+    assert agree["common_steps"] == 4 and agree["max_abs_diff"] < 1.0  # same model, same data, other order
+    report = (work / "scaling.md").read_text()
+    assert "| 2 | 1 | 3 |" in report and "exactly once" in report
+
+
+@pytest.mark.slow
+def test_builder_scaling_on_cpu(tmp_path):
+    from benchmarks.scaling import main
+
+    work = tmp_path / "scaling"
+    # An empty --gpus (no training runs) is given through a config file: argparse wants >= 1 value.
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(json.dumps({"gpus": [], "builder_gpus": [1, 2], "builder_images": 80, "builder_image_px": 32,
+                                    "builder_num_workers": 0, "shape": "tiny", "workdir": str(work)}))
+    code = main(["--config", str(cfg_file)])
+    b = json.loads((work / "scaling.json").read_text())["builder"]
+    assert code == 0, [r.get("error") for r in b["runs"]]
+    assert [r["processes"] for r in b["runs"]] == [1, 2]
+    assert all(r["images"] == 80 and r["images_per_s"] > 0 for r in b["runs"])
+    assert [len(r["nodes"]) for r in b["runs"]] == [1, 2]  # both processes built shards
+    assert b["identical_shards"] is True
+    assert b["runs"][1]["speedup"] > 0
