@@ -116,8 +116,12 @@ def _num_image_tokens(prefix_lm, train_config: dict) -> int:
 
 
 def load_checkpoint_model(ckpt_dir: str, base_model_path: Optional[str] = None, device: str = "auto",
-                          dtype: str = "auto", name: Optional[str] = None) -> EvalModel:
-    """A Stage2 inference checkpoint (`<output_dir>/final/` or `checkpoint-<step>/`)."""
+                          dtype: str = "auto", name: Optional[str] = None, merge_lora: bool = True) -> EvalModel:
+    """A Stage2 inference checkpoint (`<output_dir>/final/` or `checkpoint-<step>/`).
+
+    `merge_lora` folds the LoRA update into the base weights (inference only): each decode step
+    then runs one GEMM per projection instead of the base GEMM plus two small LoRA GEMMs.
+    """
     from pathlib import Path
 
     from trainer.checkpoint import load_inference_model
@@ -126,6 +130,8 @@ def load_checkpoint_model(ckpt_dir: str, base_model_path: Optional[str] = None, 
     prefix_lm, tokenizer, cond_map, train_config = load_inference_model(
         ckpt_dir, base_model_path=base_model_path, device=device, dtype=resolve_dtype(dtype, device))
     prefix_lm.eval()
+    if merge_lora and hasattr(prefix_lm.lm, "merge_and_unload"):
+        prefix_lm.lm = prefix_lm.lm.merge_and_unload()
     path = Path(ckpt_dir)
     default_name = path.parent.name if path.name in ("final",) or path.name.startswith("checkpoint-") else path.name
     return EvalModel(name=name or default_name, lm=prefix_lm.lm, tokenizer=tokenizer, prefix_lm=prefix_lm,

@@ -15,13 +15,14 @@ from __future__ import annotations
 import logging
 import math
 import time
+import uuid
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
 from common.config import config_to_dict, print_config, save_config
-from common.io import append_jsonl, sha256_file, stable_hash
+from common.io import append_jsonl, atomic_write_text, sha256_file, stable_hash
 from common.log import setup_logging
 from trainer.checkpoint import (TrainerState, load_resume_checkpoint, save_inference_checkpoint,
                                 save_resume_checkpoint)
@@ -176,8 +177,8 @@ def _init_wandb(cfg: TrainConfig):
     import wandb
 
     id_file = Path(cfg.checkpoint.output_dir) / "wandb_run_id.txt"
-    run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
-    id_file.write_text(run_id)
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+    atomic_write_text(id_file, run_id)
     return wandb.init(project=cfg.logging.wandb_project, id=run_id, resume="allow", dir=str(cfg.log_dir),
                       name=cfg.logging.wandb_run_name or Path(cfg.checkpoint.output_dir).name,
                       config=config_to_dict(cfg))
