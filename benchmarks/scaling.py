@@ -34,6 +34,17 @@ images/s of the building itself (all images / the slowest process's build time, 
 per-node records: model loading excluded) and end to end (wall time of the whole command), the
 ratios against the first N, and whether every layout wrote identical shards (the builder's promise).
 
+On the GPU machine (device tool, `kind: nvidia-h100-x2`, `carry: [".whl"]`; see benchmarks/README.md for
+the wheel kit), keeping the 15 GB random 7B model out of $OUT:
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      && export PYTHONPATH=/tmp/site:$PWD:$PYTHONPATH PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1 \
+      && python3 -m benchmarks.scaling --shape 7b --gpus 1 2 --builder-gpus 1 2 --max-steps 20 \
+           --workdir /tmp/scaling --out $OUT/scaling.json; cp /tmp/scaling/*.log $OUT/
+
+Expect about 1 minute to write the 7B model (bf16, initialised on the GPU), 1-2 minutes per training run
+(7B load per rank, steps, final LoRA checkpoint) and under a minute per builder run.
+
 Output: a Markdown report on stdout and in `<workdir>/scaling.md`, every number in
 `<workdir>/scaling.json` (or `--out`), each run's log in `<workdir>/<run>/launcher.log`.
 """
@@ -207,7 +218,8 @@ def prepare_inputs(cfg: ScalingConfig, work: Path) -> Inputs:
         inputs.shard_dir = str(shard_dir)
     if not cfg.model_path:
         model_dir = work / f"lm-{cfg.shape}"
-        if (model_dir / "config.json").is_file() and cfg.shape == "7b":
+        # Files are moved in sorted order once complete: tokenizer_config.json comes last.
+        if (model_dir / "tokenizer_config.json").is_file() and cfg.shape == "7b":
             log.info("reusing the random 7B model in %s (delete it to rewrite)", model_dir)
         else:
             write_lm(RandomModelConfig(out=str(model_dir), shape=cfg.shape, gemini_json=inputs.gemini_json))
