@@ -26,16 +26,15 @@ from typing import Literal, Optional, Sequence
 import torch
 from tqdm import tqdm
 
+from benchmarks.make_random_model import save_vit_b_stage1
 from common.config import parse_config, print_config
-from common.io import atomic_path
 from data_prep.build_shards import BuildConfig, build, resolve_device
 from data_prep.cond_names import default_cond_name_to_id
 from data_prep.gemini import assign_split, load_gemini_json, resolve_image_path
 from data_prep.images import ImageDecodeError, decode_image
 from data_prep.shard_format import ElementSample, encode_sample
 from data_prep.synthetic import generate
-from trainer.stage1 import (NUM_STAGE1_CLASSES, Stage1Classifier, Stage1Encoder, load_stage1_classifier,
-                            load_stage1_encoder, save_tiny_stage1)
+from trainer.stage1 import load_stage1_classifier, load_stage1_encoder, save_tiny_stage1
 
 
 @dataclass
@@ -52,25 +51,6 @@ class BenchConfig:
     trainable_blocks: int = field(default=0, metadata={"help": "K (cache block tokens when > 0)"})
     workdir: str = field(default="", metadata={"help": "where data/models/shards go ('' = a temp dir, deleted)"})
     json_out: str = field(default="", metadata={"help": "also write the results as JSON here"})
-
-
-def save_vit_b_stage1(out_dir: Path, seed: int = 0) -> tuple[Path, Path]:
-    """Random-weight MAE ViT-B/16 and EfficientNet-B0 (224 px) as {"config", "state_dict"} checkpoints."""
-    from transformers import EfficientNetConfig, ViTMAEConfig
-
-    vit = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-               patch_size=16, image_size=224, num_channels=3, qkv_bias=True, layer_norm_eps=1e-6,
-               hidden_act="gelu")
-    torch.manual_seed(seed)
-    encoder = Stage1Encoder(ViTMAEConfig(**vit, mask_ratio=0.0))
-    classifier = Stage1Classifier(EfficientNetConfig(image_size=224, num_labels=NUM_STAGE1_CLASSES))  # B0 defaults
-    paths = out_dir / "vit_b16_mae.pt", out_dir / "efficientnet_b0.pt"
-    payloads = ({"config": vit, "state_dict": encoder.canonical_state_dict()},
-                {"config": classifier.config_dict(), "state_dict": classifier.model.state_dict()})
-    for path, payload in zip(paths, payloads):
-        with atomic_path(path) as tmp:
-            torch.save(payload, tmp)
-    return paths
 
 
 def naive_build(cfg: BuildConfig, device: torch.device, limit: int) -> tuple[int, float]:
@@ -109,7 +89,7 @@ def run(bench: BenchConfig, work: Path) -> dict:
     image_size = 32 if bench.model == "tiny" else 224
     models = work / "models"
     models.mkdir(parents=True, exist_ok=True)
-    enc, cls = save_tiny_stage1(models, image_size) if bench.model == "tiny" else save_vit_b_stage1(models)
+    enc, cls = save_tiny_stage1(models, image_size) if bench.model == "tiny" else save_vit_b_stage1(models)  # benchmarks.make_random_model: ViT-B/16 MAE + EfficientNet-B0
     num_cases = max(2, math.ceil(bench.num_images / 20))
     print(f"[bench] generating {num_cases} cases x 20 GIFs of {bench.image_px} px ...", flush=True)
     json_paths = generate(work / "data", num_cases=num_cases, num_files=2, seed=0, image_px=bench.image_px,

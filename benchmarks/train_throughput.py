@@ -111,6 +111,9 @@ class BenchConfig:
                 "master weights), torch = plain AdamW on the model's params; auto = deepspeed if importable"})
     deepspeed_config: str = field(default="ds_configs/zero2.json", metadata={
         "help": "mode 4 with the deepspeed engine: the DeepSpeed JSON (as the trainer's --deepspeed)"})
+    ds_override: str = field(default="", metadata={
+        "help": "JSON merged (recursively) into --deepspeed-config, e.g. '{\"zero_optimization\": "
+                "{\"overlap_comm\": false}}', to measure engine settings without editing the file"})
     profile: bool = field(default=False, metadata={
         "help": "mode 4: write a torch.profiler summary (top kernels by device time) next to --out"})
     out: str = field(default="", metadata={"help": "write the results as JSON here"})
@@ -718,9 +721,22 @@ def build_bench_engine(model: nn.Module, cfg: BenchConfig, ctx: "Context"):
 
     if not is_initialized():
         init_distributed(timeout_s=600)
-    tcfg = TrainConfig(model=replace(cfg.model, model_path=str(ctx.model_dir)), deepspeed=cfg.deepspeed_config,
-                       seed=cfg.seed)
+    ds_path = cfg.deepspeed_config
+    if cfg.ds_override:
+        from trainer.config import resolve_ds_config_path
+
+        merged = _merge(json.loads(resolve_ds_config_path(ds_path).read_text()), json.loads(cfg.ds_override))
+        ds_path = str(Path(tempfile.mkdtemp(prefix="ds_config_")) / "ds_config.json")
+        atomic_write_json(ds_path, merged)
+    tcfg = TrainConfig(model=replace(cfg.model, model_path=str(ctx.model_dir)), deepspeed=ds_path, seed=cfg.seed)
     return build_engine(model, tcfg, total_steps=ctx.n_steps + 3, device=ctx.device)
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _checkpointed_layers(m: ModelConfig, num_layers: int) -> int:
