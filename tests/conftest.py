@@ -46,34 +46,28 @@ def synthetic_data(tmp_path_factory):
     return json_paths, out
 
 
-@pytest.fixture(scope="session")
-def shard_dir(tmp_path_factory, synthetic_data, stage1_ckpts):
-    """A built shard directory (K=0) of the synthetic dataset."""
+def _build_synthetic_shards(out, synthetic_data, stage1_ckpts, trainable_blocks: int):
     from data_prep.build_shards import BuildConfig, build
 
     json_paths, image_root = synthetic_data
-    out = tmp_path_factory.mktemp("shards")
     cfg = BuildConfig(gemini_json=[str(p) for p in json_paths], image_root=str(image_root),
                       stage1_encoder_ckpt=str(stage1_ckpts[0]), stage1_classifier_ckpt=str(stage1_ckpts[1]),
-                      out=str(out), samples_per_shard=64, num_workers=0, stage1_trainable_blocks=0,
-                      image_size=32)
+                      out=str(out), samples_per_shard=64, num_workers=0,
+                      stage1_trainable_blocks=trainable_blocks, image_size=32)
     build(cfg)
     return out
+
+
+@pytest.fixture(scope="session")
+def shard_dir(tmp_path_factory, synthetic_data, stage1_ckpts):
+    """A built shard directory (K=0) of the synthetic dataset."""
+    return _build_synthetic_shards(tmp_path_factory.mktemp("shards"), synthetic_data, stage1_ckpts, 0)
 
 
 @pytest.fixture(scope="session")
 def shard_dir_k1(tmp_path_factory, synthetic_data, stage1_ckpts):
     """A built shard directory with K=1 cached block tokens."""
-    from data_prep.build_shards import BuildConfig, build
-
-    json_paths, image_root = synthetic_data
-    out = tmp_path_factory.mktemp("shards_k1")
-    cfg = BuildConfig(gemini_json=[str(p) for p in json_paths], image_root=str(image_root),
-                      stage1_encoder_ckpt=str(stage1_ckpts[0]), stage1_classifier_ckpt=str(stage1_ckpts[1]),
-                      out=str(out), samples_per_shard=64, num_workers=0, stage1_trainable_blocks=1,
-                      image_size=32)
-    build(cfg)
-    return out
+    return _build_synthetic_shards(tmp_path_factory.mktemp("shards_k1"), synthetic_data, stage1_ckpts, 1)
 
 
 @pytest.fixture(scope="session")
