@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
+from tqdm import tqdm
 from transformers import MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
 
 from data_prep.cond_names import COND_NAMES
@@ -46,8 +49,8 @@ def _cases(data) -> list:
     return []
 
 
-def gemini_texts(paths: Iterable[str | Path]) -> Iterator[str]:
-    """Summaries and captions of Gemini JSON files, read tolerantly (this is only a corpus)."""
+def _gemini_cases(paths: Iterable[str | Path]) -> Iterator[tuple[str | None, list[tuple[str, str]]]]:
+    """(global_summary or None, [(cond_name, caption), ...]) per case, read tolerantly (a corpus only)."""
     for path in paths:
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -56,11 +59,33 @@ def gemini_texts(paths: Iterable[str | Path]) -> Iterator[str]:
         for case in _cases(data):
             if not isinstance(case, dict):
                 continue
-            if isinstance(case.get("global_summary"), str):
-                yield case["global_summary"]
-            for el in case.get("elements") or []:
-                if isinstance(el, dict) and isinstance(el.get("caption"), str):
-                    yield el["caption"]
+            summary = case["global_summary"] if isinstance(case.get("global_summary"), str) else None
+            captions = [(el["cond_name"] if isinstance(el.get("cond_name"), str) else "", el["caption"])
+                        for el in case.get("elements") or []
+                        if isinstance(el, dict) and isinstance(el.get("caption"), str)]
+            yield summary, captions
+
+
+def gemini_texts(paths: Iterable[str | Path]) -> Iterator[str]:
+    """Summaries and captions of Gemini JSON files, read tolerantly (this is only a corpus)."""
+    for summary, captions in _gemini_cases(paths):
+        if summary is not None:
+            yield summary
+        for _, caption in captions:
+            yield caption
+
+
+def gemini_prompt_documents(paths: Iterable[str | Path]) -> Iterator[str]:
+    """Every caption and summary inside its task's prompt (`[INST] ... [/INST] target`), as the
+    fine-tuning will show them, so pre-training sees the instruction format too."""
+    for summary, captions in _gemini_cases(paths):
+        for cond, caption in captions:
+            p = build_prompt("caption", cond_name=cond, caption=caption, with_image=False)
+            yield p.text + p.target
+        if summary is not None:
+            cond = captions[0][0] if captions else ""
+            p = build_prompt("summary", cond_name=cond, global_summary=summary, with_image=False)
+            yield p.text + p.target
 
 
 def prompt_texts() -> Iterator[str]:
@@ -127,22 +152,102 @@ def mistral_7b_shape_config(vocab_size: int = 32768) -> MistralConfig:
                          tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
 
 
+@dataclass(frozen=True)
+class PretrainConfig:
+    """A short next-token pre-training run: enough for the tiny LM to behave like a pretrained one
+    (a calibrated output layer, features that carry the domain's words), cheap on one CPU thread."""
+
+    steps: int = 200
+    batch_size: int = 8  # chunks per step
+    seq_len: int = 128  # tokens per chunk
+    lr: float = 1e-2
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+
+
+def token_stream(tokenizer, documents: Sequence[str]) -> torch.Tensor:
+    """All documents as one long `BOS text EOS BOS text EOS ...` stream of token ids."""
+    ids: list[int] = []
+    for doc in documents:
+        ids += [tokenizer.bos_token_id, *tokenizer(doc, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _lr_at(step: int, cfg: PretrainConfig) -> float:
+    """Linear warm-up, then cosine decay to `min_lr_ratio * lr`."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def pretrain(model: MistralForCausalLM, stream: torch.Tensor, cfg: PretrainConfig, seed: int = 0) -> list[float]:
+    """Train all weights of `model` on random chunks of `stream` (next-token prediction, AdamW).
+
+    Deterministic: chunk offsets come from a seeded generator and the run uses one thread (a
+    CPU matmul's summation order, hence its bits, can depend on the thread count). Returns the
+    per-step losses.
+    """
+    if cfg.steps <= 0:
+        return []
+    span = cfg.seq_len
+    if len(stream) < span:  # a tiny corpus: repeat it so one chunk fits
+        stream = stream.repeat(-(-span // len(stream)))
+    gen = torch.Generator().manual_seed(seed)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "embed" in n]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    losses = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model.train()
+    try:
+        for step in tqdm(range(cfg.steps), desc="tiny LM pre-training", unit="step", leave=False, disable=None):
+            starts = torch.randint(0, len(stream) - span + 1, (cfg.batch_size,), generator=gen)
+            chunk = torch.stack([stream[i:i + span] for i in starts.tolist()])
+            for group in opt.param_groups:
+                group["lr"] = _lr_at(step, cfg)
+            loss = model(input_ids=chunk, labels=chunk).loss  # HF shifts the labels
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+    finally:
+        torch.set_num_threads(threads)
+        model.eval()
+    return losses
+
+
 def make_tiny_lm(out_dir: str | Path, corpus_json: Sequence[str | Path] | None = None,
                  corpus_texts: Sequence[str] | None = None, vocab_size: int = 1024, hidden_size: int = 64,
-                 num_layers: int = 2, seed: int = 0) -> Path:
-    """Write a tiny random MistralForCausalLM + a locally trained tokenizer as a model directory.
+                 num_layers: int = 2, seed: int = 0, pretrain_steps: int = 200) -> Path:
+    """Write a tiny, briefly pre-trained MistralForCausalLM + a locally trained tokenizer as a model dir.
+
+    The LM stands in for a *pretrained* Mistral: after the random init all its weights train for
+    `pretrain_steps` steps of next-token prediction on the corpus (the Gemini summaries and
+    captions, each also inside its task prompt, the extra texts and the prompt templates), so
+    LoRA on it learns like LoRA on a real LM. A frozen random LM cannot: its random output layer
+    and final norm cap the logit scale, and its random features give the adapters little to use.
+    `pretrain_steps=0` writes the random model.
 
     Deterministic for given texts and arguments. The files are written into a temp directory and
     moved into `out_dir` one by one, so a killed run never leaves a half-written file there.
     """
     out_dir = Path(out_dir)
-    texts = list(gemini_texts(corpus_json or ())) + list(corpus_texts or ()) + list(prompt_texts())
+    corpus_json = list(corpus_json or ())
+    texts = list(gemini_texts(corpus_json)) + list(corpus_texts or ()) + list(prompt_texts())
     tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
     config = tiny_mistral_config(len(tokenizer), hidden_size, num_layers, tokenizer.bos_token_id,
                                  tokenizer.eos_token_id, tokenizer.pad_token_id)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = MistralForCausalLM(config)
+        documents = texts + list(gemini_prompt_documents(corpus_json))
+        pretrain(model, token_stream(tokenizer, documents), PretrainConfig(steps=pretrain_steps), seed=seed)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
     out_dir.mkdir(parents=True, exist_ok=True)
