@@ -1,4 +1,10 @@
-"""The DeepSpeed engine wrapper (one process, ZeRO-2 on CPU) and the process-layout discovery."""
+"""The engines (DeepSpeed ZeRO-2 and the torch engine, one process on CPU) and the process-layout discovery.
+
+The torch engine must make the DeepSpeed engine's updates (same model, same batches, gradient
+accumulation and clipping active), skip a non-finite step without touching weights, optimizer
+state or the LR schedule, and resume exactly from its checkpoints; the slow tests run it through
+launch/train.sh in 2 processes (end to end, and N + resume + M steps = N + M steps).
+"""
 
 from __future__ import annotations
 
@@ -58,11 +64,11 @@ def test_first_host_parsing(monkeypatch):
     assert first_host("a-b[1,2]") == "a-b1"
 
 
-def _batch(tokenizer, n=3, latent_dim=32, with_tokens=None):
+def _batch(tokenizer, n=3, latent_dim=32, with_tokens=None, seed=0):
     from trainer.collate import TrainItem, collate_train
     from trainer.tasks import build_prompt, tokenize_prompt
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     items = []
     for i in range(n):
         p = build_prompt("caption", cond_name="shr6", caption="Strong shear over the northwest. It is moderate.")
@@ -116,3 +122,189 @@ def test_engine_step_two_lr_groups_and_nan_skip(tiny_lm_dir, stage1_ckpts, dist1
     assert any("lora_B" in n for n in moved) and any(n.startswith("prefix.proj") for n in moved)
     assert losses[-1] < losses[0]
     assert engine.lr()["lora_and_prefix"] < 1e-3  # decaying after the 1-step warm-up
+
+
+# ------------------------------------------------------------------------------------------------
+# The torch engine
+
+
+def _tail_cfg(tiny_lm_dir, **optim) -> TrainConfig:
+    return replace(_cfg(tiny_lm_dir, **optim), stage1={"stage1_trainable_blocks": 1})
+
+
+def _model(cfg, stage1_ckpts, seed=0):
+    """The prefix-LM with a trainable Stage1 tail (two LR groups); same seed, same weights."""
+    from trainer.model import build_prefix_lm
+    from trainer.stage1 import load_stage1_encoder
+
+    enc = load_stage1_encoder(stage1_ckpts[0])
+    torch.manual_seed(seed)
+    model, tok = build_prefix_lm(cfg.model, latent_dim=enc.latent_dim, tail=enc.tail(1))
+    with torch.no_grad():  # LoRA B starts at zero (and A's gradient with it): make every weight matter
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    batches = [_batch(tok, n=2 + i % 2, latent_dim=enc.latent_dim, with_tokens=(enc.num_tokens(), enc.latent_dim),
+                      seed=i) for i in range(8)]
+    return model, batches
+
+
+def _micro_step(engine, batch, seed: int, nan: bool = False):
+    torch.manual_seed(seed)  # the same LoRA dropout masks in every run
+    out = engine.forward(batch)
+    engine.backward(out.loss * float("nan") if nan else out.loss)
+    boundary = engine.is_boundary()
+    return float(out.loss.detach()), boundary, engine.step()
+
+
+def _trainable(engine) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in engine.module.named_parameters() if p.requires_grad}
+
+
+def test_torch_engine_makes_the_deepspeed_updates(tiny_lm_dir, stage1_ckpts, dist1):
+    """3 optimizer steps of 2 micro-batches each, clipping active, two LR groups, weight decay."""
+    from trainer.engine import DeepSpeedEngine, TorchEngine, build_engine
+
+    cfg = _tail_cfg(tiny_lm_dir, gradient_accumulation_steps=2, max_grad_norm=0.05, weight_decay=0.01)
+    engines, norms, losses = {}, {}, {}
+    for kind in ("deepspeed", "torch"):
+        model, batches = _model(cfg, stage1_ckpts)
+        engines[kind] = engine = build_engine(model, replace(cfg, engine=kind), total_steps=10)
+        init = _trainable(engine)
+        norms[kind], losses[kind] = [], []
+        for i in range(6):
+            loss, boundary, applied = _micro_step(engine, batches[i], seed=100 + i)
+            assert boundary == (i % 2 == 1) and bool(applied)
+            losses[kind].append(loss)
+            if boundary:
+                norms[kind].append(engine.grad_norm())
+    assert isinstance(engines["deepspeed"], DeepSpeedEngine) and isinstance(engines["torch"], TorchEngine)
+    assert losses["torch"] == pytest.approx(losses["deepspeed"], abs=1e-6)
+    assert norms["torch"] == pytest.approx(norms["deepspeed"], rel=1e-5)
+    assert min(norms["torch"]) > 0.05, "clipping must be active for the test to mean something"
+    assert engines["torch"].lr() == pytest.approx(engines["deepspeed"].lr(), rel=1e-6)
+    want, got = _trainable(engines["deepspeed"]), _trainable(engines["torch"])
+    assert set(got) == set(want)
+    moved = max(float((got[n] - init[n]).abs().max()) for n in got)
+    assert moved > 1e-3, "the updates must be visible above the tolerance"
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], atol=1e-6, rtol=0, msg=n)
+
+
+def _optimizer_state(engine) -> list[torch.Tensor]:
+    return [v.detach().clone() for s in engine.optimizer.state.values() for v in s.values()
+            if isinstance(v, torch.Tensor)]
+
+
+def test_torch_engine_skips_a_nan_step_and_goes_on(tiny_lm_dir, stage1_ckpts):
+    """A NaN step changes nothing (weights, AdamW moments and step count, LR schedule) and needs no
+    host sync (step() returns a device bool); the run then equals one that never saw the NaN."""
+    from trainer.engine import build_engine
+
+    cfg = replace(_tail_cfg(tiny_lm_dir, max_grad_norm=1.0), engine="torch")
+    model, batches = _model(cfg, stage1_ckpts)
+    engine = build_engine(model, cfg, total_steps=10)
+    _micro_step(engine, batches[0], seed=1)
+    weights, state, lr = _trainable(engine), _optimizer_state(engine), engine.lr()
+
+    _, boundary, applied = _micro_step(engine, batches[1], seed=2, nan=True)
+    assert boundary and isinstance(applied, torch.Tensor) and applied.dtype == torch.bool and not bool(applied)
+    assert engine.skipped_steps == 1 and engine.lr() == lr
+    assert all(torch.equal(a, b) for a, b in zip(_optimizer_state(engine), state))
+    now = _trainable(engine)
+    assert all(torch.equal(now[n], weights[n]) for n in weights)
+    assert all(bool(g.grad.eq(0).all()) for g in engine.groups), "the NaN gradients are dropped"
+
+    _, _, applied = _micro_step(engine, batches[2], seed=3)
+    assert bool(applied) and engine.skipped_steps == 1
+
+    ref_model, _ = _model(cfg, stage1_ckpts)
+    ref = build_engine(ref_model, cfg, total_steps=10)
+    _micro_step(ref, batches[0], seed=1)
+    _micro_step(ref, batches[2], seed=3)
+    want, got = _trainable(ref), _trainable(engine)
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    assert engine.lr() == ref.lr()
+
+
+def test_torch_engine_save_load_round_trip(tiny_lm_dir, stage1_ckpts, tmp_path):
+    from trainer.engine import TORCH_ENGINE_STATE, build_engine
+
+    cfg = replace(_tail_cfg(tiny_lm_dir, gradient_accumulation_steps=2), engine="torch")
+    model, batches = _model(cfg, stage1_ckpts)
+    engine = build_engine(model, cfg, total_steps=10)
+    for i in range(4):
+        _micro_step(engine, batches[i], seed=i)
+    engine.save(tmp_path, "step-2", client_state={"trainer_state": {"step": 2}})
+    assert (tmp_path / "step-2" / TORCH_ENGINE_STATE).is_file()
+    assert not [p for p in (tmp_path / "step-2").iterdir() if p.name.startswith(".")], "no temp file left"
+    want = [_micro_step(engine, batches[i], seed=i)[0] for i in range(4, 8)]
+
+    other, _ = _model(cfg, stage1_ckpts, seed=7)  # other initial weights: everything must come from the file
+    resumed = build_engine(other, cfg, total_steps=10)
+    assert resumed.load(tmp_path, "step-2") == {"trainer_state": {"step": 2}}
+    got = [_micro_step(resumed, batches[i], seed=i)[0] for i in range(4, 8)]
+    assert got == want
+    a, b = _trainable(engine), _trainable(resumed)
+    assert all(torch.equal(a[n], b[n]) for n in a) and resumed.lr() == engine.lr()
+
+    with pytest.raises(FileNotFoundError, match="not a --engine torch checkpoint"):
+        resumed.load(tmp_path, "step-9")
+
+
+def test_engine_flag_parses_and_is_checked():
+    from trainer.config import parse_train_config
+
+    base = ["--shard-dir", "s", "--model-path", "m"]
+    assert parse_train_config(base).engine == "deepspeed"
+    assert parse_train_config(base + ["--engine", "torch"]).engine == "torch"
+    with pytest.raises(SystemExit):
+        parse_train_config(base + ["--engine", "fsdp"])
+
+
+# ------------------------------------------------------------------------------------------------
+# The torch engine through launch/train.sh (2 CPU processes, gloo)
+
+
+@pytest.mark.slow
+def test_two_process_torch_engine_run_learns_and_checkpoints(shard_dir, tiny_lm_dir, tmp_path):
+    from tests.test_train_e2e import base_flags, run_train, train_records
+    from trainer.engine import TORCH_ENGINE_STATE
+
+    out = tmp_path / "run"
+    run_train(base_flags(shard_dir, tiny_lm_dir, out, **{"engine": "torch", "max-steps": 8, "save-steps": 4,
+                                                        "gradient-accumulation-steps": 2}))
+    recs = train_records(out)
+    assert [r["step"] for r in recs] == list(range(1, 9))
+    assert recs[-1]["loss"] < recs[0]["loss"], [r["loss"] for r in recs]
+    for ckpt in ("checkpoint-4", "final"):
+        assert (out / ckpt / "adapter_model.safetensors").is_file()
+    assert (out / "resume" / "latest").read_text().strip() == "step-8"
+    assert (out / "resume" / "step-8" / TORCH_ENGINE_STATE).is_file()
+
+
+@pytest.mark.slow
+def test_torch_engine_resume_reproduces_the_uninterrupted_losses(shard_dir, tiny_lm_dir, tmp_path):
+    """tests/test_resume.py with --engine torch (and a NaN step inside the resumed part)."""
+    from common.io import read_jsonl
+    from tests.test_train_e2e import base_flags, run_train
+
+    out = tmp_path / "run"
+    flags = base_flags(shard_dir, tiny_lm_dir, out, **{"engine": "torch", "batch-size": 16, "num-epochs": 2,
+                                                      "max-steps": 16, "save-steps": 6, "save-total-limit": 10,
+                                                      "lora-dropout": 0.1, "debug-nan-at-steps": [14]})
+    run_train(flags)
+    first = read_jsonl(out / "train_log.jsonl")
+    (out / "resume" / "latest").write_text("step-12\n")
+    run_train(flags + ["--resume"])
+    second = read_jsonl(out / "train_log.jsonl")[len(first):]
+    assert second[0]["kind"] == "start" and second[0]["step"] == 12, second[0]
+
+    def records(recs):
+        return {r["step"]: r for r in recs if r["kind"] == "train" and r["step"] > 12}
+
+    want, got = records(first), records(second)
+    assert sorted(got) == sorted(want) == [13, 14, 15, 16]
+    for step in want:
+        assert got[step]["loss"] == pytest.approx(want[step]["loss"], abs=1e-5), step
+        assert got[step]["nan_steps_total"] == want[step]["nan_steps_total"] == (0 if step < 14 else 1)

@@ -131,3 +131,19 @@ def test_mistral_7b_shape():
     with torch.device("meta"):
         model = MistralForCausalLM(cfg)
     assert sum(p.numel() for p in model.parameters()) == 7_248_023_552  # Mistral-7B-v0.3
+
+
+def test_tiny_lm_is_pretrained_on_the_corpus(synthetic_data, loaded, tmp_path):
+    """The stand-in behaves like a pretrained LM: it predicts the domain's text far better than
+    chance (ln 1024 ~ 6.9), unlike the random model that `pretrain_steps=0` writes."""
+    tokenizer, model = loaded
+    json_paths, _ = synthetic_data
+    el = _cases(json_paths[-1])[0]["elements"][0]
+    prompt = build_prompt("caption", cond_name=el["cond_name"], caption=el["caption"], with_image=False)
+    ids = tokenizer(prompt.text + prompt.target, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        pretrained = float(model(input_ids=ids, labels=ids).loss)
+        random_dir = make_tiny_lm(tmp_path / "random", corpus_json=json_paths, pretrain_steps=0)
+        random_model = AutoModelForCausalLM.from_pretrained(random_dir)
+        random = float(random_model(input_ids=ids, labels=ids).loss)
+    assert random > 6.0 and pretrained < 2.0, (random, pretrained)

@@ -1,10 +1,15 @@
 """Tiny models of the real architectures, for the demo, the tests and the benchmarks.
 
 `make_tiny_lm` writes a model directory that loads exactly like a real Mistral checkpoint
-(`AutoTokenizer.from_pretrained(dir)`, `AutoModelForCausalLM.from_pretrained(dir)`): a random
+(`AutoTokenizer.from_pretrained(dir)`, `AutoModelForCausalLM.from_pretrained(dir)`): a
 `MistralForCausalLM` a few hundred kB in size and a byte-level BPE tokenizer trained here on the
 project's own texts (the Gemini captions and summaries plus every prompt template, so that the
 prompts tokenise into words rather than bytes). Nothing is downloaded.
+
+The LM stands in for a *pretrained* Mistral, so it is briefly pre-trained here (a few seconds on
+one CPU thread, deterministic) on the same texts: a frozen *random* LM barely learns under LoRA
+(its random output layer and final norm cap the logit scale, its random features give the
+adapters little to work with), which would make every "does training work" check meaningless.
 
 `mistral_7b_shape_config` gives the Mistral-7B shape for speed and memory benchmarks.
 
@@ -271,13 +276,15 @@ def _portable_tokenizer_class(config_path: Path) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> Path:
-    parser = argparse.ArgumentParser(description="Write a tiny random Mistral + tokenizer trained on the given texts")
+    parser = argparse.ArgumentParser(description="Write a tiny Mistral + tokenizer, both trained on the given texts")
     parser.add_argument("--out", required=True, help="model directory to write")
     parser.add_argument("--gemini-json", nargs="*", default=[], help="Gemini JSON files whose texts train the tokenizer")
     parser.add_argument("--vocab-size", type=int, default=1024)
     parser.add_argument("--hidden-size", type=int, default=64)
     parser.add_argument("--num-layers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pretrain-steps", type=int, default=200,
+                        help="next-token pre-training steps on the corpus (0: write the random model)")
     parser.add_argument("--stage1-out", default="", help="also write tiny Stage1 encoder/classifier checkpoints here")
     parser.add_argument("--image-size", type=int, default=32, help="image size of the tiny Stage1 models")
     args = parser.parse_args(argv)
@@ -287,7 +294,8 @@ def main(argv: Optional[list[str]] = None) -> Path:
         enc, cls = save_tiny_stage1(args.stage1_out, image_size=args.image_size, seed=args.seed)
         print(f"wrote tiny Stage1 checkpoints {enc} and {cls}")
     out = make_tiny_lm(args.out, corpus_json=args.gemini_json, vocab_size=args.vocab_size,
-                       hidden_size=args.hidden_size, num_layers=args.num_layers, seed=args.seed)
+                       hidden_size=args.hidden_size, num_layers=args.num_layers, seed=args.seed,
+                       pretrain_steps=args.pretrain_steps)
     print(f"wrote tiny Mistral + tokenizer to {out}")
     return out
 
