@@ -23,6 +23,17 @@ os.environ.setdefault("WANDB_MODE", "offline")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """In-process tests that initialise torch.distributed export RANK/MASTER_PORT/...; restore the
+    environment after each test so that later launched jobs never inherit them (a leaked
+    MASTER_PORT is still bound by this process's store: the next job would fail EADDRINUSE)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT

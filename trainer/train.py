@@ -5,8 +5,9 @@
             log (every --log-steps), sample generations (--sample-log-steps), checkpoints
             (--save-steps and at the end); held-out loss at the end of each epoch.
 
-Non-finite losses: ZeRO skips the update (engine.step() returns False); more than
---max-nan-steps in a row stops training with an error, leaving the last good checkpoint.
+Non-finite losses: the engine skips the update (engine.step() returns False, or a device False for
+the torch engine, read at the next log/save step); more than --max-nan-steps in a row stops training
+with an error, leaving the last good checkpoint.
 Host syncs happen at log steps only: per-step losses are accumulated on the device.
 """
 
@@ -111,8 +112,11 @@ class Metrics:
             for t, v in per_task.items():
                 acc[t] = acc.get(t, 0) + v
 
-    def end_step(self, applied: bool) -> None:
-        if applied:  # a skipped (non-finite) step must not poison the logged loss
+    def end_step(self, applied: bool | torch.Tensor) -> None:
+        # a skipped (non-finite) step must not poison the logged loss; a device flag masks on the device
+        if isinstance(applied, torch.Tensor):
+            self.window += torch.where(applied.to(self.device), self.pending, torch.zeros_like(self.pending))
+        elif applied:
             self.window += self.pending
         self.pending.zero_()
 
@@ -135,6 +139,43 @@ class Metrics:
         self.window.zero_()
         self.counts, self.truncation, self.t0 = {}, {}, time.perf_counter()
         return rec
+
+
+class SkippedSteps:
+    """Counts skipped (non-finite) steps in the TrainerState; too many in a row stop the run.
+
+    `engine.step()` returns a bool (DeepSpeed) or a 0-d device bool (the torch engine, which never
+    syncs with the host): a bool is counted at once, device flags in one transfer by `check()`, which
+    the loop calls where it syncs anyway (log and save steps, the end). So with the torch engine a
+    NaN streak is caught at the next log step at the latest.
+    """
+
+    def __init__(self, state: TrainerState, max_nan_steps: int, out_dir: Path):
+        self.state, self.max_nan_steps, self.out_dir = state, max_nan_steps, out_dir
+        self.pending: list[tuple[int, bool | torch.Tensor]] = []
+
+    def add(self, step: int, applied: bool | torch.Tensor) -> None:
+        self.pending.append((step, applied))
+        if not isinstance(applied, torch.Tensor):
+            self.check()
+
+    def check(self) -> None:
+        flags = [a for _, a in self.pending if isinstance(a, torch.Tensor)]
+        values = iter(torch.stack(flags).tolist() if flags else [])
+        resolved = [(s, bool(next(values)) if isinstance(a, torch.Tensor) else bool(a)) for s, a in self.pending]
+        self.pending.clear()
+        state = self.state
+        for step, applied in resolved:
+            state.consecutive_nan = 0 if applied else state.consecutive_nan + 1
+            state.nan_steps_total += 0 if applied else 1
+            if applied:
+                continue
+            log.warning("step %d: non-finite loss/gradients, update skipped (%d in a row)", step, state.consecutive_nan)
+            if state.consecutive_nan > self.max_nan_steps:
+                raise NonFiniteLossError(
+                    f"{state.consecutive_nan} consecutive non-finite steps (> --max-nan-steps "
+                    f"{self.max_nan_steps}) at step {step}; stopping. The last good "
+                    f"checkpoint is in {self.out_dir}/resume (lower --lr or check the data)")
 
 
 class RunLog:
@@ -259,9 +300,11 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainerState:
     runlog.write("start", state.step, {"total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
                                        "batches_per_epoch": stream.batches_per_epoch, "world_size": dist.world_size})
     metrics = Metrics(dist.device)
+    skips = SkippedSteps(state, cfg.checkpoint.max_nan_steps, out_dir)
     bar = _progress(dist, total_steps, state.step)
 
     def save_checkpoints(tag: str) -> None:
+        skips.check()  # the saved NaN counters are exact
         save_resume_checkpoint(engine, out_dir, state, dist.is_main, keep=cfg.checkpoint.save_total_limit)
         if dist.is_main:
             save_inference_checkpoint(engine.module, tokenizer, manifest.cond_name_to_id, cfg, out_dir / tag)
@@ -289,17 +332,9 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainerState:
             micro = 0
             state.step += 1
             metrics.end_step(applied)
-            state.consecutive_nan = 0 if applied else state.consecutive_nan + 1
-            state.nan_steps_total += 0 if applied else 1
-            if not applied:
-                log.warning("step %d: non-finite loss/gradients, update skipped (%d in a row)",
-                            state.step, state.consecutive_nan)
-                if state.consecutive_nan > cfg.checkpoint.max_nan_steps:
-                    raise NonFiniteLossError(
-                        f"{state.consecutive_nan} consecutive non-finite steps (> --max-nan-steps "
-                        f"{cfg.checkpoint.max_nan_steps}) at step {state.step}; stopping. The last good "
-                        f"checkpoint is in {out_dir}/resume (lower --lr or check the data)")
+            skips.add(state.step, applied)
             if state.step % cfg.logging.log_steps == 0 or state.step == total_steps:
+                skips.check()
                 rec = metrics.reduce_and_reset()
                 state.tokens_seen += rec["real_tokens"]
                 _merge_truncation(state, rec["truncation"])
