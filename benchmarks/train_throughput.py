@@ -16,7 +16,8 @@ Modes 1-3 use plain HF + PEFT and a minimal prefix module written here (nothing 
 model code) with torch AdamW; mode 4 is exactly what `trainer.train` runs: the same model build
 and the same step, `trainer.engine.build_engine` (DeepSpeed ZeRO-2 from ds_configs/zero2.json,
 bf16 compute weights with fp32 master weights in the optimizer, gradient clipping, LR schedule) in
-a 1-process world; `--step-engine torch` swaps in plain torch AdamW for a quick look. The 7B shape is Mistral-7B's
+a 1-process world; `--step-engine torch` runs the trainer's `--engine torch` instead (the lean
+data-parallel engine: flat bf16 weights + fp32 masters, fused AdamW, no per-step host sync). The 7B shape is Mistral-7B's
 (`trainer.tiny.mistral_7b_shape_config`) with random bf16 weights (values don't change speed).
 
 Throughput counts real (non-pad) tokens only. Model FLOPs per step (printed with the results):
@@ -107,8 +108,9 @@ class BenchConfig:
         "help": "task weights of the example stream (the uniform A/B/C schedule by default)"})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cuda or cpu"})
     step_engine: Literal["auto", "deepspeed", "torch"] = field(default="auto", metadata={
-        "help": "mode 4's optimizer step: deepspeed = the trainer's build_engine (ZeRO-2, bf16 + fp32 "
-                "master weights), torch = plain AdamW on the model's params; auto = deepspeed if importable"})
+        "help": "mode 4's step, the trainer's build_engine with --engine deepspeed (ZeRO-2, bf16 + fp32 master "
+                "weights) or --engine torch (flat bf16 weights + fp32 masters, fused AdamW, no per-step host "
+                "sync); auto = deepspeed if importable"})
     deepspeed_config: str = field(default="ds_configs/zero2.json", metadata={
         "help": "mode 4 with the deepspeed engine: the DeepSpeed JSON (as the trainer's --deepspeed)"})
     ds_override: str = field(default="", metadata={
@@ -671,13 +673,8 @@ def mode_project(ctx: Context) -> dict:
     batches = [batch_to_device(project_batch(g, ctx.pad_id, n_img), ctx.device) for g in groups]
     n_params = sum(p.numel() for p in model.parameters())
     engine_name = resolve_step_engine(cfg.step_engine)
-    engine = opt = None
-    if engine_name == "deepspeed":
-        engine = build_bench_engine(model, cfg, ctx)
-        step = engine_stepper(engine)
-    else:
-        opt = make_optimizer(model, ctx.device)
-        step = torch_stepper(lambda b: model(b).loss, opt)
+    engine = build_bench_engine(model, cfg, ctx, engine_name)
+    step = engine_stepper(engine)
     result = time_mode(step, batches, groups, cfg, ctx.device, "project")
     ckpt_layers = _checkpointed_layers(cfg.model, ctx.hf_config.num_hidden_layers)
     result = _finish(ctx, result, groups, n_params, checkpointing=ckpt_layers / ctx.hf_config.num_hidden_layers)
@@ -692,12 +689,11 @@ def mode_project(ctx: Context) -> dict:
                   label=f"build_prefix_lm + collate_train packed ({_packing_desc(cfg)}), attention "
                         f"{backend!r}, kernels {loss_impl!r}, LoRA {lora_dtype}"
                         f"{' fused' if cfg.model.fused_lora else ''} dropout {cfg.model.lora_dropout}, "
-                        + ("DeepSpeed ZeRO-2 engine (the trainer's step)" if engine else "torch AdamW")
+                        + ("DeepSpeed ZeRO-2 engine" if engine_name == "deepspeed" else "torch engine")
+                        + " (the trainer's step)"
                         + (f", activation checkpointing of {ckpt_layers} layers" if ckpt_layers else ""))
-    if opt is not None:
-        opt.zero_grad(set_to_none=True)
     model.zero_grad(set_to_none=True)
-    del model, opt, engine, step, batches
+    del model, engine, step, batches
     return result
 
 
@@ -713,13 +709,13 @@ def resolve_step_engine(name: str) -> str:
     return "deepspeed"
 
 
-def build_bench_engine(model: nn.Module, cfg: BenchConfig, ctx: "Context"):
+def build_bench_engine(model: nn.Module, cfg: BenchConfig, ctx: "Context", engine: str = "deepspeed"):
     """`trainer.engine.build_engine` exactly as `trainer.train` calls it, in a 1-process world."""
     from trainer.config import TrainConfig
     from trainer.distributed import init_distributed, is_initialized
     from trainer.engine import build_engine
 
-    if not is_initialized():
+    if engine == "deepspeed" and not is_initialized():  # the torch engine needs no process group alone
         init_distributed(timeout_s=600)
     ds_path = cfg.deepspeed_config
     if cfg.ds_override:
@@ -728,7 +724,8 @@ def build_bench_engine(model: nn.Module, cfg: BenchConfig, ctx: "Context"):
         merged = _merge(json.loads(resolve_ds_config_path(ds_path).read_text()), json.loads(cfg.ds_override))
         ds_path = str(Path(tempfile.mkdtemp(prefix="ds_config_")) / "ds_config.json")
         atomic_write_json(ds_path, merged)
-    tcfg = TrainConfig(model=replace(cfg.model, model_path=str(ctx.model_dir)), deepspeed=ds_path, seed=cfg.seed)
+    tcfg = TrainConfig(model=replace(cfg.model, model_path=str(ctx.model_dir)), deepspeed=ds_path, seed=cfg.seed,
+                       engine=engine)
     return build_engine(model, tcfg, total_steps=ctx.n_steps + 3, device=ctx.device)
 
 

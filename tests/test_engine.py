@@ -266,8 +266,16 @@ def test_engine_flag_parses_and_is_checked():
 # The torch engine through launch/train.sh (2 CPU processes, gloo)
 
 
+@pytest.fixture
+def launcher_env(monkeypatch):
+    """The `dist1` fixture's process group put its layout (MASTER_PORT, ...) into os.environ: the
+    launched job must pick its own, not the port this process is listening on."""
+    for var in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+
+
 @pytest.mark.slow
-def test_two_process_torch_engine_run_learns_and_checkpoints(shard_dir, tiny_lm_dir, tmp_path):
+def test_two_process_torch_engine_run_learns_and_checkpoints(shard_dir, tiny_lm_dir, tmp_path, launcher_env):
     from tests.test_train_e2e import base_flags, run_train, train_records
     from trainer.engine import TORCH_ENGINE_STATE
 
@@ -284,7 +292,7 @@ def test_two_process_torch_engine_run_learns_and_checkpoints(shard_dir, tiny_lm_
 
 
 @pytest.mark.slow
-def test_torch_engine_resume_reproduces_the_uninterrupted_losses(shard_dir, tiny_lm_dir, tmp_path):
+def test_torch_engine_resume_reproduces_the_uninterrupted_losses(shard_dir, tiny_lm_dir, tmp_path, launcher_env):
     """tests/test_resume.py with --engine torch (and a NaN step inside the resumed part)."""
     from common.io import read_jsonl
     from tests.test_train_e2e import base_flags, run_train
@@ -308,3 +316,37 @@ def test_torch_engine_resume_reproduces_the_uninterrupted_losses(shard_dir, tiny
     for step in want:
         assert got[step]["loss"] == pytest.approx(want[step]["loss"], abs=1e-5), step
         assert got[step]["nan_steps_total"] == want[step]["nan_steps_total"] == (0 if step < 14 else 1)
+
+
+def test_benchmark_mode4_steps_the_torch_engine(tmp_path, synthetic_data):
+    """benchmarks/train_throughput.py --step-engine torch times the trainer's torch engine."""
+    import json
+
+    from benchmarks import train_throughput as tp
+
+    json_paths, _ = synthetic_data
+    out = tmp_path / "tp.json"
+    rc = tp.main(["--shape", "tiny", "--device", "cpu", "--modes", "4", "--step-engine", "torch", "--steps", "2",
+                  "--warmup-steps", "1", "--token-budget", "512", "--gemini-json", *map(str, json_paths),
+                  "--out", str(out)])
+    mode4 = json.loads(out.read_text())["modes"]["4"]
+    assert rc == 0, mode4.get("error")
+    assert mode4["step_engine"] == "torch" and "torch engine (the trainer's step)" in mode4["label"]
+    assert mode4["loss_finite"] and mode4["tokens_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_torch_engine_nan_streak_stops_the_run_at_the_next_log_step(shard_dir, tiny_lm_dir, tmp_path, launcher_env):
+    """The torch engine's skip flags are read at log steps (no per-step sync): a streak longer than
+    --max-nan-steps still stops the run, with the counters logged exactly, and no final checkpoint."""
+    from tests.test_train_e2e import base_flags, run_train, train_records
+
+    out = tmp_path / "nan"
+    proc = run_train(base_flags(shard_dir, tiny_lm_dir, out, **{"engine": "torch", "max-steps": 9, "log-steps": 3,
+                                                                "debug-nan-at-steps": [2, 5, 6, 7],
+                                                                "max-nan-steps": 2}), num_procs=1, check=False)
+    assert proc.returncode != 0
+    assert "3 consecutive non-finite steps (> --max-nan-steps 2) at step 7" in proc.stderr + proc.stdout
+    assert [(r["step"], r["nan_steps_total"]) for r in train_records(out)] == [(3, 1), (6, 3)]
+    assert all(r["loss"] == r["loss"] for r in train_records(out))  # skipped steps do not poison the loss
+    assert not (out / "final").exists()

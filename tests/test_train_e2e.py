@@ -102,7 +102,10 @@ def test_two_process_zero2_run_writes_checkpoints_and_learns(schedule, shard_dir
 
     recs = train_records(out)
     assert [r["step"] for r in recs] == list(range(1, 9))
-    assert recs[-1]["loss"] < recs[0]["loss"], [r["loss"] for r in recs]
+    # Per-step losses of 8 small mixed-task batches are noisy; the held-out loss is the measure.
+    vals = train_records(out, "val")
+    assert [v["step"] for v in (vals[0], vals[-1])] == [0, 8], vals
+    assert vals[-1]["val_loss"] < vals[0]["val_loss"], vals
     assert all(r["tokens_per_s"] > 0 and sum(r["task_mix"].values()) > 0 for r in recs)
     if schedule == "summary_centric":  # warm-up phase: captions and CoT links only
         assert all(r["task_mix"].get("summary", 0) == 0 for r in recs)

@@ -302,6 +302,10 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainerState:
     metrics = Metrics(dist.device)
     skips = SkippedSteps(state, cfg.checkpoint.max_nan_steps, out_dir)
     bar = _progress(dist, total_steps, state.step)
+    has_val = cfg.data.val_max_samples > 0 and stream.num_val_samples > 0
+    if has_val and state.step == 0:  # the held-out loss before any update: the baseline every later one is read against
+        runlog.write("val", 0, {"epoch": -1, **validation_loss(engine, stream)})
+    last_val_step = state.step
 
     def save_checkpoints(tag: str) -> None:
         skips.check()  # the saved NaN counters are exact
@@ -352,9 +356,13 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainerState:
             if state.step >= total_steps:
                 break
         else:  # the epoch ran to its end
-            runlog.write("val", state.step, {"epoch": epoch, **validation_loss(engine, stream)})
+            if has_val:
+                runlog.write("val", state.step, {"epoch": epoch, **validation_loss(engine, stream)})
+                last_val_step = state.step
             state.epoch, state.batches_in_epoch = epoch + 1, 0
     bar.close()
+    if has_val and last_val_step != state.step:  # stopped mid-epoch (--max-steps): report where it ended too
+        runlog.write("val", state.step, {"epoch": state.epoch, **validation_loss(engine, stream)})
     save_checkpoints("final")
     runlog.write("end", state.step, {"nan_steps_total": state.nan_steps_total})
     runlog.close()
