@@ -90,6 +90,15 @@ def _mean_ci(values: Sequence[float], num_bootstrap: int, seed: int) -> dict:
     return {"n": int(x.size), "mean": float(x.mean()) if x.size else math.nan, "ci_low": lo, "ci_high": hi}
 
 
+def _record_metric(result: dict, metric: str, values: dict, cfg) -> None:
+    """Per variant: the metric's mean with its CI and, against `true`, the paired difference."""
+    for v in cfg.variants:
+        entry = result["variants"].setdefault(v, {})
+        entry[metric] = _mean_ci(values[v], cfg.num_bootstrap, cfg.seed)
+        if v != "true":
+            entry[f"{metric}_diff_vs_true"] = paired_difference(values[v], values["true"], cfg.num_bootstrap, cfg.seed)
+
+
 def run_ablation(cfg: AblationConfig) -> dict:
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -109,12 +118,7 @@ def run_ablation(cfg: AblationConfig) -> dict:
             order = [donors[v][c.key] for c in cases] if donors[v] else None
             losses[v] = target_losses(model, cases, cfg.task, max_len, cfg.decoding.batch_size,
                                       prefix_mode="zero" if v == "zero" else "true", latents_from=order)
-        for v in cfg.variants:
-            entry = result["variants"].setdefault(v, {})
-            entry["target_loss"] = _mean_ci(losses[v], cfg.num_bootstrap, cfg.seed)
-            if v != "true":
-                entry["target_loss_diff_vs_true"] = paired_difference(losses[v], losses["true"],
-                                                                      cfg.num_bootstrap, cfg.seed)
+        _record_metric(result, "target_loss", losses, cfg)
 
     if cfg.generate:
         from eval.scores import EmbeddingScorer
@@ -129,14 +133,11 @@ def run_ablation(cfg: AblationConfig) -> dict:
         scorer = EmbeddingScorer(cfg.embedding_model)
         scores = {v: scorer.score([keyed[v][k]["reference"] for k in keys], [keyed[v][k]["generation"] for k in keys])
                   for v in cfg.variants}
+        _record_metric(result, "embedding", scores, cfg)
         for v in cfg.variants:
-            entry = result["variants"].setdefault(v, {})
-            entry["embedding"] = _mean_ci(scores[v], cfg.num_bootstrap, cfg.seed)
             if v != "true":
-                entry["embedding_diff_vs_true"] = paired_difference(scores[v], scores["true"],
-                                                                    cfg.num_bootstrap, cfg.seed)
                 same = sum(keyed[v][k]["generation"] == keyed["true"][k]["generation"] for k in keys)
-                entry["identical_generations"] = int(same)
+                result["variants"][v]["identical_generations"] = int(same)
     atomic_write_json(out_dir / "ablation.json", result)
     atomic_write_text(out_dir / "ablation.md", format_markdown(result))
     return result
