@@ -36,6 +36,8 @@ PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "sinfo")
 START_TIMEOUT_S = 60
 
+_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
 
 class SlurmUnavailable(RuntimeError):
     pass
@@ -200,7 +202,10 @@ class SlurmCluster:
     # ------------------------------------------------------------------ use
     def env(self, extra: Optional[Mapping[str, str]] = None) -> dict[str, str]:
         """The environment for SLURM client commands (and, exported by sbatch, for the job)."""
-        return {**os.environ, "SLURM_CONF": str(self.conf), **(extra or {})}
+        # Launcher variables of this (test) process must not leak into jobs: sbatch exports the
+        # submitting environment, and a job would reuse e.g. a MASTER_PORT that is bound here.
+        inherited = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
+        return {**inherited, "SLURM_CONF": str(self.conf), **(extra or {})}
 
     def sbatch(self, script: str | Path, *args: str, env: Optional[Mapping[str, str]] = None,
                options: Sequence[str] = (), cwd: Optional[str | Path] = None,

@@ -9,6 +9,7 @@ launch/train.sh in 2 processes (end to end, and N + resume + M steps = N + M ste
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -80,9 +81,14 @@ def _batch(tokenizer, n=3, latent_dim=32, with_tokens=None, seed=0):
 
 @pytest.fixture(scope="module")
 def dist1():
+    """A 1-process group for in-process engine tests. init_distributed exports RANK/MASTER_PORT/...;
+    they are taken back afterwards so that later launched jobs never inherit a port still bound here."""
     from trainer.distributed import init_distributed
 
-    return init_distributed(timeout_s=120)
+    saved = dict(os.environ)
+    yield init_distributed(timeout_s=120)
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def test_engine_step_two_lr_groups_and_nan_skip(tiny_lm_dir, stage1_ckpts, dist1):
