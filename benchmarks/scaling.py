@@ -96,6 +96,8 @@ class ScalingConfig:
     seed: int = field(default=1, metadata={"help": "the trainer's --seed (same for every run)"})
     train_args: str = field(default="", metadata={"help": "extra trainer flags for every run, e.g. '--attn-implementation flex --lora-r 16'"})
     run_timeout_s: int = field(default=3600, metadata={"help": "a run taking longer is killed and reported as failed"})
+    fault_drill: bool = field(default=False, metadata={"help": "after the runs: on the largest N, SIGKILL one rank right after a mid-run resume checkpoint, time the job's stop, then --resume and compare every later step with the uninterrupted run"})
+    fault_stop_timeout_s: int = field(default=300, metadata={"help": "fault drill: the stopped job must have exited within this many seconds of the kill"})
     check_coverage: bool = field(default=True, metadata={"help": "iterate the trainer's data pipeline over one epoch per rank and N to check exactly-once coverage"})
     # Inputs (generated when not given)
     shard_dir: str = field(default="", metadata={"help": "existing shard directory ('' = generate synthetic data and build shards)"})
@@ -311,6 +313,111 @@ def run_training(cfg: ScalingConfig, inputs: Inputs, n: int, grad_accum: int, wo
         print(f"[scaling] run on {n} GPU(s) FAILED ({result.error})", flush=True)
     else:
         print(f"[scaling] run on {n} GPU(s) done in {wall:.1f} s", flush=True)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Fault drill: one rank killed mid-run, then --resume
+# ----------------------------------------------------------------------------------------------
+
+def _rank_pids(session_id: int) -> dict[int, int]:
+    """{RANK: pid} of the trainer processes of the launcher whose session is `session_id`.
+
+    A rank process has RANK in its environment and its parent (the DeepSpeed launcher) has not;
+    its data-loader workers are forked from it and inherit RANK, so their parent has it too.
+    """
+    procs: dict[int, tuple[int, dict]] = {}  # pid -> (parent pid, environment)
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if os.getsid(int(d.name)) != session_id:
+                continue
+            parent = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = dict(kv.split(b"=", 1) for kv in (d / "environ").read_bytes().split(b"\0") if b"=" in kv)
+        except (OSError, ValueError):
+            continue  # gone meanwhile, or not ours to read
+        procs[int(d.name)] = (parent, env)
+    return {int(env[b"RANK"]): pid for pid, (parent, env) in procs.items()
+            if b"RANK" in env and b"LOCAL_RANK" in env and b"RANK" not in procs.get(parent, (0, {}))[1]}
+
+
+def fault_drill(cfg: ScalingConfig, inputs: Inputs, n: int, grad_accum: int, work: Path, cuda: bool,
+                reference: RunResult) -> dict:
+    """Kill the last rank right after the mid-run checkpoint; the job must stop, `--resume` must continue.
+
+    1. The run of `reference` (same flags) again, with a resume checkpoint at step max_steps // 2.
+    2. As soon as that checkpoint is committed (`resume/latest`), SIGKILL rank n-1 (a preempted or crashed
+       GPU process): every other process must be gone within `--fault-stop-timeout-s` (the DeepSpeed launcher
+       tears the job down; collectives also time out after the trainer's `--dist-timeout-s`).
+    3. The same command with `--resume`: it must start at the checkpoint's step and train every later step on
+       the same examples as the uninterrupted run (equal real-token counts per step: the data position) with
+       the same losses (within bf16 noise on GPU).
+    """
+    save_at = max(1, cfg.max_steps // 2)
+    run_dir = work / f"fault-gpus{n}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    flags = train_flags(cfg, inputs, grad_accum, run_dir)
+    flags[flags.index("--save-steps") + 1] = str(save_at)
+    cmd = [str(TRAIN_SH), "--num-gpus", str(n), "--", *flags]
+    log_file = work / f"fault-gpus{n}.log"
+    victim = n - 1
+    print(f"[scaling] fault drill on {n} GPU(s): SIGKILL rank {victim} after the step-{save_at} checkpoint; log {log_file}",
+          flush=True)
+    result: dict = {"gpus": n, "save_at_step": save_at, "killed_rank": victim, "log_file": str(log_file)}
+    latest = run_dir / "resume" / "latest"
+    with open(log_file, "w") as f:
+        f.write("$ " + shlex.join(cmd) + "\n")
+        f.flush()
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=subprocess_env(cuda), stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        deadline = time.monotonic() + cfg.run_timeout_s
+        while not latest.is_file() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        pids = _rank_pids(proc.pid)
+        if proc.poll() is not None or victim not in pids:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+            return {**result, "ok": False, "error": f"no checkpoint/rank {victim} to kill (ranks seen: {sorted(pids)}, "
+                                                    f"exit code {proc.returncode}); see {log_file}"}
+        result["checkpoint"] = latest.read_text().strip()
+        os.kill(pids[victim], 9)
+        killed_at = time.monotonic()
+        try:
+            code = proc.wait(timeout=cfg.fault_stop_timeout_s)
+            survivors = [pid for pid in pids.values() if Path(f"/proc/{pid}").exists()]
+        except subprocess.TimeoutExpired:
+            code, survivors = None, list(pids.values())
+        result["stop_s"] = round(time.monotonic() - killed_at, 2)
+        # Whatever is left of the job goes now, so it cannot hold the GPUs for the resume.
+        try:
+            os.killpg(proc.pid, 9)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    tail = log_file.read_text(errors="replace").splitlines()
+    result.update(exit_code=code, stopped_in_time=code is not None and not survivors, survivors=len(survivors),
+                  stop_message=[line for line in tail if "exit" in line.lower() or "kill" in line.lower()][-3:])
+    # Resume from the committed checkpoint.
+    code, wall, rtail = run_command(cmd + ["--resume"], subprocess_env(cuda), work / f"fault-gpus{n}-resume.log",
+                                    cfg.run_timeout_s)
+    records = read_jsonl(run_dir / "train_log.jsonl")
+    starts = [r for r in records if r.get("kind") == "start"]
+    resumed = [r for r in records[records.index(starts[-1]):] if r.get("kind") == "train"] if len(starts) > 1 else []
+    ref = {r["step"]: r for r in reference.records}
+    common = [r for r in resumed if r["step"] in ref]
+    result.update(resume_exit_code=code, resume_wall_s=round(wall, 1),
+                  resumed_at_step=starts[-1]["step"] if len(starts) > 1 else None,
+                  resumed_steps=len(resumed), compared_steps=len(common),
+                  same_data_position=bool(common) and all(r["real_tokens"] == ref[r["step"]]["real_tokens"] for r in common),
+                  max_abs_loss_diff=max((abs(r["loss"] - ref[r["step"]]["loss"]) for r in common), default=None))
+    result["ok"] = bool(result["stopped_in_time"] and code == 0 and result["resumed_at_step"] == save_at
+                        and result["same_data_position"] and result["resumed_steps"] == cfg.max_steps - save_at)
+    if code != 0:
+        result["error"] = f"resume exit code {code}; last lines:\n{rtail}"
+    print(f"[scaling] fault drill: stopped in {result['stop_s']} s (exit code {result['exit_code']}), resumed at step "
+          f"{result['resumed_at_step']}, same data position: {result['same_data_position']}, max |loss diff| "
+          f"{result['max_abs_loss_diff']}", flush=True)
     return result
 
 
@@ -537,6 +644,16 @@ def markdown_report(result: dict) -> str:
                          f"{'yes' if cov.get('exactly_once') else ('NO' if cov else '–')} | {cov.get('missing', '–')} | "
                          f"{cov.get('repeated', '–')} | {cov.get('loss_free_duplicates', '–')} | {cov.get('batches_per_rank', '–')} |")
         lines += ["", t["coverage_note"]]
+        d = t.get("fault_drill")
+        if d:
+            lines += ["", f"Fault drill on {d['gpus']} GPU(s): rank {d.get('killed_rank')} SIGKILLed right after the "
+                      f"step-{d.get('save_at_step')} resume checkpoint; job stopped in {d.get('stop_s', '–')} s (exit code "
+                      f"{d.get('exit_code')}, {d.get('survivors', '–')} processes left); `--resume` started at step "
+                      f"{d.get('resumed_at_step')}, trained {d.get('resumed_steps')} steps, same data position as the "
+                      f"uninterrupted run: {'yes' if d.get('same_data_position') else 'NO'}, max |loss difference| "
+                      f"{_fmt(d.get('max_abs_loss_diff'), '.2e')}: **{'ok' if d.get('ok') else 'FAILED'}**."]
+            if d.get("error"):
+                lines += ["```", d["error"], "```"]
         for n, r in t["runs"].items():
             if r.get("error"):
                 lines += ["", f"Run on {n} GPU(s) failed:", "```", r["error"], "```"]
@@ -594,7 +711,12 @@ def training_scaling(cfg: ScalingConfig, work: Path, cuda: bool) -> dict:
             entry["coverage"] = epoch_coverage(train_flags(cfg, inputs, accum[n], work / "coverage-unused"), n)
         runs[n] = entry
     tps = {n: r["throughput"] for n, r in runs.items() if r["ok"]}
-    return {"inputs": asdict(inputs), "global_batch": cfg.effective_global_batch,
+    drill = None
+    if cfg.fault_drill:
+        n = max(cfg.gpus)
+        drill = (fault_drill(cfg, inputs, n, accum[n], work, cuda, results[n]) if results[n].ok
+                 else {"gpus": n, "ok": False, "error": f"the reference run on {n} GPU(s) failed"})
+    return {"inputs": asdict(inputs), "global_batch": cfg.effective_global_batch, "fault_drill": drill,
             "train_samples": load_manifest(inputs.shard_dir).num_samples("train"), "runs": runs,
             "efficiency": scaling_efficiency(tps),
             "loss_agreement": loss_agreement({n: r.records for n, r in results.items() if r.records}, cfg.last_k),
@@ -628,6 +750,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print_config(cfg)
     result = run(cfg)
     failed = [n for n, r in (result.get("training") or {}).get("runs", {}).items() if not r["ok"]]
+    drill = (result.get("training") or {}).get("fault_drill")
+    failed += ["fault drill"] if drill and not drill["ok"] else []
     failed += [r["processes"] for r in (result.get("builder") or {}).get("runs", []) if r.get("error")]
     return 1 if failed else 0
 

@@ -12,8 +12,9 @@ What it does, in order:
    inputs and the config only, never on the node layout or timing, and within a shard Stage1 runs on
    fixed batches of the plan, so any layout (1 process, N nodes, a resumed build) writes the same bytes.
 3. For each shard this node owns: decode its images in worker processes (a torch DataLoader over
-   plan batches, bounded prefetch), run Stage1 batched under `torch.inference_mode` (bf16 autocast on
-   GPU), write samples with `data_prep.shard_format.encode_sample` into a temp tar with fixed tar
+   plan batches, bounded prefetch; workers ship resized uint8 pixels, normalised on the Stage1
+   device), run Stage1 batched under `torch.inference_mode` (bf16 autocast on GPU; one batch in
+   flight while the previous one is written), write samples with `data_prep.shard_format.encode_sample` into a temp tar with fixed tar
    metadata, rename it into place when complete, then write its sidecar `.build/<shard>.json`
    (sha256, size, sample count, image skips, plan fingerprint). An image that cannot be decoded
    (missing, empty, corrupt, bad frame) is left out of its shard and recorded, never a crash.
@@ -61,7 +62,7 @@ from common.log import setup_logging
 from data_prep.cond_names import (COND_MAP_FILENAME, default_cond_name_to_id, load_cond_map,
                                   save_cond_map)
 from data_prep.gemini import Case, Element, Skip, SkipReport, assign_split, load_gemini_json, resolve_image_path
-from data_prep.images import ImageDecodeError, decode_image, normalization
+from data_prep.images import ImageDecodeError, decode_image_uint8, normalization, normalize_pixels
 from data_prep.manifest import (BUILD_CONFIG_FILENAME, SKIP_REPORT_FILENAME, SPLITS, Manifest,
                                 ShardEntry, Stage1Record, save_manifest)
 from data_prep.shard_format import CASES_FILENAME, MANIFEST_FILENAME, ElementSample, encode_sample
@@ -234,7 +235,7 @@ class DecodedBatch:
     shard_index: int
     batch_index: int
     ok: list[int]  # positions in the plan batch whose image decoded
-    pixels: torch.Tensor  # float32 [len(ok), 3, H, W]
+    pixels: torch.Tensor  # uint8 [len(ok), 3, H, W], normalised by Stage1Runner on its device
     failures: list[tuple[int, str, str, str]]  # (position, path, reason, detail)
     image_bytes: list[Optional[bytes]]  # per ok position (keep_images), else Nones
 
@@ -259,14 +260,14 @@ class _DecodeJobs(torch.utils.data.Dataset):
         ok, arrays, failures, raw = [], [], [], []
         for pos, path in enumerate(paths):
             try:
-                arrays.append(decode_image(path, self.image_size, self.frame))
+                arrays.append(decode_image_uint8(path, self.image_size, self.frame))
             except ImageDecodeError as e:
                 failures.append((pos, e.path, e.reason, e.detail))
                 continue
             ok.append(pos)
             raw.append(Path(path).read_bytes() if self.keep_images else None)
         shape = (0, 3, self.image_size, self.image_size)
-        pixels = torch.from_numpy(np.stack(arrays)) if arrays else torch.empty(shape)
+        pixels = torch.from_numpy(np.stack(arrays)) if arrays else torch.empty(shape, dtype=torch.uint8)
         return DecodedBatch(shard_index, batch_index, ok, pixels, failures, raw)
 
 
@@ -276,6 +277,19 @@ def _no_collate(item):
 
 # ----------------------------------------------------------------------------------------------
 # Stage1
+
+
+@dataclass
+class Stage1Result:
+    """Stage1 outputs on the host (fp16), valid once `event` (None on CPU) has completed."""
+    tensors: list  # latent, logits[, tokens]
+    event: Optional[object]
+
+    def numpy(self):
+        if self.event is not None:
+            self.event.synchronize()
+        arrays = [t.numpy() for t in self.tensors]
+        return arrays[0], arrays[1], (arrays[2] if len(arrays) > 2 else None)
 
 
 class Stage1Runner:
@@ -290,15 +304,33 @@ class Stage1Runner:
         self.autocast = _AUTOCAST_DTYPES.get(compute_dtype)
 
     @torch.inference_mode()
-    def __call__(self, pixels: torch.Tensor):
+    def launch(self, pixels: torch.Tensor) -> "Stage1Result":
+        """Queue Stage1 on a batch (uint8 or normalised float pixels) without waiting for it.
+
+        On a GPU the outputs are copied into pinned host memory asynchronously and an event marks
+        their arrival, so the caller can write the previous batch while this one computes.
+        """
         pixels = pixels.to(self.device, non_blocking=True)
+        if pixels.dtype == torch.uint8:
+            pixels = normalize_pixels(pixels)
         with torch.autocast(self.device.type, dtype=self.autocast or torch.float32,
                             enabled=self.autocast is not None):
             latent, tokens = self.encoder.encode(pixels, trainable_blocks=self.settings.stage1_trainable_blocks)
             logits = self.classifier(pixels)
         logits = getattr(logits, "logits", logits)
-        to_np = lambda t: t.float().cpu().numpy().astype(np.float16)  # noqa: E731
-        return to_np(latent), to_np(logits), (None if tokens is None else to_np(tokens))
+        outputs = [latent, logits] + ([] if tokens is None else [tokens])
+        if self.device.type != "cuda":
+            return Stage1Result([t.to(torch.float16) for t in outputs], None)
+        host = [torch.empty(t.shape, dtype=torch.float16, pin_memory=True) for t in outputs]
+        for dst, src in zip(host, outputs):
+            dst.copy_(src.to(torch.float16), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return Stage1Result(host, event)
+
+    def __call__(self, pixels: torch.Tensor):
+        """Stage1 on a batch, waited for: (latent, logits, tokens or None) as fp16 numpy arrays."""
+        return self.launch(pixels).numpy()
 
     def shapes(self) -> tuple[int, int]:
         """(latent_dim, tokens per image; 0 when K == 0), from one blank image."""
@@ -442,10 +474,28 @@ def _build_shards(cfg: BuildConfig, todo: list[PlannedShard], fingerprints: dict
     writer: Optional[ShardWriter] = None
     num_skipped = 0
     bar = tqdm(total=total, unit="img", desc=f"node {cfg.node_rank}", dynamic_ncols=True, smoothing=0.1)
+    # One batch in flight: Stage1 of batch i runs on the GPU while batch i-1 is written here.
+    in_flight: Optional[tuple] = None  # (decoded, Stage1Result, shard, items)
+
+    def write_encoded(decoded: DecodedBatch, result: Stage1Result, shard: PlannedShard, items) -> None:
+        nonlocal writer
+        latents, logits, tokens = result.numpy()
+        for j, pos in enumerate(decoded.ok):
+            case, el = items[pos]
+            writer.write(_sample(case, el, latents[j], logits[j],
+                                 None if tokens is None else tokens[j], decoded.image_bytes[j]))
+        if decoded.batch_index == len(plan_batches[shard.index]) - 1:
+            _commit_shard(out, writer, fingerprints[shard.name])
+            writer = None
+
     try:
         for decoded in loader:
             shard = by_index[decoded.shard_index]
             items = plan_batches[shard.index][decoded.batch_index]
+            launched = runner.launch(decoded.pixels) if decoded.ok else None
+            if in_flight is not None:
+                write_encoded(*in_flight)
+                in_flight = None
             if decoded.batch_index == 0:
                 writer = ShardWriter(out, shard)
                 bar.set_postfix_str(shard.name)
@@ -456,16 +506,14 @@ def _build_shards(cfg: BuildConfig, todo: list[PlannedShard], fingerprints: dict
                     raise ValueError(f"--strict: {skip.message()}")
                 writer.skips.append(skip)
                 num_skipped += 1
-            if decoded.ok:
-                latents, logits, tokens = runner(decoded.pixels)
-                for j, pos in enumerate(decoded.ok):
-                    case, el = items[pos]
-                    writer.write(_sample(case, el, latents[j], logits[j],
-                                         None if tokens is None else tokens[j], decoded.image_bytes[j]))
-            bar.update(len(items))
-            if decoded.batch_index == len(plan_batches[shard.index]) - 1:
+            if launched is not None:
+                in_flight = (decoded, launched, shard, items)
+            elif decoded.batch_index == len(plan_batches[shard.index]) - 1:
                 _commit_shard(out, writer, fingerprints[shard.name])
                 writer = None
+            bar.update(len(items))
+        if in_flight is not None:
+            write_encoded(*in_flight)
     except BaseException:
         if writer is not None:
             writer.abort()

@@ -1,4 +1,4 @@
-"""Image decoding for Stage1: GIF (or PNG/JPEG) file -> normalised float32 [3, H, W].
+"""Image decoding for Stage1: GIF (or PNG/JPEG) file -> normalised float32 [3, H, W] (or uint8).
 
 This runs ~160k times per full build, in worker processes, so it avoids torch and does as little
 work as possible: palette GIFs are expanded to RGB once, large images are shrunk with PIL's
@@ -110,35 +110,73 @@ def _check_size(image_size: int) -> None:
         raise ValueError(f"image_size must be a positive int, got {image_size!r}")
 
 
+def resize_rgb(img: Image.Image, image_size: int) -> np.ndarray:
+    """RGB image -> uint8 [3, image_size, image_size] (bicubic resize): the pixels before normalisation."""
+    _check_size(image_size)
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    if img.size != (image_size, image_size):
+        img = img.resize((image_size, image_size), RESAMPLE, reducing_gap=REDUCING_GAP)
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def normalize_coefficients(mean: Stats = None, std: Stats = None) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, shift), float32 per channel, with normalised = uint8_pixel * scale + shift.
+
+    /255 and the mean/std are folded into one multiply-add, so the same formula gives the same
+    float32 values in numpy (`preprocess`) and in torch on the builder's GPU (`normalize_pixels`).
+    """
+    if mean is None or std is None:
+        default_mean, default_std = normalization()
+        mean = default_mean if mean is None else mean
+        std = default_std if std is None else std
+    scale = np.asarray([1.0 / (255.0 * s) for s in std], dtype=np.float32)
+    shift = np.asarray([-m / s for m, s in zip(mean, std)], dtype=np.float32)
+    return scale, shift
+
+
 def preprocess(img: Image.Image, image_size: int, mean: Stats = None, std: Stats = None) -> np.ndarray:
     """RGB image -> float32 [3, image_size, image_size]: bicubic resize, [0, 1], mean/std.
 
     `mean`/`std` default to `normalization()`; passing them explicitly (e.g. from the manifest)
     spares a worker process the import of trainer.stage1 (torch + transformers, seconds).
     """
-    _check_size(image_size)
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    if img.size != (image_size, image_size):
-        img = img.resize((image_size, image_size), RESAMPLE, reducing_gap=REDUCING_GAP)
-    if mean is None or std is None:
-        default_mean, default_std = normalization()
-        mean = default_mean if mean is None else mean
-        std = default_std if std is None else std
-    # Fold /255 and the normalisation into one multiply-add on the uint8 pixels.
-    scale = np.asarray([1.0 / (255.0 * s) for s in std], dtype=np.float32)
-    shift = np.asarray([-m / s for m, s in zip(mean, std)], dtype=np.float32)
-    hwc = np.asarray(img, dtype=np.float32) * scale + shift
-    return np.ascontiguousarray(hwc.transpose(2, 0, 1))
+    chw = resize_rgb(img, image_size)
+    scale, shift = normalize_coefficients(mean, std)
+    return chw.astype(np.float32) * scale[:, None, None] + shift[:, None, None]
+
+
+def normalize_pixels(pixels, mean: Stats = None, std: Stats = None):
+    """torch uint8 [..., 3, H, W] -> float32, exactly `preprocess`'s formula (on any device).
+
+    The shard builder's workers ship uint8 pixels (4x less through shared memory, pinning and the
+    host-to-device copy than float32) and normalise here, on the GPU.
+    """
+    import torch
+
+    scale, shift = (torch.from_numpy(a).to(pixels.device).view(3, 1, 1) for a in normalize_coefficients(mean, std))
+    return pixels.float() * scale + shift
 
 
 def decode_image(path: ImageSource, image_size: int, frame: int = 0, mean: Stats = None,
                  std: Stats = None) -> np.ndarray:
     """load_gif + preprocess; every failure of the image is an ImageDecodeError."""
+    return preprocess(_decode_rgb(path, image_size, frame), image_size, mean, std)
+
+
+def decode_image_uint8(path: ImageSource, image_size: int, frame: int = 0) -> np.ndarray:
+    """load_gif + resize_rgb: uint8 [3, H, W]; `normalize_pixels` of it equals `decode_image`."""
+    return resize_rgb(_decode_rgb(path, image_size, frame), image_size)
+
+
+def _decode_rgb(path: ImageSource, image_size: int, frame: int) -> Image.Image:
     _check_size(image_size)  # a bad argument is the caller's error, not the image's
     img = load_gif(path, frame)
     try:
-        return preprocess(img, image_size, mean, std)
+        img.load()
+        if img.size != (image_size, image_size):
+            img = img.resize((image_size, image_size), RESAMPLE, reducing_gap=REDUCING_GAP)
+        return img
     except (OSError, ValueError) as e:
         name = "<bytes>" if isinstance(path, (bytes, bytearray)) else str(path)
         raise ImageDecodeError(name, "corrupt", str(e)) from None
