@@ -7,6 +7,9 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 DEEPSPEED_SPEC ?= deepspeed==0.19.8
 PYTEST_ARGS ?=
+# Two pytest-xdist workers (CI has 2 cores): the suite takes ~10 minutes instead of ~14.
+PYTEST_WORKERS ?= 2
+XDIST := -n $(PYTEST_WORKERS) --dist loadgroup
 
 .PHONY: venv demo test test-quick clean-demo
 
@@ -28,11 +31,11 @@ demo: venv
 
 ## The whole test suite (what CI runs).
 test: venv
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -ra $(PYTEST_ARGS) tests
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -ra $(XDIST) $(PYTEST_ARGS) tests
 
 ## The quick subset while you work: everything but the slow end-to-end tests.
 test-quick: venv
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -ra -m "not slow" $(PYTEST_ARGS) tests
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -ra -m "not slow" $(XDIST) $(PYTEST_ARGS) tests
 
 clean-demo:
 	rm -rf demo_out

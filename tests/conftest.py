@@ -88,3 +88,11 @@ def tiny_lm_dir(tmp_path_factory, synthetic_data):
 
     json_paths, _ = synthetic_data
     return make_tiny_lm(tmp_path_factory.mktemp("tiny_lm"), corpus_json=json_paths)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`-n 2 --dist loadgroup`, as `make test` runs): the SLURM tests share one
+    worker, since the single-node cluster they start is one per machine."""
+    for item in items:
+        if item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.xdist_group("slurm"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import random
 from collections import Counter
 from pathlib import Path
 
@@ -177,10 +178,11 @@ def test_same_seed_same_batches_other_seed_other_order(small_shards, tokenizer):
 
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")
-@pytest.mark.parametrize("world_size, num_workers", [(2, 2), (1, 3), (1, 0)])
-def test_skip_batches_resumes_exactly(small_shards, tokenizer, world_size, num_workers):
+@pytest.mark.parametrize("world_size, num_workers, window", [(2, 2, 8), (1, 3, 3), (1, 0, 4), (1, 0, 1)])
+def test_skip_batches_resumes_exactly(small_shards, tokenizer, world_size, num_workers, window):
+    """Resuming at any batch (inside a balancing window too) gives the rest of the same epoch."""
     stream = make_stream(small_shards, tokenizer, rank=world_size - 1, world_size=world_size,
-                         num_workers=num_workers, batch_size=2)
+                         num_workers=num_workers, batch_size=2, balance_window=window)
     full = [fingerprint(b) for b in stream.loader(1)]
     assert len(full) == stream.batches_per_epoch
     for skip in sorted({1, 2, len(full) // 2 + 1, len(full) - 1, len(full)}):
@@ -306,3 +308,42 @@ def test_stream_over_built_shards(shard_dir, tiny_lm_dir):
     for b in streams[0].val_loader():
         mix.update({t: n for t, n in b["stats"]["task_counts"].items() if n})
     assert set(mix) <= set(TASKS) and len(mix) >= 3
+
+
+def test_token_balanced_batches_keep_counts_and_even_out_tokens(small_shards, tokenizer):
+    """Same batches per epoch, every sample once, and per-batch token totals closer to the mean than
+    consecutive batching gives (the spread that makes one GPU wait for another)."""
+    def epoch(window):
+        stream = make_stream(small_shards, tokenizer, num_workers=0, batch_size=3, balance_window=window)
+        batches = list(stream.loader(0))
+        keys = sorted(k for b in batches for k in b["keys"])
+        return stream.batches_per_epoch, batches, keys
+
+    n_plain, plain, keys_plain = epoch(1)
+    n_bal, balanced, keys_bal = epoch(4)
+    assert len(plain) == n_plain == len(balanced) == n_bal
+    assert keys_plain == keys_bal == sorted(train_keys())
+    full = balanced[: 4 * (len(balanced) // 4)]  # whole windows only
+    assert len(full) >= 4
+    tokens = lambda bs: [b["input_ids"].numel() for b in bs]  # noqa: E731  (packed rows: no padding)
+    spread = lambda xs: max(xs) - min(xs)  # noqa: E731
+    assert spread(tokens(full)) < spread(tokens(plain[: len(full)])), (tokens(full), tokens(plain[: len(full)]))
+
+
+def test_balanced_batches_lpt_is_within_one_example_of_the_mean():
+    from trainer.data import Example, balanced_batches
+    from trainer.tasks import TokenizedExample
+
+    rng = random.Random(0)
+    window = [Example(raw=None, loss_weight=1.0, tokens=TokenizedExample("caption", True, [1] * rng.randint(5, 30),
+                                                                          [2] * rng.randint(20, 200), True))
+              for _ in range(64)]
+    window[3].tokens = None  # a dropped example still takes a slot
+    batches = balanced_batches(window, 8, prefix_tokens=5)
+    assert len(batches) == 8 and all(batches) and sorted(map(id, sum(batches, []))) == sorted(map(id, window))
+    size = lambda ex: 0 if ex.tokens is None else len(ex.tokens.prompt_ids) + len(ex.tokens.target_ids) + 5  # noqa: E731
+    totals = [sum(map(size, b)) for b in batches]
+    assert max(totals) - min(totals) <= max(map(size, window)), totals
+    position = {id(ex): i for i, ex in enumerate(window)}
+    for b in batches:  # stream order kept inside a batch
+        assert [position[id(ex)] for ex in b] == sorted(position[id(ex)] for ex in b)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep.images import ImageDecodeError, decode_image, load_gif, normalization, preprocess
+from data_prep.images import (ImageDecodeError, decode_image, decode_image_uint8, load_gif, normalization,
+                              normalize_pixels, preprocess)
 
 
 def palette_frame(value: int, size=(40, 30)) -> Image.Image:
@@ -131,3 +132,17 @@ def test_explicit_statistics_override_the_default(two_frame_gif):
     np.testing.assert_allclose(plain, 40 / 255, atol=2 / 255)
     mean, std = normalization()
     np.testing.assert_array_equal(decode_image(two_frame_gif, 8, mean=mean, std=std), decode_image(two_frame_gif, 8))
+
+
+def test_uint8_path_normalised_in_torch_equals_decode_image(two_frame_gif, tmp_path):
+    """The shard builder ships uint8 pixels and normalises them in torch: bit-identical on CPU."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    noisy = tmp_path / "noise.gif"
+    Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(noisy)
+    for path, frame in ((two_frame_gif, 1), (noisy, 0)):
+        raw = decode_image_uint8(path, 24, frame=frame)
+        assert raw.dtype == np.uint8 and raw.shape == (3, 24, 24)
+        batch = torch.from_numpy(np.stack([raw, raw]))
+        np.testing.assert_array_equal(normalize_pixels(batch)[1].numpy(), decode_image(path, 24, frame=frame))

@@ -154,7 +154,8 @@ def test_scaling_end_to_end_on_cpu(tmp_path):
 
     work = tmp_path / "scaling"
     code = main(["--shape", "tiny", "--gpus", "1", "2", "--max-steps", "4", "--warmup-steps", "1", "--last-k", "2",
-                 "--batch-size", "2", "--num-workers", "0", "--workdir", str(work)])
+                 "--batch-size", "2", "--num-workers", "0", "--fault-drill", "--fault-stop-timeout-s", "120",
+                 "--workdir", str(work)])
     result = json.loads((work / "scaling.json").read_text())
     runs = result["training"]["runs"]
     assert code == 0, {n: r["error"] for n, r in runs.items()}
@@ -174,6 +175,15 @@ def test_scaling_end_to_end_on_cpu(tmp_path):
     assert agree["mean_abs_diff_last_k"] <= agree["max_abs_diff"]
     report = (work / "scaling.md").read_text()
     assert "| 2 | 1 | 3 |" in report and "exactly once" in report
+    # Fault drill: rank 1 of the 2-process run SIGKILLed after the step-2 checkpoint; the launcher
+    # stops the job (no process left), and --resume trains steps 3-4 exactly as the uninterrupted run.
+    drill = result["training"]["fault_drill"]
+    assert drill["ok"], drill
+    assert drill["checkpoint"] == "step-2" and drill["survivors"] == 0 and drill["exit_code"] != 0
+    assert drill["stop_s"] < 120 and any("-9" in line for line in drill["stop_message"]), drill["stop_message"]
+    assert drill["resumed_at_step"] == 2 and drill["compared_steps"] == 2 and drill["same_data_position"]
+    assert drill["max_abs_loss_diff"] < 1e-5  # fp32 on CPU: the resumed steps are the same computation
+    assert "Fault drill on 2 GPU(s)" in report
 
 
 @pytest.mark.slow

@@ -6,7 +6,8 @@ Splitting (docs/architecture.md, "Data pipeline"). Per epoch:
     -> world_size contiguous rank ranges of ceil(N / W) slots; the < W slots left over are filled
        with loss-free duplicates (loss_weight 0) of a sample of the shorter rank's own range
     -> each rank's slots into num_workers contiguous worker ranges (sizes differ by at most 1)
-    -> each worker's range into batches of batch_size (the last one may be partial)
+    -> each worker's range into batches of batch_size (the last one may be partial); with
+       --balance-window K each run of K batches is regrouped into K batches of ~equal tokens
 
 The counts depend only on (N, W, num_workers, batch_size), so every rank has the same number of
 batches, every epoch (all ranks must see the same shard files: with --skip-bad-shards a shard
@@ -18,7 +19,7 @@ the workers so that the remaining batches come in exactly the order an uninterru
 Each worker runs one chain of stages over its range (see `TrainStream._examples`):
 
     shard tars -> raw samples -> shuffle buffer -> skip (resume) -> decode -> choose task
-    -> build prompt -> tokenize/truncate -> batch -> collate (+ per-batch stats)
+    -> build prompt -> tokenize/truncate -> token-balanced batches -> collate (+ per-batch stats)
 
 The task of a sample is `schedules.sample_task(phase.probs, seed, epoch, key)`: independent of the
 rank/worker layout. A task the sample cannot serve (cot on a one-sentence caption, text_summary
@@ -28,6 +29,7 @@ without the case's captions) falls back to caption and is counted.
 from __future__ import annotations
 
 import bisect
+import heapq
 import itertools
 import json
 import logging
@@ -65,6 +67,7 @@ class DataConfig:
     num_workers: int = field(default=2, metadata={"help": "data-loader worker processes per GPU (0 = load in the training process)"})
     shuffle_buffer: int = field(default=1000, metadata={"help": "samples each worker holds in its shuffle buffer (<= 1 = no shuffling inside a worker)"})
     max_seq_len: int = field(default=256, metadata={"help": "max positions per example, image prefix included; longer ones are truncated (counted per task)"})
+    balance_window: int = field(default=8, metadata={"help": "token-balanced micro-batches: each data worker regroups every window of this many batches (x --batch-size examples) so that the batches carry ~equal tokens (longest first onto the lightest batch); the batch count is unchanged, so ranks still agree, and GPUs wait less for each other (1 = plain consecutive batches)"})
     packed: bool = field(default=True, metadata={"help": "pack each micro-batch into one row with per-example attention (--no-packed: one padded row per example)"})
     skip_bad_shards: bool = field(default=False, metadata={"help": "log and skip missing/truncated shards and unreadable samples (counted) instead of stopping with an error"})
     val_max_samples: int = field(default=256, metadata={"help": "held-out loss is computed on at most this many val samples (0 = off)"})
@@ -74,6 +77,8 @@ class DataConfig:
             raise ValueError(f"--batch-size must be >= 1 (got {self.batch_size})")
         if self.num_workers < 0:
             raise ValueError(f"--num-workers must be >= 0 (got {self.num_workers})")
+        if self.balance_window < 1:
+            raise ValueError(f"--balance-window must be >= 1 (got {self.balance_window})")
         if self.shuffle_buffer < 0:
             raise ValueError(f"--shuffle-buffer must be >= 0 (got {self.shuffle_buffer})")
         if self.max_seq_len < 16:
@@ -167,7 +172,7 @@ class WorkerJob:
 
     spans: tuple[ShardSpan, ...]
     work: WorkerRange
-    skip_samples: int
+    skip_batches: int  # resume: batches of this worker already consumed
     shuffle_buffer: int
     shuffle_seed: int
     probs: dict
@@ -334,6 +339,45 @@ def batched(examples: Iterable[Example], batch_size: int) -> Iterator[list[Examp
         yield chunk
 
 
+def example_tokens(ex: Example, prefix_tokens: int) -> int:
+    """Positions an example takes in a packed row: text, plus the image prefix when its task uses one."""
+    if ex.tokens is None:
+        return 0
+    t = ex.tokens
+    return len(t.prompt_ids) + len(t.target_ids) + (prefix_tokens if t.uses_image else 0)
+
+
+def balanced_batches(window: Sequence[Example], num_batches: int, prefix_tokens: int) -> list[list[Example]]:
+    """`window` regrouped into `num_batches` batches of ~equal tokens.
+
+    Longest first, each onto the batch with the fewest tokens so far (then the fewest examples, then
+    the lowest index): LPT scheduling, within one longest example of the mean. Every batch gets at
+    least one example. Within a batch the examples keep their stream order. Deterministic.
+    """
+    sizes = [example_tokens(ex, prefix_tokens) for ex in window]
+    heap = [(0, 0, b) for b in range(num_batches)]
+    members: list[list[int]] = [[] for _ in range(num_batches)]
+    for i in sorted(range(len(window)), key=lambda i: (-sizes[i], i)):
+        tokens, count, b = heapq.heappop(heap)
+        members[b].append(i)
+        heapq.heappush(heap, (tokens + sizes[i], count + 1, b))
+    return [[window[i] for i in sorted(m)] for m in members]
+
+
+def windowed_batches(examples: Iterable[Example], batch_size: int, window: int, prefix_tokens: int,
+                     skip_batches: int = 0) -> Iterator[list[Example]]:
+    """Token-balanced batches: each run of `window` x `batch_size` examples becomes `window` batches
+    (a last, shorter run ceil(n / batch_size) batches), so the count per worker is exactly that of
+    `batched`. `examples` must already start at a window boundary; the first `skip_batches`
+    (< window) batches of the first window are dropped (exact resume inside a window)."""
+    it = iter(examples)
+    while chunk := list(itertools.islice(it, batch_size * window)):
+        out = (balanced_batches(chunk, math.ceil(len(chunk) / batch_size), prefix_tokens) if window > 1
+               else [chunk])
+        yield from out[skip_batches:]
+        skip_batches = 0
+
+
 def collate(batches: Iterable[list[Example]], pad_id: int, num_image_tokens: int, packed: bool,
             max_seq_len: int) -> Iterator[dict]:
     for chunk in batches:
@@ -419,7 +463,8 @@ class TrainStream:
         """What a position (batches consumed) means: resuming with another layout cannot be exact,
         so the trainer can store this with its state and compare on resume."""
         return {"world_size": self.world_size, "num_workers": max(1, self.num_workers),
-                "batch_size": self.cfg.batch_size, "num_train_samples": self.num_train_samples, "seed": self.seed}
+                "batch_size": self.cfg.batch_size, "balance_window": self.cfg.balance_window,
+                "num_train_samples": self.num_train_samples, "seed": self.seed}
 
     # -- set-up checks --------------------------------------------------------------------------
 
@@ -476,25 +521,30 @@ class TrainStream:
         # DataLoader worker j plays worker (first + j): its round-robin then continues where the
         # interrupted epoch stopped.
         order = [(first + j) % len(workers) for j in range(len(workers))]
-        return [WorkerJob(spans=tuple(spans), work=workers[k], skip_samples=done[k] * self.cfg.batch_size,
+        return [WorkerJob(spans=tuple(spans), work=workers[k], skip_batches=done[k],
                           shuffle_buffer=self.cfg.shuffle_buffer if shuffle else 0,
                           shuffle_seed=stable_hash(f"buffer/{self.seed}/{epoch}/{self.rank}/{k}"),
                           probs=probs, task_seed=task_seed, task_epoch=epoch) for k in order]
 
     # -- the stage chain ------------------------------------------------------------------------
 
-    def _examples(self, job: WorkerJob) -> Iterator[Example]:
+    def _examples(self, job: WorkerJob, skip_samples: int = 0) -> Iterator[Example]:
         skip_bad = self.cfg.skip_bad_shards
         stream = read_range(job.spans, job.work, skip_bad)
         stream = shuffle_buffer(stream, job.shuffle_buffer, random.Random(job.shuffle_seed))
-        stream = itertools.islice(stream, job.skip_samples, None)  # resume: before any decoding
+        stream = itertools.islice(stream, skip_samples, None)  # resume: before any decoding
         stream = decode(stream, skip_bad)
         stream = choose_task(stream, job.probs, job.task_seed, job.task_epoch)
         stream = build_prompts(stream, self.case_captions)
         return tokenize(stream, self.tokenizer, self.cfg.max_seq_len, self.num_image_tokens)
 
     def _batches(self, job: WorkerJob) -> Iterator[dict]:
-        return collate(batched(self._examples(job), self.cfg.batch_size), self.pad_id, self.num_image_tokens,
+        # Resume: whole windows are skipped before decoding, the rest of a window after balancing.
+        window, bs = self.cfg.balance_window, self.cfg.batch_size
+        whole, rest = divmod(job.skip_batches, window)
+        examples = self._examples(job, skip_samples=whole * window * bs)
+        return collate(windowed_batches(examples, bs, window, self.num_image_tokens + 1, rest), self.pad_id,
+                       self.num_image_tokens,
                        self.cfg.packed, self.cfg.max_seq_len)
 
     def _dataloader(self, jobs: list[WorkerJob]) -> DataLoader:
