@@ -18,6 +18,7 @@ import torch
 
 from common.io import read_jsonl
 from trainer.config import parse_train_config
+from trainer.distributed import free_port, shm_allreduce_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,10 +77,16 @@ def run_env() -> dict:
 
 
 def run_train(flags: list[str], num_procs: int = 2, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    cmd = [str(REPO / "launch" / "train.sh"), "--num-gpus", str(num_procs), "--", *flags]
+    port = free_port()
+    cmd = [str(REPO / "launch" / "train.sh"), "--num-gpus", str(num_procs), "--master-port", str(port), "--", *flags]
     proc = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    # DeepSpeed's CPU allreduce segments must not outlive the job (they are RAM: see
+    # trainer.distributed.disable_shm_allreduce_op).
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    left = [str(shm_allreduce_path(r, env)) for r in range(num_procs) if shm_allreduce_path(r, env).exists()]
+    assert not left, f"shared-memory segments left behind: {left}"
     return proc
 
 

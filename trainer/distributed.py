@@ -19,6 +19,7 @@ import shutil
 import socket
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping
 
 import torch
@@ -60,7 +61,7 @@ def first_host(nodelist: str) -> str:
     return prefix + ranges.split(",")[0].split("-")[0]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -85,7 +86,7 @@ def discover_layout(env: Mapping[str, str] | None = None) -> dict[str, str]:
     else:
         layout = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
                   "MASTER_ADDR": env.get("MASTER_ADDR", "127.0.0.1"),
-                  "MASTER_PORT": env.get("MASTER_PORT") or str(_free_port())}
+                  "MASTER_PORT": env.get("MASTER_PORT") or str(free_port())}
     return layout
 
 
@@ -106,10 +107,34 @@ def init_distributed(cfg=None, timeout_s: int | None = None) -> DistInfo:
 
     import deepspeed
 
+    if device.type == "cpu":
+        disable_shm_allreduce_op()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                timeout=datetime.timedelta(seconds=timeout_s),
                                rank=rank, world_size=world)
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=device, is_main=rank == 0)
+
+
+def shm_allreduce_path(rank: int, env: Mapping[str, str] | None = None) -> Path:
+    """Where DeepSpeed's CPU backend would put rank `rank`'s shared-memory allreduce buffer (shm.cpp)."""
+    env = os.environ if env is None else env
+    return Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_"
+                               f"{env.get('MASTER_PORT', '')}_{rank}")
+
+
+def disable_shm_allreduce_op() -> None:
+    """Keep DeepSpeed's CPU backend from building and starting its shared-memory allreduce op.
+
+    We never use it (CPU runs reduce through gloo; it serves DeepSpeed's inference all-reduce), and
+    it costs: every machine JIT-compiles it on first use, under a file lock that a killed compile
+    leaves behind (every later run then waits on it forever), and when the launcher sets LOCAL_SIZE
+    each rank maps a ~66 MB /dev/shm segment that DeepSpeed never unlinks, so runs leak RAM until
+    the machine runs out (a test suite of launcher runs left 21 GB). DeepSpeed keeps its op
+    compatibility table in one module-level dict that it reads when the backend starts.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def is_initialized() -> bool:
