@@ -161,22 +161,19 @@ def normalize_pixels(pixels, mean: Stats = None, std: Stats = None):
 def decode_image(path: ImageSource, image_size: int, frame: int = 0, mean: Stats = None,
                  std: Stats = None) -> np.ndarray:
     """load_gif + preprocess; every failure of the image is an ImageDecodeError."""
-    return preprocess(_decode_rgb(path, image_size, frame), image_size, mean, std)
+    return _decoded(path, image_size, frame, lambda img: preprocess(img, image_size, mean, std))
 
 
 def decode_image_uint8(path: ImageSource, image_size: int, frame: int = 0) -> np.ndarray:
     """load_gif + resize_rgb: uint8 [3, H, W]; `normalize_pixels` of it equals `decode_image`."""
-    return resize_rgb(_decode_rgb(path, image_size, frame), image_size)
+    return _decoded(path, image_size, frame, lambda img: resize_rgb(img, image_size))
 
 
-def _decode_rgb(path: ImageSource, image_size: int, frame: int) -> Image.Image:
+def _decoded(path: ImageSource, image_size: int, frame: int, convert) -> np.ndarray:
     _check_size(image_size)  # a bad argument is the caller's error, not the image's
     img = load_gif(path, frame)
     try:
-        img.load()
-        if img.size != (image_size, image_size):
-            img = img.resize((image_size, image_size), RESAMPLE, reducing_gap=REDUCING_GAP)
-        return img
+        return convert(img)
     except (OSError, ValueError) as e:
         name = "<bytes>" if isinstance(path, (bytes, bytearray)) else str(path)
         raise ImageDecodeError(name, "corrupt", str(e)) from None
