@@ -88,7 +88,8 @@ class ScalingConfig:
     # What every training run gets
     max_steps: int = field(default=30, metadata={"help": "optimizer steps per run"})
     warmup_steps: int = field(default=5, metadata={"help": "first steps left out of the throughput (start-up, allocator, first batches)"})
-    last_k: int = field(default=10, metadata={"help": "loss agreement: mean |difference| over the last k common steps"})
+    last_k: int = field(default=10, metadata={"help": "loss agreement: mean |difference| over the last k common log records"})
+    log_steps: int = field(default=10, metadata={"help": "the trainer's --log-steps (its default): a record, and a host sync, every this many steps; keep --warmup-steps a multiple of it"})
     batch_size: int = field(default=8, metadata={"help": "examples per micro-batch per GPU (the trainer's --batch-size)"})
     global_batch: int = field(default=0, metadata={"help": "examples per optimizer step, equal for every N (0 = batch_size x max(gpus))"})
     max_seq_len: int = field(default=256, metadata={"help": "the trainer's --max-seq-len"})
@@ -119,8 +120,10 @@ class ScalingConfig:
                 raise ValueError(f"--{name.replace('_', '-')}: distinct counts >= 1 expected, got {getattr(self, name)}")
         if self.max_steps < 1 or not 0 <= self.warmup_steps < self.max_steps:
             raise ValueError(f"need --max-steps >= 1 and 0 <= --warmup-steps < --max-steps (got {self.max_steps}, {self.warmup_steps})")
-        if self.last_k < 1:
-            raise ValueError(f"--last-k must be >= 1 (got {self.last_k})")
+        if self.last_k < 1 or self.log_steps < 1:
+            raise ValueError(f"--last-k and --log-steps must be >= 1 (got {self.last_k}, {self.log_steps})")
+        if self.fault_drill and self.max_steps < 2 * self.log_steps:
+            raise ValueError("--fault-drill: --max-steps must cover at least two log windows (2 x --log-steps)")
         if self.batch_size < 1 or self.global_batch < 0:
             raise ValueError("--batch-size must be >= 1 and --global-batch >= 0")
         if self.gpus:
@@ -253,7 +256,7 @@ def train_flags(cfg: ScalingConfig, inputs: Inputs, grad_accum: int, out_dir: Pa
              "--batch-size", cfg.batch_size, "--gradient-accumulation-steps", grad_accum,
              "--max-steps", cfg.max_steps, "--num-epochs", math.ceil(cfg.max_steps / steps_per_epoch) + 1,
              "--max-seq-len", cfg.max_seq_len, "--num-workers", cfg.num_workers, "--seed", cfg.seed,
-             "--log-steps", 1, "--save-steps", 0, "--sample-log-steps", 0, "--val-max-samples", 0,
+             "--log-steps", cfg.log_steps, "--save-steps", 0, "--sample-log-steps", 0, "--val-max-samples", 0,
              "--image-size", s1.image_size, "--stage1-trainable-blocks", s1.trainable_blocks,
              "--latent-pooling", s1.pooling, "--gif-frame", s1.frame]
     encoder = inputs.stage1_encoder_ckpt or (inputs.stage1[0] if s1.trainable_blocks > 0 else "")
@@ -354,7 +357,9 @@ def fault_drill(cfg: ScalingConfig, inputs: Inputs, n: int, grad_accum: int, wor
        the same examples as the uninterrupted run (equal real-token counts per step: the data position) with
        the same losses (within bf16 noise on GPU).
     """
-    save_at = max(1, cfg.max_steps // 2)
+    # At a log-window boundary, so the resumed run's first window covers the same steps as the reference's.
+    save_at = max(1, cfg.max_steps // 2 // cfg.log_steps) * cfg.log_steps
+    logged_after = sum(1 for st in range(save_at + 1, cfg.max_steps + 1) if st % cfg.log_steps == 0 or st == cfg.max_steps)
     run_dir = work / f"fault-gpus{n}"
     shutil.rmtree(run_dir, ignore_errors=True)
     flags = train_flags(cfg, inputs, grad_accum, run_dir)
@@ -412,7 +417,7 @@ def fault_drill(cfg: ScalingConfig, inputs: Inputs, n: int, grad_accum: int, wor
                   same_data_position=bool(common) and all(r["real_tokens"] == ref[r["step"]]["real_tokens"] for r in common),
                   max_abs_loss_diff=max((abs(r["loss"] - ref[r["step"]]["loss"]) for r in common), default=None))
     result["ok"] = bool(result["stopped_in_time"] and code == 0 and result["resumed_at_step"] == save_at
-                        and result["same_data_position"] and result["resumed_steps"] == cfg.max_steps - save_at)
+                        and result["same_data_position"] and result["resumed_steps"] == logged_after)
     if code != 0:
         result["error"] = f"resume exit code {code}; last lines:\n{rtail}"
     print(f"[scaling] fault drill: stopped in {result['stop_s']} s (exit code {result['exit_code']}), resumed at step "
@@ -431,16 +436,23 @@ def step_seconds(rec: dict) -> float:
 
 
 def throughput(records: Sequence[dict], warmup_steps: int, num_gpus: int) -> dict:
-    """Steady-state tokens/s (all ranks) and per GPU, from the per-step records after the warm-up."""
-    steady = [r for r in records if r["step"] > warmup_steps]
+    """Steady-state tokens/s (all ranks) and per GPU, from the log records whose window (the steps since
+    the previous record) lies wholly after the warm-up."""
+    steady, steps, prev = [], 0, 0
+    for r in sorted(records, key=lambda r: r["step"]):
+        window, prev = r["step"] - prev, r["step"]
+        if r["step"] - window >= warmup_steps:
+            steady.append(r)
+            steps += window
     if not steady:
         return {"steady_steps": 0}
     tokens = sum(r["real_tokens"] for r in steady)
     seconds = sum(step_seconds(r) for r in steady)
     tps = tokens / seconds
-    return {"steady_steps": len(steady), "first_step": steady[0]["step"], "last_step": steady[-1]["step"],
-            "real_tokens": tokens, "seconds": seconds, "tokens_per_s": tps, "tokens_per_s_per_gpu": tps / num_gpus,
-            "ms_per_step": 1000 * seconds / len(steady), "tokens_per_step": tokens / len(steady)}
+    return {"steady_steps": steps, "log_records": len(steady), "first_step": steady[0]["step"],
+            "last_step": steady[-1]["step"], "real_tokens": tokens, "seconds": seconds, "tokens_per_s": tps,
+            "tokens_per_s_per_gpu": tps / num_gpus, "ms_per_step": 1000 * seconds / steps,
+            "tokens_per_step": tokens / steps}
 
 
 def scaling_efficiency(results: dict[int, dict]) -> dict[int, float]:

@@ -84,6 +84,10 @@ class TrainConfig:
     deepspeed: str = field(default=DEFAULT_DS_CONFIG, metadata={"help": "DeepSpeed JSON config (--engine deepspeed); its 'auto' fields are filled from this config"})
     seed: int = field(default=42, metadata={"help": "seed of the data order, task sampling, init and dropout"})
     max_steps: int = field(default=-1, metadata={"help": "stop after this many optimizer steps (-1 = run all epochs); the LR schedule spans the capped run"})
+    gc_interval_steps: int = field(default=50, metadata={
+        "help": "Python's garbage collector runs every this many optimizer steps, on all ranks at the same step, "
+                "instead of whenever one rank's counters say so (a pause there makes every rank wait at the next "
+                "all-reduce); 0 = Python's automatic GC"})
     dist_timeout_s: int = field(default=1800, metadata={"help": "collective timeout: a dead rank makes the others fail after this many seconds instead of hanging"})
     # Accepted for compatibility with the seed's command lines; the launcher decides the layout.
     distributed: bool = field(default=False, metadata={"help": "accepted for compatibility; no effect (the launcher's environment decides)"})
@@ -118,6 +122,8 @@ class TrainConfig:
             raise ValueError(f"--warmup-ratio must be in [0, 1) (got {o.warmup_ratio})")
         if o.gradient_accumulation_steps < 1:
             raise ValueError(f"--gradient-accumulation-steps must be >= 1 (got {o.gradient_accumulation_steps})")
+        if self.gc_interval_steps < 0:
+            raise ValueError(f"--gc-interval-steps must be >= 0 (got {self.gc_interval_steps})")
         if self.logging.log_steps < 1:
             raise ValueError(f"--log-steps must be >= 1 (got {self.logging.log_steps})")
         if self.checkpoint.save_steps < 0 or self.checkpoint.save_total_limit < 1:

@@ -29,6 +29,7 @@ from trainer.checkpoint import (TrainerState, load_resume_checkpoint, save_infer
                                 save_resume_checkpoint)
 from trainer.config import TrainConfig, parse_train_config
 from trainer.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
+from trainer.gc_steps import StepAlignedGC
 from trainer.tasks import TASKS
 
 log = logging.getLogger("trainer")
@@ -315,6 +316,7 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainerState:
         barrier()
 
     engine.train()
+    step_gc = StepAlignedGC(cfg.gc_interval_steps)
     micro = 0
     for epoch in range(state.epoch, num_epochs):
         if state.step >= total_steps:
@@ -337,6 +339,7 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainerState:
             state.step += 1
             metrics.end_step(applied)
             skips.add(state.step, applied)
+            step_gc.step(state.step)
             if state.step % cfg.logging.log_steps == 0 or state.step == total_steps:
                 skips.check()
                 rec = metrics.reduce_and_reset()
@@ -356,11 +359,13 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainerState:
             if state.step >= total_steps:
                 break
         else:  # the epoch ran to its end
+            step_gc.epoch_end()
             if has_val:
                 runlog.write("val", state.step, {"epoch": epoch, **validation_loss(engine, stream)})
                 last_val_step = state.step
             state.epoch, state.batches_in_epoch = epoch + 1, 0
     bar.close()
+    step_gc.close()
     if has_val and last_val_step != state.step:  # stopped mid-epoch (--max-steps): report where it ended too
         runlog.write("val", state.step, {"epoch": state.epoch, **validation_loss(engine, stream)})
     save_checkpoints("final")
