@@ -146,6 +146,27 @@ def test_nan_steps_are_skipped_then_too_many_stop_the_run(shard_dir, tiny_lm_dir
 
 
 @pytest.mark.slow
+def test_full_finetune_run_saves_and_reloads_the_whole_lm(shard_dir, tiny_lm_dir, tmp_path):
+    """--no-use-lora trains the whole LM: its checkpoint holds that LM (no adapter), and eval loads it."""
+    from transformers import AutoModelForCausalLM
+
+    from trainer.checkpoint import load_inference_model
+
+    out = tmp_path / "full"
+    run_train(base_flags(shard_dir, tiny_lm_dir, out, **{"max-steps": 2, "no-use-lora": True}),
+              num_procs=1)
+    final = out / "final"
+    assert (final / "config.json").is_file() and (final / "model.safetensors").is_file()
+    assert not (final / "adapter_config.json").exists()
+    model, tokenizer, cond_map, _ = load_inference_model(final)
+    assert not hasattr(model.lm, "peft_config")
+    base = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).state_dict()
+    tuned = model.lm.state_dict()
+    changed = [k for k in base if not torch.equal(base[k], tuned[k])]
+    assert changed and "model.embed_tokens.weight" in tuned, "training changed the LM's own weights"
+
+
+@pytest.mark.slow
 def test_truncated_shard_is_a_clear_error_naming_it(shard_dir, tiny_lm_dir, tmp_path):
     broken = tmp_path / "shards"
     shutil.copytree(shard_dir, broken)

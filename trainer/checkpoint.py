@@ -174,6 +174,8 @@ def load_resume_checkpoint(engine, output_dir: str | Path, rank: int, world_size
 def save_inference_checkpoint(model, tokenizer, cond_map: dict, train_config, out_dir: str | Path) -> Path:
     """Write the adapter, prefix (+ tail), tokenizer, cond map and config into `out_dir` atomically.
 
+    With LoRA the LM part is the PEFT adapter; a run with `--no-use-lora` trained the whole LM, so
+    its checkpoint holds the whole LM instead (Hugging Face format: `config.json` + safetensors).
     Call on rank 0 only (ZeRO-2 holds full weights everywhere). An existing `out_dir` is replaced.
     """
     from common.config import config_to_dict
@@ -184,7 +186,10 @@ def save_inference_checkpoint(model, tokenizer, cond_map: dict, train_config, ou
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        save_adapter(model, tmp)
+        if hasattr(model.lm, "peft_config"):
+            save_adapter(model, tmp)
+        else:
+            model.lm.save_pretrained(str(tmp), safe_serialization=True)
         model.prefix.save(tmp)
         tokenizer.save_pretrained(str(tmp))
         atomic_write_json(tmp / COND_MAP_FILE, dict(cond_map))
@@ -243,7 +248,8 @@ def load_inference_model(ckpt_dir: str | Path, base_model_path: Optional[str] = 
     """(PrefixLM in eval mode, tokenizer, cond_name_to_id, train config dict) from an inference checkpoint.
 
     The model is built like in training (`build_prefix_lm`: same attention backend and loss
-    kernels), then the saved adapter, prefix and Stage1 tail are loaded into it.
+    kernels), then the saved adapter, prefix and Stage1 tail are loaded into it. A `--no-use-lora`
+    run's checkpoint holds the whole fine-tuned LM instead of an adapter, and is loaded as the LM.
     `base_model_path` defaults to the model path recorded at training time. Also reads the seed's
     `adapter_model.bin` / `stage2_prefix_modules.pt` (no train_config.json needed).
     """
@@ -254,36 +260,44 @@ def load_inference_model(ckpt_dir: str | Path, base_model_path: Optional[str] = 
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         raise CheckpointError(f"checkpoint directory {ckpt_dir} does not exist")
-    adapter_cfg_path = _first_existing(ckpt_dir, (ADAPTER_CONFIG,), "the PEFT adapter config")
-    _first_existing(ckpt_dir, ADAPTER_WEIGHTS, "the LoRA adapter weights")
+    full_lm = not (ckpt_dir / ADAPTER_CONFIG).is_file() and (ckpt_dir / "config.json").is_file()
+    if not full_lm:
+        adapter_cfg_path = _first_existing(ckpt_dir, (ADAPTER_CONFIG,), "the PEFT adapter config")
+        _first_existing(ckpt_dir, ADAPTER_WEIGHTS, "the LoRA adapter weights")
     _first_existing(ckpt_dir, PREFIX_WEIGHTS, "the Stage2 prefix weights")
     cond_map_path = _first_existing(ckpt_dir, (COND_MAP_FILE,), "the cond_name -> id map")
     train_cfg = json.loads((ckpt_dir / TRAIN_CONFIG_FILE).read_text()) if (ckpt_dir / TRAIN_CONFIG_FILE).is_file() else {}
-    adapter_cfg = json.loads(adapter_cfg_path.read_text())
-
     saved_model_cfg = train_cfg.get("model", {})
-    base = base_model_path or saved_model_cfg.get("model_path") or adapter_cfg.get("base_model_name_or_path")
-    if not base or not Path(base).is_dir():
-        raise CheckpointError(f"{ckpt_dir}: base model {base!r} is not a local directory; pass base_model_path")
-    _check_adapter_fits(ckpt_dir, adapter_cfg, base, AutoConfig.from_pretrained(base))
-
-    # The LoRA shape comes from the adapter itself (authoritative, also for seed checkpoints).
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     mcfg = ModelConfig(**{k: v for k, v in saved_model_cfg.items() if k in known})
-    targets = adapter_cfg.get("target_modules") or mcfg.lora_target_modules
-    mcfg = dataclasses.replace(
-        mcfg, model_path=str(base), use_lora=True, lora_r=int(adapter_cfg.get("r", mcfg.lora_r)),
-        lora_alpha=int(adapter_cfg.get("lora_alpha", mcfg.lora_alpha)),
-        lora_target_modules=sorted(targets) if isinstance(targets, (list, set, tuple)) else [targets],
-        precision={None: mcfg.precision, torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, mcfg.precision),
-        gradient_checkpointing=False)
+    precision = {None: mcfg.precision, torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, mcfg.precision)
     prefix = Stage2Prefix.load(ckpt_dir, map_location="cpu")
-    model, tokenizer = build_prefix_lm(mcfg, latent_dim=prefix.latent_dim, num_classes=prefix.num_classes,
-                                       device=torch.device(device))
-    try:
-        load_adapter_into(model, ckpt_dir)
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{ckpt_dir}: the adapter does not fit base model {base}: {e}") from e
+
+    if full_lm:  # a --no-use-lora run: the checkpoint is itself the (whole, fine-tuned) LM
+        _first_existing(ckpt_dir, ("model.safetensors", "model.safetensors.index.json"), "the fine-tuned LM weights")
+        mcfg = dataclasses.replace(mcfg, model_path=str(ckpt_dir), use_lora=False, precision=precision,
+                                   gradient_checkpointing=False)
+        model, tokenizer = build_prefix_lm(mcfg, latent_dim=prefix.latent_dim, num_classes=prefix.num_classes,
+                                           device=torch.device(device))
+    else:
+        adapter_cfg = json.loads(adapter_cfg_path.read_text())
+        base = base_model_path or saved_model_cfg.get("model_path") or adapter_cfg.get("base_model_name_or_path")
+        if not base or not Path(base).is_dir():
+            raise CheckpointError(f"{ckpt_dir}: base model {base!r} is not a local directory; pass base_model_path")
+        _check_adapter_fits(ckpt_dir, adapter_cfg, base, AutoConfig.from_pretrained(base))
+        # The LoRA shape comes from the adapter itself (authoritative, also for seed checkpoints).
+        targets = adapter_cfg.get("target_modules") or mcfg.lora_target_modules
+        mcfg = dataclasses.replace(
+            mcfg, model_path=str(base), use_lora=True, lora_r=int(adapter_cfg.get("r", mcfg.lora_r)),
+            lora_alpha=int(adapter_cfg.get("lora_alpha", mcfg.lora_alpha)),
+            lora_target_modules=sorted(targets) if isinstance(targets, (list, set, tuple)) else [targets],
+            precision=precision, gradient_checkpointing=False)
+        model, tokenizer = build_prefix_lm(mcfg, latent_dim=prefix.latent_dim, num_classes=prefix.num_classes,
+                                           device=torch.device(device))
+        try:
+            load_adapter_into(model, ckpt_dir)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{ckpt_dir}: the adapter does not fit base model {base}: {e}") from e
     model.prefix = prefix.to(device=device, dtype=next(model.lm.parameters()).dtype)
     if (ckpt_dir / "tokenizer_config.json").is_file():
         tokenizer = load_tokenizer(ckpt_dir)

@@ -398,7 +398,7 @@ def wrap_lm(lm: nn.Module, cfg: ModelConfig, latent_dim: int, num_classes: int =
         enable_gradient_checkpointing(lm, cfg.gradient_checkpointing_layers)
     lm = _wrap_lora(lm, cfg) if cfg.use_lora else lm
 
-    embed_std = float(lm.get_input_embeddings().weight.float().std())
+    embed_std = float(lm.get_input_embeddings().weight.detach().float().std())
     prefix = Stage2Prefix(latent_dim, lm.config.hidden_size, cfg.num_image_tokens, num_classes, tail=tail,
                           init_std=embed_std)
     return PrefixLM(lm, prefix, loss_impl=loss_impl, ce_chunk_size=cfg.ce_chunk_size).to(device)
