@@ -87,8 +87,9 @@ def test_text_summary_in_summary_centric_when_enabled():
     assert_frequencies_match(main.probs, seed=5, epoch=1)
 
 
-def test_shipped_phased_example_parses(repo_root):
-    path = repo_root / "docs/examples/phased.yaml"
+@pytest.mark.parametrize("name", ["phased.yaml", "captions_first.yaml"])
+def test_shipped_phased_examples_parse(repo_root, name):
+    path = repo_root / "docs/examples" / name
     phases = build_phases(ScheduleConfig(schedule="phased", phases=str(path)))
     assert len(phases) >= 2 and all(isinstance(p, Phase) for p in phases)
     assert total_epochs(phases) == sum(p.epochs for p in phases)
