@@ -181,6 +181,14 @@ def render_gif(rng: np.random.Generator, case: CaseFactors, el: ElementFactors, 
     return buf.getvalue()
 
 
+def random_gif(rng: np.random.Generator, px: int = 64) -> bytes:
+    """One image of random factors (any type, region, strength, extent), e.g. to pre-train tiny
+    Stage1 models on what the synthetic data's images look like."""
+    case = _draw_case(rng, 2020, 1)
+    el = _draw_element(rng, case, COND_NAMES[int(rng.integers(len(COND_NAMES)))])
+    return render_gif(rng, case, el, px)
+
+
 def image_rel_path(case: CaseFactors, cond_name: str) -> str:
     folder = FOLDERS.get(cond_name, cond_name)
     return f"md_image/{case.year}/{folder}/{case.stem}_{cond_name}.gif"

@@ -694,11 +694,14 @@ def _lively_init(model: nn.Module) -> None:
             nn.init.normal_(m.weight, std=0.5)
 
 
-def save_tiny_stage1(out_dir: str | Path, image_size: int = 32, seed: int = 0) -> tuple[Path, Path]:
-    """Write a tiny random MAE ViT and EfficientNet as {"config", "state_dict"} checkpoint files.
+def save_tiny_stage1(out_dir: str | Path, image_size: int = 32, seed: int = 0,
+                     encoder_pretrain_steps: int = 300) -> tuple[Path, Path]:
+    """Write a tiny MAE ViT and a tiny random EfficientNet as {"config", "state_dict"} checkpoint files.
 
-    Deterministic for a given (image_size, seed): same weights, same bytes. The encoder is stored
-    under official-MAE names, like a real MAE training checkpoint. Returns (encoder, classifier).
+    The encoder is briefly pre-trained (`trainer.tiny.pretrain_tiny_encoder`, `encoder_pretrain_steps`;
+    0 = random) so that its latent describes the synthetic images, as a real Stage1 encoder's does.
+    Deterministic for given arguments on one machine. The encoder is stored under official-MAE names,
+    like a real MAE training checkpoint. Returns (encoder, classifier).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -707,6 +710,10 @@ def save_tiny_stage1(out_dir: str | Path, image_size: int = 32, seed: int = 0) -
         encoder = Stage1Encoder(tiny_encoder_config(image_size))
         classifier = Stage1Classifier(tiny_classifier_config(image_size))
         _lively_init(classifier.model)
+        if encoder_pretrain_steps > 0:
+            from trainer.tiny import pretrain_tiny_encoder
+
+            pretrain_tiny_encoder(encoder, steps=encoder_pretrain_steps, seed=seed)
     paths = out_dir / TINY_ENCODER_FILENAME, out_dir / TINY_CLASSIFIER_FILENAME
     payloads = ({"config": _vit_config_dict(encoder.config), "state_dict": encoder.canonical_state_dict()},
                 {"config": classifier.config_dict(), "state_dict": classifier.model.state_dict()})

@@ -227,6 +227,50 @@ def pretrain(model: MistralForCausalLM, stream: torch.Tensor, cfg: PretrainConfi
     return losses
 
 
+def pretrain_tiny_encoder(encoder, steps: int = 300, num_images: int = 512, batch_size: int = 64,
+                          lr: float = 3e-3, seed: int = 0) -> list[float]:
+    """Teach a tiny random MAE ViT to carry an image's coarse layout in its pooled latent.
+
+    A real Stage1 encoder is a trained MAE whose latent describes the image; a random tiny one maps
+    every synthetic image to nearly the same mean-pooled latent (position embeddings dominate), so a
+    prefix-LM trained on it could not use the image. This is MAE in miniature: from the pooled latent,
+    a linear head regresses the 4x4 average-pooled image (where the field is, how strong, how wide),
+    on synthetic images of random factors. A few seconds on one CPU thread; deterministic for `seed`.
+    Returns the loss per step.
+    """
+    import numpy as np
+    from torch.nn import functional as F
+
+    from data_prep.images import decode_image
+    from data_prep.synthetic import random_gif
+    from trainer.stage1 import _pool, _run_block
+
+    def latent_of(pixels):  # Stage1Encoder.encode runs without grad (it is frozen Stage1)
+        hidden = encoder.embed(pixels)
+        for block in encoder.blocks:
+            hidden = _run_block(block, hidden)
+        return _pool(encoder.vit.layernorm(hidden), encoder.pooling)
+
+    size = encoder.config.image_size
+    rng = np.random.default_rng(seed)
+    images = torch.from_numpy(np.stack([decode_image(random_gif(rng, 2 * size), size) for _ in range(num_images)]))
+    target = F.adaptive_avg_pool2d(images, 4).flatten(1)
+    head = torch.nn.Linear(encoder.latent_dim, target.shape[1])
+    encoder.requires_grad_(True)  # Stage1 modules are built frozen
+    opt = torch.optim.AdamW(list(encoder.parameters()) + list(head.parameters()), lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(num_images, (batch_size,), generator=gen)
+        loss = F.mse_loss(head(latent_of(images[idx])), target[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    encoder.requires_grad_(False)
+    return losses
+
+
 def make_tiny_lm(out_dir: str | Path, corpus_json: Sequence[str | Path] | None = None,
                  corpus_texts: Sequence[str] | None = None, vocab_size: int = 1024, hidden_size: int = 64,
                  num_layers: int = 2, seed: int = 0, pretrain_steps: int = 200) -> Path:
