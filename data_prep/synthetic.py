@@ -181,12 +181,15 @@ def render_gif(rng: np.random.Generator, case: CaseFactors, el: ElementFactors, 
     return buf.getvalue()
 
 
-def random_gif(rng: np.random.Generator, px: int = 64) -> bytes:
-    """One image of random factors (any type, region, strength, extent), e.g. to pre-train tiny
-    Stage1 models on what the synthetic data's images look like."""
+def random_gif(rng: np.random.Generator, px: int = 64) -> tuple[bytes, dict[str, int]]:
+    """One image of random factors and those factors as indices: {"region": into REGIONS, "strength":
+    into STRENGTHS, "extent": into EXTENTS} -- what the texts say about an image. E.g. to pre-train
+    tiny Stage1 models, which stand in for a real encoder whose latent describes the image."""
     case = _draw_case(rng, 2020, 1)
     el = _draw_element(rng, case, COND_NAMES[int(rng.integers(len(COND_NAMES)))])
-    return render_gif(rng, case, el, px)
+    factors = {"region": REGIONS.index(case.region), "strength": STRENGTHS.index(el.strength),
+               "extent": EXTENTS.index(el.extent)}
+    return render_gif(rng, case, el, px), factors
 
 
 def image_rel_path(case: CaseFactors, cond_name: str) -> str:

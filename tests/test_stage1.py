@@ -391,8 +391,9 @@ def test_stage1_settings_become_cli_flags():
 
 
 def test_tiny_encoder_pretraining_makes_the_latent_describe_the_image():
-    """A linear probe from the pooled latent to the image's 4x4 layout (held-out synthetic images)
-    fits much better after `pretrain_tiny_encoder` than from the random encoder; Stage1 stays frozen."""
+    """Linear probes from the pooled latent to what the texts say about an image (region, strength of
+    the drawn field), fitted on 192 and scored on 64 other synthetic images: the region, near chance
+    from the random encoder, is read well after `pretrain_tiny_encoder`; Stage1 stays frozen."""
     import numpy as np
 
     from data_prep.images import decode_image
@@ -401,21 +402,24 @@ def test_tiny_encoder_pretraining_makes_the_latent_describe_the_image():
     from trainer.tiny import pretrain_tiny_encoder
 
     rng = np.random.default_rng(123)  # other images than the pre-training's (seed 0)
-    images = torch.from_numpy(np.stack([decode_image(random_gif(rng, 64), 32) for _ in range(256)]))
-    layout = torch.nn.functional.adaptive_avg_pool2d(images, 4).flatten(1)
+    drawn = [random_gif(rng, 64) for _ in range(256)]
+    images = torch.from_numpy(np.stack([decode_image(gif, 32) for gif, _ in drawn]))
 
-    def probe_r2(encoder) -> float:
+    def probe_accuracy(encoder, factor: str) -> float:
         latent, _ = encoder.encode(images)
         x = torch.cat([latent, torch.ones(len(latent), 1)], 1)
-        w = torch.linalg.lstsq(x[:192], layout[:192]).solution
-        residual = ((x[192:] @ w - layout[192:]) ** 2).sum()
-        return float(1 - residual / ((layout[192:] - layout[:192].mean(0)) ** 2).sum())
+        y = torch.tensor([f[factor] for _, f in drawn])
+        w = torch.linalg.lstsq(x[:192], torch.nn.functional.one_hot(y[:192]).float()).solution
+        return float(((x[192:] @ w).argmax(1) == y[192:]).float().mean())
 
     torch.manual_seed(0)
     encoder = Stage1Encoder(tiny_encoder_config(32))
-    before = probe_r2(encoder)
+    before = {f: probe_accuracy(encoder, f) for f in ("region", "strength")}
     losses = pretrain_tiny_encoder(encoder, steps=300)
-    after = probe_r2(encoder)
-    assert losses[-1] < 0.2 * losses[0]
-    assert after > before + 0.25, (before, after)
+    after = {f: probe_accuracy(encoder, f) for f in ("region", "strength")}
+    assert losses[-1] < 0.5 * losses[0]
+    # Where the field is: near chance (4 regions) from the random encoder, read well after.
+    assert after["region"] > 0.7 and after["region"] > before["region"] + 0.3, (before, after)
+    # How strong (mostly brightness, which even random features carry): still readable.
+    assert after["strength"] > 0.5, (before, after)
     assert not any(p.requires_grad for p in encoder.parameters())

@@ -229,20 +229,20 @@ def pretrain(model: MistralForCausalLM, stream: torch.Tensor, cfg: PretrainConfi
 
 def pretrain_tiny_encoder(encoder, steps: int = 300, num_images: int = 512, batch_size: int = 64,
                           lr: float = 3e-3, seed: int = 0) -> list[float]:
-    """Teach a tiny random MAE ViT to carry an image's coarse layout in its pooled latent.
+    """Teach a tiny random MAE ViT to carry what the synthetic images show in its pooled latent.
 
-    A real Stage1 encoder is a trained MAE whose latent describes the image; a random tiny one maps
-    every synthetic image to nearly the same mean-pooled latent (position embeddings dominate), so a
-    prefix-LM trained on it could not use the image. This is MAE in miniature: from the pooled latent,
-    a linear head regresses the 4x4 average-pooled image (where the field is, how strong, how wide),
-    on synthetic images of random factors. A few seconds on one CPU thread; deterministic for `seed`.
-    Returns the loss per step.
+    A real Stage1 encoder is trained and its latent describes the image; a random tiny one maps every
+    synthetic image to nearly the same mean-pooled latent (position embeddings dominate), so a
+    prefix-LM trained on it could hardly use the image. Here linear heads on the pooled latent learn
+    the factors the texts mention (region, strength, extent of the drawn field) and the 4x4
+    average-pooled image (its coarse layout), on synthetic images of random factors. A few seconds
+    on one CPU thread; deterministic for `seed`. The encoder is left frozen. Returns the loss per step.
     """
     import numpy as np
     from torch.nn import functional as F
 
     from data_prep.images import decode_image
-    from data_prep.synthetic import random_gif
+    from data_prep.synthetic import EXTENTS, REGIONS, STRENGTHS, random_gif
     from trainer.stage1 import _pool, _run_block
 
     def latent_of(pixels):  # Stage1Encoder.encode runs without grad (it is frozen Stage1)
@@ -253,16 +253,26 @@ def pretrain_tiny_encoder(encoder, steps: int = 300, num_images: int = 512, batc
 
     size = encoder.config.image_size
     rng = np.random.default_rng(seed)
-    images = torch.from_numpy(np.stack([decode_image(random_gif(rng, 2 * size), size) for _ in range(num_images)]))
-    target = F.adaptive_avg_pool2d(images, 4).flatten(1)
-    head = torch.nn.Linear(encoder.latent_dim, target.shape[1])
+    pixels, factors = [], []
+    for _ in range(num_images):
+        gif, f = random_gif(rng, 2 * size)
+        pixels.append(decode_image(gif, size))
+        factors.append(f)
+    images = torch.from_numpy(np.stack(pixels))
+    labels = {k: torch.tensor([f[k] for f in factors]) for k in ("region", "strength", "extent")}
+    layout = F.adaptive_avg_pool2d(images, 4).flatten(1)
+    sizes = {"region": len(REGIONS), "strength": len(STRENGTHS), "extent": len(EXTENTS)}
+    heads = torch.nn.ModuleDict({k: torch.nn.Linear(encoder.latent_dim, n) for k, n in sizes.items()})
+    heads["layout"] = torch.nn.Linear(encoder.latent_dim, layout.shape[1])
     encoder.requires_grad_(True)  # Stage1 modules are built frozen
-    opt = torch.optim.AdamW(list(encoder.parameters()) + list(head.parameters()), lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(list(encoder.parameters()) + list(heads.parameters()), lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     losses = []
     for _ in range(steps):
         idx = torch.randint(num_images, (batch_size,), generator=gen)
-        loss = F.mse_loss(head(latent_of(images[idx])), target[idx])
+        latent = latent_of(images[idx])
+        loss = F.mse_loss(heads["layout"](latent), layout[idx])
+        loss = loss + sum(F.cross_entropy(heads[k](latent), labels[k][idx]) for k in sizes)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
