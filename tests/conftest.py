@@ -97,27 +97,3 @@ def pytest_collection_modifyitems(config, items):
         if item.get_closest_marker("slurm"):
             item.add_marker(pytest.mark.xdist_group("slurm"))
 
-
-_SESSION_START = None
-
-
-def pytest_sessionstart(session):
-    global _SESSION_START
-    import time
-
-    _SESSION_START = time.time()
-
-
-def pytest_sessionfinish(session, exitstatus):
-    """Safety net for jobs that died before they could unlink their DeepSpeed shared-memory
-    allreduce segments (trainer.distributed.disable_shm_allreduce_op): those are RAM, and CI runs
-    on a machine that lives on. Only the controller cleans, after every worker has finished, and
-    only segments made during this session."""
-    if hasattr(session.config, "workerinput") or _SESSION_START is None:
-        return
-    for seg in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*"):
-        try:
-            if seg.stat().st_mtime >= _SESSION_START - 1:
-                seg.unlink()
-        except OSError:
-            pass

@@ -277,8 +277,6 @@ def load_inference_model(ckpt_dir: str | Path, base_model_path: Optional[str] = 
         _first_existing(ckpt_dir, ("model.safetensors", "model.safetensors.index.json"), "the fine-tuned LM weights")
         mcfg = dataclasses.replace(mcfg, model_path=str(ckpt_dir), use_lora=False, precision=precision,
                                    gradient_checkpointing=False)
-        model, tokenizer = build_prefix_lm(mcfg, latent_dim=prefix.latent_dim, num_classes=prefix.num_classes,
-                                           device=torch.device(device))
     else:
         adapter_cfg = json.loads(adapter_cfg_path.read_text())
         base = base_model_path or saved_model_cfg.get("model_path") or adapter_cfg.get("base_model_name_or_path")
@@ -292,12 +290,13 @@ def load_inference_model(ckpt_dir: str | Path, base_model_path: Optional[str] = 
             lora_alpha=int(adapter_cfg.get("lora_alpha", mcfg.lora_alpha)),
             lora_target_modules=sorted(targets) if isinstance(targets, (list, set, tuple)) else [targets],
             precision=precision, gradient_checkpointing=False)
-        model, tokenizer = build_prefix_lm(mcfg, latent_dim=prefix.latent_dim, num_classes=prefix.num_classes,
-                                           device=torch.device(device))
+    model, tokenizer = build_prefix_lm(mcfg, latent_dim=prefix.latent_dim, num_classes=prefix.num_classes,
+                                       device=torch.device(device))
+    if not full_lm:
         try:
             load_adapter_into(model, ckpt_dir)
         except (RuntimeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"{ckpt_dir}: the adapter does not fit base model {base}: {e}") from e
+            raise CheckpointError(f"{ckpt_dir}: the adapter does not fit base model {mcfg.model_path}: {e}") from e
     model.prefix = prefix.to(device=device, dtype=next(model.lm.parameters()).dtype)
     if (ckpt_dir / "tokenizer_config.json").is_file():
         tokenizer = load_tokenizer(ckpt_dir)

@@ -430,6 +430,10 @@ class Stage1Encoder(nn.Module):
     @torch.no_grad()
     def encode(self, pixel_values: Tensor, trainable_blocks: int = 0) -> tuple[Tensor, Optional[Tensor]]:
         """(latent [B, hidden], hidden states entering the last K blocks [B, T, hidden] or None)."""
+        return self.encode_with_grad(pixel_values, trainable_blocks)
+
+    def encode_with_grad(self, pixel_values: Tensor, trainable_blocks: int = 0) -> tuple[Tensor, Optional[Tensor]]:
+        """`encode` with autograd on, for training the encoder itself (the tiny stand-in's pre-training)."""
         k = self._check_k(trainable_blocks)
         hidden = self.embed(pixel_values)
         block_tokens = None

@@ -243,13 +243,6 @@ def pretrain_tiny_encoder(encoder, steps: int = 300, num_images: int = 512, batc
 
     from data_prep.images import decode_image
     from data_prep.synthetic import EXTENTS, REGIONS, STRENGTHS, random_gif
-    from trainer.stage1 import _pool, _run_block
-
-    def latent_of(pixels):  # Stage1Encoder.encode runs without grad (it is frozen Stage1)
-        hidden = encoder.embed(pixels)
-        for block in encoder.blocks:
-            hidden = _run_block(block, hidden)
-        return _pool(encoder.vit.layernorm(hidden), encoder.pooling)
 
     size = encoder.config.image_size
     rng = np.random.default_rng(seed)
@@ -270,7 +263,7 @@ def pretrain_tiny_encoder(encoder, steps: int = 300, num_images: int = 512, batc
     losses = []
     for _ in range(steps):
         idx = torch.randint(num_images, (batch_size,), generator=gen)
-        latent = latent_of(images[idx])
+        latent, _ = encoder.encode_with_grad(images[idx])
         loss = F.mse_loss(heads["layout"](latent), layout[idx])
         loss = loss + sum(F.cross_entropy(heads[k](latent), labels[k][idx]) for k in sizes)
         opt.zero_grad(set_to_none=True)
