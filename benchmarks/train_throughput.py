@@ -116,8 +116,11 @@ class BenchConfig:
     ds_override: str = field(default="", metadata={
         "help": "JSON merged (recursively) into --deepspeed-config, e.g. '{\"zero_optimization\": "
                 "{\"overlap_comm\": false}}', to measure engine settings without editing the file"})
+    grad_accum: int = field(default=1, metadata={
+        "help": "mode 4: micro-batches per optimizer step (the trainer's --gradient-accumulation-steps); "
+                "every micro-batch is a timed step, so the optimizer's cost is spread over this many"})
     profile: bool = field(default=False, metadata={
-        "help": "mode 4: write a torch.profiler summary (top kernels by device time) next to --out"})
+        "help": "mode 4: write a torch.profiler summary (top ops by device time and by host time) next to --out"})
     out: str = field(default="", metadata={"help": "write the results as JSON here"})
     seed: int = field(default=0, metadata={"help": "seed of the example stream and the weights"})
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -134,6 +137,8 @@ class BenchConfig:
         if sum(bool(x) for x in (self.gemini_json, self.shard_dir, self.lengths_file)) > 1:
             raise ValueError("give at most one of --gemini-json, --shard-dir, --lengths-file")
         parse_task_mix(self.task_mix)
+        if self.grad_accum < 1:
+            raise ValueError(f"--grad-accum must be >= 1 (got {self.grad_accum})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -518,19 +523,69 @@ def torch_stepper(loss_fn: Callable[[dict], torch.Tensor], opt: torch.optim.Opti
     return lambda batch: train_step(loss_fn, opt, batch)
 
 
-def engine_stepper(engine) -> Callable[[dict], torch.Tensor]:
-    """The trainer's step (trainer.train): engine.forward -> engine.backward -> engine.step."""
+class PhaseTimer:
+    """Where a step's time goes, without syncing: host time to issue each phase (perf_counter) and
+    device time between the phase's markers (CUDA events, read after the final sync). A phase whose
+    device time ~ its host time ran host-bound: the GPU waited for the Python that launches it."""
+
+    PHASES = ("forward", "backward", "step")
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.host = {p: [] for p in self.PHASES}
+        self.events: list[list] = []
+        self.enabled = False
+
+    def mark(self):
+        if not self.enabled:
+            return None
+        t = time.perf_counter()
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return t, e
+        return t, None
+
+    def add(self, marks: list) -> None:
+        if not self.enabled:
+            return
+        for phase, (a, b) in zip(self.PHASES, zip(marks, marks[1:])):
+            self.host[phase].append(1000 * (b[0] - a[0]))
+        if self.cuda:
+            self.events.append([m[1] for m in marks])
+
+    def summary(self) -> dict:
+        out = {}
+        for i, phase in enumerate(self.PHASES):
+            h = self.host[phase]
+            if not h:
+                continue
+            row = {"host_ms": round(statistics.fmean(h), 2)}
+            if self.events:
+                row["device_ms"] = round(statistics.fmean(ev[i].elapsed_time(ev[i + 1]) for ev in self.events), 2)
+            out[phase] = row
+        return out
+
+
+def engine_stepper(engine, timer: PhaseTimer | None = None) -> Callable[[dict], torch.Tensor]:
+    """The trainer's step (trainer.train): engine.forward -> engine.backward -> engine.step
+    (which applies the update at the end of each gradient-accumulation window)."""
     def step(batch: dict) -> torch.Tensor:
+        marks = [timer.mark()] if timer else []
         loss = engine.forward(batch).loss
+        marks += [timer.mark()] if timer else []
         engine.backward(loss)
+        marks += [timer.mark()] if timer else []
         engine.step()
+        if timer:
+            timer.add(marks + [timer.mark()])
         return loss.detach()
 
     return step
 
 
 def time_mode(step: Callable[[dict], torch.Tensor], batches: list[dict], groups: list[list[Example]],
-              cfg: BenchConfig, device: torch.device, desc: str) -> dict:
+              cfg: BenchConfig, device: torch.device, desc: str, timer: PhaseTimer | None = None) -> dict:
     """Warm-up steps, then timed steps between two device syncs. Batches are on the device
     already, so the time is the step's alone (the trainer's loader prefetches them too)."""
     from tqdm import tqdm
@@ -539,10 +594,14 @@ def time_mode(step: Callable[[dict], torch.Tensor], batches: list[dict], groups:
     for b in tqdm(batches[:w], desc=f"{desc} warm-up", leave=False, disable=None):
         step(b)
     synchronize(device)
+    if timer:
+        timer.enabled = True
     t0 = time.perf_counter()
     losses = [step(b) for b in tqdm(batches[w:], desc=desc, leave=False, disable=None)]
     synchronize(device)
     seconds = time.perf_counter() - t0
+    if timer:
+        timer.enabled = False
     timed = groups[w:]
     n_img = cfg.model.num_image_tokens
     real = sum(sum(doc_lengths(g, n_img)) for g in timed)
@@ -551,7 +610,8 @@ def time_mode(step: Callable[[dict], torch.Tensor], batches: list[dict], groups:
             "tokens_per_s": real / seconds, "pad_fraction": 1 - real / slots,
             "slots_per_step": slots / len(timed),
             "examples_per_step": statistics.fmean(len(g) for g in timed),
-            "loss_last": float(losses[-1].float()), "loss_finite": all(bool(torch.isfinite(x)) for x in losses)}
+            "loss_last": float(losses[-1].float()), "loss_finite": all(bool(torch.isfinite(x)) for x in losses),
+            **({"phases": timer.summary()} if timer else {})}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -674,8 +734,9 @@ def mode_project(ctx: Context) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     engine_name = resolve_step_engine(cfg.step_engine)
     engine = build_bench_engine(model, cfg, ctx, engine_name)
-    step = engine_stepper(engine)
-    result = time_mode(step, batches, groups, cfg, ctx.device, "project")
+    timer = PhaseTimer(ctx.device)
+    step = engine_stepper(engine, timer)
+    result = time_mode(step, batches, groups, cfg, ctx.device, "project", timer)
     ckpt_layers = _checkpointed_layers(cfg.model, ctx.hf_config.num_hidden_layers)
     result = _finish(ctx, result, groups, n_params, checkpointing=ckpt_layers / ctx.hf_config.num_hidden_layers)
     result["packed_vs_padded_loss_diff"] = packed_vs_padded(model, groups[0], ctx)
@@ -691,6 +752,7 @@ def mode_project(ctx: Context) -> dict:
                         f"{' fused' if cfg.model.fused_lora else ''} dropout {cfg.model.lora_dropout}, "
                         + ("DeepSpeed ZeRO-2 engine" if engine_name == "deepspeed" else "torch engine")
                         + " (the trainer's step)"
+                        + (f", {cfg.grad_accum} micro-batches per optimizer step" if cfg.grad_accum > 1 else "")
                         + (f", activation checkpointing of {ckpt_layers} layers" if ckpt_layers else ""))
     model.zero_grad(set_to_none=True)
     del model, engine, step, batches
@@ -726,6 +788,7 @@ def build_bench_engine(model: nn.Module, cfg: BenchConfig, ctx: "Context", engin
         atomic_write_json(ds_path, merged)
     tcfg = TrainConfig(model=replace(cfg.model, model_path=str(ctx.model_dir)), deepspeed=ds_path, seed=cfg.seed,
                        engine=engine)
+    tcfg.optim.gradient_accumulation_steps = cfg.grad_accum
     return build_engine(model, tcfg, total_steps=ctx.n_steps + 3, device=ctx.device)
 
 
@@ -754,25 +817,36 @@ def packed_vs_padded(model, group: list[Example], ctx: Context) -> float:
 
 
 def profile_steps(step: Callable[[dict], torch.Tensor], batches: list[dict], ctx: Context) -> dict:
-    """torch.profiler over a few steps: the top kernels/ops by self device time (CPU time on CPU)."""
+    """torch.profiler over a few steps: the top ops by self device time and by self host time, and
+    how busy the device was (sum of kernel times / wall time; < 1 means it waited for the host)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = ctx.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    synchronize(ctx.device)
+    t0 = time.perf_counter()
     with profile(activities=activities) as prof:
         for b in batches:
             step(b)
         synchronize(ctx.device)
+    wall_us = (time.perf_counter() - t0) * 1e6
     sort = "self_device_time_total" if cuda else "self_cpu_time_total"
     events = prof.key_averages()
-    table = events.table(sort_by=sort, row_limit=30)
+    tables = f"# mode 4, {len(batches)} steps, sorted by {sort}\n{events.table(sort_by=sort, row_limit=30)}\n"
+    if cuda:
+        tables += f"\n# sorted by self_cpu_time_total (host work)\n{events.table(sort_by='self_cpu_time_total', row_limit=30)}\n"
     attr = "self_device_time_total" if cuda else "self_cpu_time_total"
     total = sum(getattr(e, attr) for e in events) or 1.0
     top = sorted(events, key=lambda e: getattr(e, attr), reverse=True)[:25]
+    from torch.autograd import DeviceType
+
+    kernel_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
+    busy = (kernel_us / wall_us) if cuda else None  # kernels of one stream rarely overlap here
     path = (Path(ctx.cfg.out).with_suffix(".profile.txt") if ctx.cfg.out
             else Path(tempfile.gettempdir()) / "train_throughput.profile.txt")
-    atomic_write_text(path, f"# mode 4, {len(batches)} steps, sorted by {sort}\n{table}\n")
+    atomic_write_text(path, tables + (f"\ndevice busy: {busy:.1%} of {wall_us / 1000:.1f} ms wall (profiled)\n" if cuda else ""))
     return {"file": str(path), "sorted_by": sort, "steps": len(batches),
+            "device_busy_fraction": None if busy is None else round(busy, 4),
             "top": [{"name": e.key, "self_ms": round(getattr(e, attr) / 1000 / len(batches), 3),
                      "share": round(getattr(e, attr) / total, 4), "calls": e.count} for e in top]}
 
@@ -866,6 +940,15 @@ def markdown_table(results: dict, ratio: dict, peak: dict) -> str:
                      f"{r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | {100 * r['pad_fraction']:.0f} | "
                      f"{r['tflops']:.4g} | {100 * r['mfu']:.1f}% | {f(r['peak_gib'], '.1f')} |")
     lines.append("")
+    for m in sorted(results):
+        phases = results[m].get("phases")
+        if phases:
+            lines.append(f"mode {m} per step, host time to issue / device time between markers (ms): " + ", ".join(
+                f"{k} {v['host_ms']:.1f}" + (f" / {v['device_ms']:.1f}" if "device_ms" in v else "")
+                for k, v in phases.items()))
+        busy = results[m].get("profile", {}).get("device_busy_fraction")
+        if busy is not None:
+            lines.append(f"mode {m} device busy (profiled steps): {100 * busy:.1f}%")
     lines.append("ratios (real tokens/s): " + (", ".join(f"{k} = {v:.2f}x" for k, v in ratio.items()) or "–"))
     lines.append(f"MFU against the measured matmul peak: {peak['tflops']:.4g} TFLOP/s ({peak['gemm']})")
     lines.append(FLOPS_FORMULA)

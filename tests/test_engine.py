@@ -105,7 +105,8 @@ def test_engine_step_two_lr_groups_and_nan_skip(tiny_lm_dir, stage1_ckpts, dist1
 
     T = enc.num_tokens()
     batch = _batch(tok, latent_dim=enc.latent_dim, with_tokens=(T, enc.latent_dim))
-    trainable = {n: p.detach().clone() for n, p in engine.module.named_parameters() if p.requires_grad}
+    # the PEFT LoRA weights too: under trainer.flat_lora they are frozen views of the one trained tensor
+    trainable = {n: p.detach().clone() for n, p in engine.module.named_parameters() if p.requires_grad or "lora_" in n}
 
     def changed():
         now = dict(engine.module.named_parameters())
@@ -126,6 +127,7 @@ def test_engine_step_two_lr_groups_and_nan_skip(tiny_lm_dir, stage1_ckpts, dist1
     moved = changed()
     assert any(n.startswith("prefix.tail.") for n in moved), "the Stage1 tail must train"
     assert any("lora_B" in n for n in moved) and any(n.startswith("prefix.proj") for n in moved)
+    assert "flat_lora.flat" in moved
     assert losses[-1] < losses[0]
     assert engine.lr()["lora_and_prefix"] < 1e-3  # decaying after the 1-step warm-up
 
@@ -164,7 +166,8 @@ def _micro_step(engine, batch, seed: int, nan: bool = False):
 
 
 def _trainable(engine) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in engine.module.named_parameters() if p.requires_grad}
+    """The trained weights, PEFT's LoRA weights included (frozen views of trainer.flat_lora's tensor)."""
+    return {n: p.detach().clone() for n, p in engine.module.named_parameters() if p.requires_grad or "lora_" in n}
 
 
 def test_torch_engine_makes_the_deepspeed_updates(tiny_lm_dir, stage1_ckpts, dist1):
@@ -195,6 +198,64 @@ def test_torch_engine_makes_the_deepspeed_updates(tiny_lm_dir, stage1_ckpts, dis
     assert moved > 1e-3, "the updates must be visible above the tolerance"
     for n in want:
         torch.testing.assert_close(got[n], want[n], atol=1e-6, rtol=0, msg=n)
+
+
+@pytest.mark.parametrize("kind", ["deepspeed", "torch"])
+def test_flat_lora_trains_exactly_as_separate_lora_tensors(tiny_lm_dir, stage1_ckpts, dist1, tmp_path, kind):
+    """trainer.flat_lora (the default) hands the engine ONE LoRA tensor instead of one per A/B:
+    same losses and same LoRA weights as the separate tensors over 2 optimizer steps of 2 micro-batches,
+    with clipping, two LR groups and activation checkpointing (recompute reads the same views); the
+    PEFT adapter files written afterwards hold the trained values."""
+    from safetensors.torch import load_file
+
+    from trainer.engine import build_engine
+    from trainer.model import save_adapter
+
+    base = _tail_cfg(tiny_lm_dir, gradient_accumulation_steps=2, max_grad_norm=0.05)
+    runs = {}
+    for flat in (False, True):
+        cfg = replace(base, engine=kind, model={"flat_lora": flat, "gradient_checkpointing": True})
+        model, batches = _model(cfg, stage1_ckpts)
+        init = _trainable_lora(model)
+        engine = build_engine(model, cfg, total_steps=10)
+        losses = [_micro_step(engine, batches[i], seed=100 + i)[0] for i in range(4)]
+        n_tensors = sum(p.requires_grad for p in engine.module.parameters())
+        runs[flat] = losses, _trainable_lora(engine.module), n_tensors, engine
+    n_lora = sum("lora_" in n for n in init)
+    assert n_lora == 2 * 7 * 2  # 2 layers x 7 projections x (A, B)
+    assert runs[False][2] - runs[True][2] == n_lora - 1, "the engine sees one LoRA tensor"
+    assert runs[True][0] == pytest.approx(runs[False][0], abs=1e-6)
+    want, got = runs[False][1], runs[True][1]
+    assert max(float((got[n] - init[n]).abs().max()) for n in got) > 1e-3, "updates above the tolerance"
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], atol=1e-6, rtol=0, msg=n)
+
+    engine = runs[True][3]
+    assert engine.flat_lora.is_linked()
+    save_adapter(engine.module, tmp_path / "adapter")
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert len(saved) == n_lora
+    for key, value in saved.items():  # PEFT names them without the adapter name
+        name = next(n for n in got if n.replace(".default", "").endswith(key.replace("base_model.model.", "", 1)))
+        torch.testing.assert_close(value, got[name], atol=0, rtol=0, msg=key)
+
+
+def _trainable_lora(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def test_flat_lora_refuses_a_layer_the_fused_forward_does_not_run(tiny_lm_dir):
+    from peft.tuners.lora import Linear
+
+    from trainer.flat_lora import attach_flat_lora
+    from trainer.model import build_prefix_lm
+
+    model, _ = build_prefix_lm(_cfg(tiny_lm_dir).model, latent_dim=32)
+    layer_name, layer = next((n, m) for n, m in model.named_modules() if isinstance(m, Linear))
+    layer.__class__ = Linear  # e.g. built with --no-fused-lora
+    with pytest.raises(ValueError, match=layer_name.replace(".", r"\.") + ".*--no-flat-lora"):
+        attach_flat_lora(model)
+    assert not hasattr(model, "flat_lora") and all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
 
 
 def _optimizer_state(engine) -> list[torch.Tensor]:

@@ -120,6 +120,7 @@ class Engine:
 
     device: torch.device
     dtype: torch.dtype  # compute dtype of the weights and of the float inputs
+    flat_lora = None  # trainer.flat_lora.FlatLora when build_engine packed the LoRA weights
 
     @property
     def module(self) -> torch.nn.Module:
@@ -474,11 +475,21 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, total_steps: int,
     precision = resolve_precision(getattr(cfg.model, "precision", "auto"), device)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     kind = getattr(cfg, "engine", "deepspeed")
-    if kind == "torch":
-        return TorchEngine(model, cfg, total_steps, device, dtype)
-    if kind != "deepspeed":
+    if kind not in ("deepspeed", "torch"):
         raise ValueError(f"--engine must be 'deepspeed' or 'torch' (got {kind!r})")
-    return _build_deepspeed_engine(model, cfg, total_steps, device, precision, dtype)
+    flat = None
+    if getattr(cfg.model, "flat_lora", False) and getattr(cfg.model, "fused_lora", False):
+        from trainer.flat_lora import attach_flat_lora
+
+        flat = attach_flat_lora(model)  # the engine then sees 1 LoRA tensor, not ~450
+    if kind == "torch":
+        engine = TorchEngine(model, cfg, total_steps, device, dtype)
+    else:
+        engine = _build_deepspeed_engine(model, cfg, total_steps, device, precision, dtype)
+    if flat is not None:
+        flat.relink()  # both engines re-bind parameter storage (flat buffers, dtype/device moves)
+        engine.flat_lora = flat
+    return engine
 
 
 def _build_deepspeed_engine(model: torch.nn.Module, cfg: TrainConfig, total_steps: int, device: torch.device,

@@ -81,6 +81,9 @@ def fused_lora_linear_class() -> type:
 
             def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
                 if args or kwargs or not _fast_path_ok(self):
+                    if getattr(self, "_flat_lora_owner", False) and torch.is_grad_enabled():
+                        raise RuntimeError("a LoRA layer packed by trainer.flat_lora must run the fused "
+                                           "forward to train (merged/disabled adapter or extra arguments?)")
                     return super().forward(x, *args, **kwargs)
                 return _fused_forward(self, x)
 
@@ -101,10 +104,13 @@ def _fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
     result = layer.base_layer(x)
     out2d = result.reshape(-1, result.shape[-1])
     x2d = None
+    # trainer.flat_lora: differentiable views of the one flat trainable tensor (None: PEFT's own,
+    # e.g. generation, where the weights are views of the same storage anyway).
+    flat = getattr(layer, "_flat_lora", None)
     for name in layer.active_adapters:
         if name not in layer.lora_A:
             continue
-        a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+        a, b = flat[name] if flat is not None else (layer.lora_A[name].weight, layer.lora_B[name].weight)
         if a.dtype != x.dtype or b.dtype != out2d.dtype:  # e.g. fp32 adapters on a bf16 base: PEFT's casts
             return _lora_linear_class().forward(layer, x)
         drop = layer.lora_dropout[name]

@@ -62,6 +62,10 @@ class ModelConfig:
     fused_lora: bool = field(default=True, metadata={
         "help": "fused LoRA forward (trainer.lora_fused): scale + add inside the LoRA-B GEMM, one dropout "
                 "mask per shared input (q/k/v, gate/up); same parameters and PEFT adapter files"})
+    flat_lora: bool = field(default=True, metadata={
+        "help": "training packs every LoRA weight into one trainable tensor (trainer.flat_lora), so the engine "
+                "(DeepSpeed's per-tensor hooks, checks and norms) handles 1 tensor instead of ~450; needs "
+                "--fused-lora; adapter files stay standard PEFT"})
     fused_kernels: Literal["auto", "none", "chunked", "liger"] = field(
         default="auto", metadata={"help": "loss/kernels: none = full logits + cross-entropy (HF-equivalent); chunked = "
                                            "exact chunked linear+CE (portable); liger = Liger Triton kernels (fused linear+CE, "
@@ -280,6 +284,9 @@ class PrefixLM(nn.Module):
         return kernels.reference_cross_entropy(hidden, weight, labels, bias)
 
     def forward(self, batch: dict) -> PrefixLMOutput:
+        flat = self._modules.get("flat_lora")  # trainer.flat_lora: set when an engine packed the adapters
+        if flat is not None and torch.is_grad_enabled():
+            flat.publish()
         inputs_embeds = self.embed(batch)
         try:
             hidden = self.decoder(inputs_embeds=inputs_embeds, **self._decoder_kwargs(batch)).last_hidden_state
