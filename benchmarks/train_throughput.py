@@ -116,6 +116,10 @@ class BenchConfig:
     ds_override: str = field(default="", metadata={
         "help": "JSON merged (recursively) into --deepspeed-config, e.g. '{\"zero_optimization\": "
                 "{\"overlap_comm\": false}}', to measure engine settings without editing the file"})
+    gc_interval_steps: int = field(default=50, metadata={
+        "help": "Python GC as the trainer runs it (trainer.gc_steps, the trainer's --gc-interval-steps): automatic "
+                "collection off, a young-generation collection every N steps; 0 = Python's automatic GC. Applies "
+                "to every mode alike"})
     grad_accum: int = field(default=1, metadata={
         "help": "mode 4: micro-batches per optimizer step (the trainer's --gradient-accumulation-steps); "
                 "every micro-batch is a timed step, so the optimizer's cost is spread over this many"})
@@ -137,6 +141,8 @@ class BenchConfig:
         if sum(bool(x) for x in (self.gemini_json, self.shard_dir, self.lengths_file)) > 1:
             raise ValueError("give at most one of --gemini-json, --shard-dir, --lengths-file")
         parse_task_mix(self.task_mix)
+        if self.gc_interval_steps < 0:
+            raise ValueError(f"--gc-interval-steps must be >= 0 (got {self.gc_interval_steps})")
         if self.grad_accum < 1:
             raise ValueError(f"--grad-accum must be >= 1 (got {self.grad_accum})")
 
@@ -590,18 +596,29 @@ def time_mode(step: Callable[[dict], torch.Tensor], batches: list[dict], groups:
     already, so the time is the step's alone (the trainer's loader prefetches them too)."""
     from tqdm import tqdm
 
+    from trainer.gc_steps import StepAlignedGC
+
     w = cfg.warmup_steps
-    for b in tqdm(batches[:w], desc=f"{desc} warm-up", leave=False, disable=None):
-        step(b)
-    synchronize(device)
-    if timer:
-        timer.enabled = True
-    t0 = time.perf_counter()
-    losses = [step(b) for b in tqdm(batches[w:], desc=desc, leave=False, disable=None)]
-    synchronize(device)
-    seconds = time.perf_counter() - t0
-    if timer:
-        timer.enabled = False
+    step_gc = StepAlignedGC(cfg.gc_interval_steps)
+    try:
+        def gc_step(i: int, b: dict) -> torch.Tensor:
+            loss = step(b)
+            step_gc.step(i + 1)
+            return loss
+
+        for i, b in enumerate(tqdm(batches[:w], desc=f"{desc} warm-up", leave=False, disable=None)):
+            gc_step(i, b)
+        synchronize(device)
+        if timer:
+            timer.enabled = True
+        t0 = time.perf_counter()
+        losses = [gc_step(w + i, b) for i, b in enumerate(tqdm(batches[w:], desc=desc, leave=False, disable=None))]
+        synchronize(device)
+        seconds = time.perf_counter() - t0
+    finally:
+        step_gc.close()
+        if timer:
+            timer.enabled = False
     timed = groups[w:]
     n_img = cfg.model.num_image_tokens
     real = sum(sum(doc_lengths(g, n_img)) for g in timed)
