@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import os
 import math
 import random
 import statistics
@@ -799,6 +800,8 @@ def build_bench_engine(model: nn.Module, cfg: BenchConfig, ctx: "Context", engin
 
     if engine == "deepspeed" and not is_initialized():  # the torch engine needs no process group alone
         init_distributed(timeout_s=600)
+    if engine == "deepspeed":  # a group made earlier in this process may have left no env behind
+        os.environ.setdefault("LOCAL_RANK", "0")
     ds_path = cfg.deepspeed_config
     if cfg.ds_override:
         from trainer.config import resolve_ds_config_path

@@ -32,7 +32,7 @@ def test_ds_config_auto_fields_are_filled():
     assert ds["gradient_accumulation_steps"] == 3 and ds["gradient_clipping"] == 0.5
     assert ds["bf16"]["enabled"] is True and ds["zero_optimization"]["stage"] == 2
     p = ds["optimizer"]["params"]
-    assert p["lr"] == 1e-3 and p["weight_decay"] == 0.01 and p["torch_adam"] is True
+    assert p["lr"] == 1e-3 and p["weight_decay"] == 0.01 and p["torch_adam"] is True and p["fused"] is True
     assert "scheduler" not in ds and "auto" not in str(ds)
     assert build_ds_config(cfg, "fp32")["bf16"]["enabled"] is False
     offload = build_ds_config(replace(cfg, deepspeed="ds_configs/zero2_offload.json"), "fp32")
@@ -188,7 +188,7 @@ def test_torch_engine_makes_the_deepspeed_updates(tiny_lm_dir, stage1_ckpts, dis
             if boundary:
                 norms[kind].append(engine.grad_norm())
     assert isinstance(engines["deepspeed"], DeepSpeedEngine) and isinstance(engines["torch"], TorchEngine)
-    assert losses["torch"] == pytest.approx(losses["deepspeed"], abs=1e-6)
+    assert losses["torch"] == pytest.approx(losses["deepspeed"], rel=1e-6)  # fp32 reassociation only
     assert norms["torch"] == pytest.approx(norms["deepspeed"], rel=1e-5)
     assert min(norms["torch"]) > 0.05, "clipping must be active for the test to mean something"
     assert engines["torch"].lr() == pytest.approx(engines["deepspeed"].lr(), rel=1e-6)

@@ -107,6 +107,9 @@ def build_ds_config(cfg: TrainConfig, precision: str) -> dict:
     _fill(params, "eps", o.adam_eps)
     _fill(params, "weight_decay", o.weight_decay)
     params.setdefault("torch_adam", True)
+    # PyTorch's fused AdamW: one kernel over the fp32 partition instead of foreach's several (DeepSpeed
+    # passes params it does not know through to torch.optim.AdamW); the torch engine uses it too.
+    params.setdefault("fused", True)
     ds.pop("scheduler", None)  # ours is passed to deepspeed.initialize (exact-resumable LambdaLR)
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in (1, 2):
