@@ -594,6 +594,21 @@ def engine_stepper(engine, timer: PhaseTimer | None = None) -> Callable[[dict], 
     return step
 
 
+def gpu_state(device: torch.device) -> dict | None:
+    """SM clock, temperature and power of the GPU (NVML through torch; None where unavailable): a
+    mode timed on a hot, clock-throttled GPU after a heavy one is slower for reasons of its own."""
+    if device.type != "cuda":
+        return None
+    out = {}
+    for key, fn in (("sm_clock_mhz", torch.cuda.clock_rate), ("temperature_c", torch.cuda.temperature),
+                    ("power_w", lambda d: torch.cuda.power_draw(d) / 1000)):
+        try:
+            out[key] = round(float(fn(device)), 1)
+        except Exception:  # noqa: BLE001 - pynvml missing or the query unsupported
+            out[key] = None
+    return out
+
+
 def time_mode(step: Callable[[dict], torch.Tensor], batches: list[dict], groups: list[list[Example]],
               cfg: BenchConfig, device: torch.device, desc: str, timer: PhaseTimer | None = None) -> dict:
     """Warm-up steps, then timed steps between two device syncs. Batches are on the device
@@ -613,12 +628,14 @@ def time_mode(step: Callable[[dict], torch.Tensor], batches: list[dict], groups:
         for i, b in enumerate(tqdm(batches[:w], desc=f"{desc} warm-up", leave=False, disable=None)):
             gc_step(i, b)
         synchronize(device)
+        gpu_before = gpu_state(device)
         if timer:
             timer.enabled = True
         t0 = time.perf_counter()
         losses = [gc_step(w + i, b) for i, b in enumerate(tqdm(batches[w:], desc=desc, leave=False, disable=None))]
         synchronize(device)
         seconds = time.perf_counter() - t0
+        gpu_after = gpu_state(device)
     finally:
         step_gc.close()
         if timer:
@@ -632,7 +649,8 @@ def time_mode(step: Callable[[dict], torch.Tensor], batches: list[dict], groups:
             "slots_per_step": slots / len(timed),
             "examples_per_step": statistics.fmean(len(g) for g in timed),
             "loss_last": float(losses[-1].float()), "loss_finite": all(bool(torch.isfinite(x)) for x in losses),
-            **({"phases": timer.summary()} if timer else {})}
+            **({"phases": timer.summary()} if timer else {}),
+            **({"gpu_before": gpu_before, "gpu_after": gpu_after} if gpu_before is not None else {})}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -969,6 +987,10 @@ def markdown_table(results: dict, ratio: dict, peak: dict) -> str:
             lines.append(f"mode {m} per step, host time to issue / device time between markers (ms): " + ", ".join(
                 f"{k} {v['host_ms']:.1f}" + (f" / {v['device_ms']:.1f}" if "device_ms" in v else "")
                 for k, v in phases.items()))
+        if results[m].get("gpu_after"):
+            b, a = results[m]["gpu_before"], results[m]["gpu_after"]
+            lines.append(f"mode {m} GPU before / after the timed steps: SM {b['sm_clock_mhz']} / {a['sm_clock_mhz']} MHz, "
+                         f"{b['temperature_c']} / {a['temperature_c']} C, {b['power_w']} / {a['power_w']} W")
         busy = results[m].get("profile", {}).get("device_busy_fraction")
         if busy is not None:
             lines.append(f"mode {m} device busy (profiled steps): {100 * busy:.1f}%")

@@ -144,3 +144,21 @@ def test_benchmark_end_to_end_tiny_cpu(tmp_path, synthetic_data):
     assert modes["4"]["profile"]["top"]
     assert (tmp_path / "throughput.profile.txt").exists()
     assert "| mode |" in report["markdown"] and "4/1" in report["markdown"]
+
+
+def test_mode4_in_a_fresh_process_reports_phases_and_accumulation(tmp_path, synthetic_data):
+    """--isolate-modes on runs the mode in a spawned process; the JSON carries where the step's time
+    went (host time to issue forward/backward/step) and the accumulation it ran with."""
+    json_paths, _ = synthetic_data
+    out = tmp_path / "tp.json"
+    rc = tp.main(["--shape", "tiny", "--device", "cpu", "--modes", "4", "--steps", "4", "--warmup-steps", "1",
+                  "--token-budget", "512", "--grad-accum", "2", "--step-engine", "torch", "--isolate-modes", "on",
+                  "--gemini-json", *map(str, json_paths), "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert rc == 0, report["modes"]["4"].get("error")
+    r = report["modes"]["4"]
+    assert set(r["phases"]) == {"forward", "backward", "step"}
+    assert all(p["host_ms"] > 0 and "device_ms" not in p for p in r["phases"].values())  # CPU: no events
+    assert "2 micro-batches per optimizer step" in r["label"] and r["step_engine"] == "torch"
+    assert "gpu_before" not in r
+    assert "host time to issue" in report["markdown"]
