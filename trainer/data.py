@@ -67,7 +67,7 @@ class DataConfig:
     num_workers: int = field(default=2, metadata={"help": "data-loader worker processes per GPU (0 = load in the training process)"})
     shuffle_buffer: int = field(default=1000, metadata={"help": "samples each worker holds in its shuffle buffer (<= 1 = no shuffling inside a worker)"})
     max_seq_len: int = field(default=256, metadata={"help": "max positions per example, image prefix included; longer ones are truncated (counted per task)"})
-    balance_window: int = field(default=32, metadata={"help": "token-balanced micro-batches: each data worker regroups every window of this many batches (x --batch-size examples) so that the batches carry ~equal tokens (longest first onto the lightest batch); the batch count is unchanged, so ranks still agree, and GPUs wait less for each other (1 = plain consecutive batches)"})
+    balance_window: int = field(default=8, metadata={"help": "token-balanced micro-batches: each data worker regroups every window of this many batches (x --batch-size examples) so that the batches carry ~equal tokens (longest first onto the lightest batch); the batch count is unchanged, so ranks still agree, and GPUs wait less for each other (1 = plain consecutive batches)"})
     packed: bool = field(default=True, metadata={"help": "pack each micro-batch into one row with per-example attention (--no-packed: one padded row per example)"})
     skip_bad_shards: bool = field(default=False, metadata={"help": "log and skip missing/truncated shards and unreadable samples (counted) instead of stopping with an error"})
     val_max_samples: int = field(default=256, metadata={"help": "held-out loss is computed on at most this many val samples (0 = off)"})
