@@ -112,6 +112,9 @@ def _fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
             continue
         a, b = flat[name] if flat is not None else (layer.lora_A[name].weight, layer.lora_B[name].weight)
         if a.dtype != x.dtype or b.dtype != out2d.dtype:  # e.g. fp32 adapters on a bf16 base: PEFT's casts
+            if flat is not None:  # PEFT's forward would use the frozen weights: no gradient would flow
+                raise RuntimeError(f"flat LoRA: adapter dtype {a.dtype} != input dtype {x.dtype}; "
+                                   "the engine should have cast both (use --no-flat-lora otherwise)")
             return _lora_linear_class().forward(layer, x)
         drop = layer.lora_dropout[name]
         p = float(getattr(drop, "p", 0.0)) if isinstance(drop, nn.Dropout) else 0.0
