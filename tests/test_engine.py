@@ -258,6 +258,24 @@ def test_flat_lora_refuses_a_layer_the_fused_forward_does_not_run(tiny_lm_dir):
     assert not hasattr(model, "flat_lora") and all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
 
 
+def test_flat_lora_layer_refuses_the_dtype_fallback(tiny_lm_dir):
+    """PEFT's own forward (the fallback for mismatched dtypes) would use the frozen weights, so a
+    flat-LoRA layer must raise instead of silently training nothing."""
+    from trainer.flat_lora import attach_flat_lora
+    from trainer.lora_fused import fused_lora_linear_class
+    from trainer.model import build_prefix_lm
+
+    model, _ = build_prefix_lm(_cfg(tiny_lm_dir).model, latent_dim=32)
+    flat = attach_flat_lora(model)
+    flat.publish()
+    layer = next(m for m in model.modules() if type(m) is fused_lora_linear_class())
+    x = torch.randn(3, layer.in_features)
+    layer(x)  # matching dtypes: fine
+    layer._flat_lora = {k: (a.to(torch.float64), b.to(torch.float64)) for k, (a, b) in layer._flat_lora.items()}
+    with pytest.raises(RuntimeError, match="flat LoRA: adapter dtype"):
+        layer(x)
+
+
 def _optimizer_state(engine) -> list[torch.Tensor]:
     return [v.detach().clone() for s in engine.optimizer.state.values() for v in s.values()
             if isinstance(v, torch.Tensor)]
