@@ -39,8 +39,8 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
-import os
 import math
+import os
 import random
 import statistics
 import sys
@@ -577,18 +577,18 @@ class PhaseTimer:
         return out
 
 
-def engine_stepper(engine, timer: PhaseTimer | None = None) -> Callable[[dict], torch.Tensor]:
+def engine_stepper(engine, timer: PhaseTimer) -> Callable[[dict], torch.Tensor]:
     """The trainer's step (trainer.train): engine.forward -> engine.backward -> engine.step
-    (which applies the update at the end of each gradient-accumulation window)."""
+    (which applies the update at the end of each gradient-accumulation window), timed by phase
+    while `timer` is enabled."""
     def step(batch: dict) -> torch.Tensor:
-        marks = [timer.mark()] if timer else []
+        start = timer.mark()
         loss = engine.forward(batch).loss
-        marks += [timer.mark()] if timer else []
+        forward_done = timer.mark()
         engine.backward(loss)
-        marks += [timer.mark()] if timer else []
+        backward_done = timer.mark()
         engine.step()
-        if timer:
-            timer.add(marks + [timer.mark()])
+        timer.add([start, forward_done, backward_done, timer.mark()])
         return loss.detach()
 
     return step
@@ -871,16 +871,15 @@ def profile_steps(step: Callable[[dict], torch.Tensor], batches: list[dict], ctx
             step(b)
         synchronize(ctx.device)
     wall_us = (time.perf_counter() - t0) * 1e6
+    from torch.autograd import DeviceType
+
     sort = "self_device_time_total" if cuda else "self_cpu_time_total"
     events = prof.key_averages()
     tables = f"# mode 4, {len(batches)} steps, sorted by {sort}\n{events.table(sort_by=sort, row_limit=30)}\n"
     if cuda:
         tables += f"\n# sorted by self_cpu_time_total (host work)\n{events.table(sort_by='self_cpu_time_total', row_limit=30)}\n"
-    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
-    total = sum(getattr(e, attr) for e in events) or 1.0
-    top = sorted(events, key=lambda e: getattr(e, attr), reverse=True)[:25]
-    from torch.autograd import DeviceType
-
+    total = sum(getattr(e, sort) for e in events) or 1.0
+    top = sorted(events, key=lambda e: getattr(e, sort), reverse=True)[:25]
     kernel_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
     busy = (kernel_us / wall_us) if cuda else None  # kernels of one stream rarely overlap here
     path = (Path(ctx.cfg.out).with_suffix(".profile.txt") if ctx.cfg.out
@@ -888,8 +887,8 @@ def profile_steps(step: Callable[[dict], torch.Tensor], batches: list[dict], ctx
     atomic_write_text(path, tables + (f"\ndevice busy: {busy:.1%} of {wall_us / 1000:.1f} ms wall (profiled)\n" if cuda else ""))
     return {"file": str(path), "sorted_by": sort, "steps": len(batches),
             "device_busy_fraction": None if busy is None else round(busy, 4),
-            "top": [{"name": e.key, "self_ms": round(getattr(e, attr) / 1000 / len(batches), 3),
-                     "share": round(getattr(e, attr) / total, 4), "calls": e.count} for e in top]}
+            "top": [{"name": e.key, "self_ms": round(getattr(e, sort) / 1000 / len(batches), 3),
+                     "share": round(getattr(e, sort) / total, 4), "calls": e.count} for e in top]}
 
 
 MODES: dict[int, Callable[[Context], dict]] = {1: mode_seed_like, 2: mode_padded_sdpa,
@@ -1009,9 +1008,9 @@ def run_mode(m: int, ctx: Context) -> dict:
 
 
 def run_mode_isolated(m: int, ctx: Context) -> dict:
-    """`run_mode` in a fresh (spawned) process: every mode starts from the same state. In one
-    process, a mode that runs after others measured up to 12% slower on an H100 (host-bound
-    forward after three 7B models and their allocator/Python leftovers), which skews the ratios."""
+    """`run_mode` in a fresh (spawned) process: every mode starts from the same state, whatever ran
+    before it. (On an H100, mode 4 run after modes 1-2 in one process measured ~10% slower than run
+    alone; it still did in its own process, so the cause is not the process state: see README.)"""
     import multiprocessing as mp
 
     with mp.get_context("spawn").Pool(1) as pool:
