@@ -126,8 +126,8 @@ def test_plan_covers_every_sample_once_with_equal_counts(n, world, workers, batc
     assert dups == slot_counts.pop() * world - n < world  # duplicates only fill the remainder
 
 
-@pytest.mark.parametrize("field, value", [("batch_size", 0), ("num_workers", -1), ("shuffle_buffer", -1),
-                                          ("max_seq_len", 8), ("val_max_samples", -1)])
+@pytest.mark.parametrize("field, value", [("batch_size", -1), ("num_workers", -1), ("shuffle_buffer", -1),
+                                          ("max_seq_len", 8), ("val_max_samples", -1), ("batch_tokens", 100)])
 def test_data_config_validation(field, value):
     with pytest.raises(ValueError, match="--" + field.replace("_", "-")):
         DataConfig(**{field: value}).validate()
@@ -148,8 +148,9 @@ def test_split_evenly_and_round_robin():
 # Streams over real shards
 
 
-def test_two_ranks_see_every_sample_once_and_same_batch_counts(small_shards, tokenizer):
-    streams = [make_stream(small_shards, tokenizer, rank=r, world_size=2) for r in range(2)]
+@pytest.mark.parametrize("batching", [{"batch_size": 3}, {"batch_size": 0, "batch_tokens": 600}])
+def test_two_ranks_see_every_sample_once_and_same_batch_counts(small_shards, tokenizer, batching):
+    streams = [make_stream(small_shards, tokenizer, rank=r, world_size=2, **batching) for r in range(2)]
     assert streams[0].batches_per_epoch == streams[1].batches_per_epoch
     orders = []
     for epoch in range(2):
@@ -178,11 +179,13 @@ def test_same_seed_same_batches_other_seed_other_order(small_shards, tokenizer):
 
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")
-@pytest.mark.parametrize("world_size, num_workers, window", [(2, 2, 8), (1, 3, 3), (1, 0, 4), (1, 0, 1)])
-def test_skip_batches_resumes_exactly(small_shards, tokenizer, world_size, num_workers, window):
+@pytest.mark.parametrize("world_size, num_workers, window, batch_tokens",
+                         [(2, 2, 8, 0), (1, 3, 3, 0), (1, 0, 4, 0), (1, 0, 1, 0), (2, 2, 2, 512)])
+def test_skip_batches_resumes_exactly(small_shards, tokenizer, world_size, num_workers, window, batch_tokens):
     """Resuming at any batch (inside a balancing window too) gives the rest of the same epoch."""
     stream = make_stream(small_shards, tokenizer, rank=world_size - 1, world_size=world_size,
-                         num_workers=num_workers, batch_size=2, balance_window=window)
+                         num_workers=num_workers, batch_size=0 if batch_tokens else 2, batch_tokens=batch_tokens,
+                         balance_window=window)
     full = [fingerprint(b) for b in stream.loader(1)]
     assert len(full) == stream.batches_per_epoch
     for skip in sorted({1, 2, len(full) // 2 + 1, len(full) - 1, len(full)}):
@@ -347,3 +350,53 @@ def test_balanced_batches_lpt_is_within_one_example_of_the_mean():
     position = {id(ex): i for i, ex in enumerate(window)}
     for b in batches:  # stream order kept inside a batch
         assert [position[id(ex)] for ex in b] == sorted(position[id(ex)] for ex in b)
+
+
+# ----------------------------------------------------------------------------------------------
+# Token budgets (--batch-tokens)
+
+
+def _summary_centric(main: dict) -> ScheduleConfig:
+    """Warm-up epoch of captions + CoT links (long examples here), then one epoch of the `main` mix."""
+    probs = {"prob_summary": 0.0, "prob_caption": 0.0, "prob_cot": 0.0, **main}
+    return ScheduleConfig(schedule="summary_centric", warmup_epochs=1, main_epochs=1, **probs)
+
+
+def _epoch_positions(stream: TrainStream, epoch: int) -> list[int]:
+    return [b["input_ids"].numel() for b in stream.loader(epoch)]  # packed rows: positions, no padding
+
+
+def test_probe_measures_the_lengths_the_pipeline_produces(small_shards, tokenizer):
+    """A caption-only epoch of all 22 samples (all of them probed) carries exactly the probed mean."""
+    stream = make_stream(small_shards, tokenizer, num_workers=0, batch_size=0, batch_tokens=600,
+                         schedule=_summary_centric({"prob_caption": 1.0}))
+    positions = _epoch_positions(stream, 1)
+    assert sum(positions) / len(train_keys()) == pytest.approx(stream.task_lengths["caption"], rel=1e-9)
+
+
+def test_batch_tokens_give_each_phase_its_batch_size_and_fill_the_budget(small_shards, tokenizer):
+    """Summaries are short in this data, captions and CoT links long: the summary phase gets more
+    examples per batch, and the batches of both phases carry ~the budget."""
+    budget = 600
+    stream = make_stream(small_shards, tokenizer, num_workers=0, batch_size=0, batch_tokens=budget,
+                         balance_window=2, schedule=_summary_centric({"prob_summary": 1.0}))
+    sizes = stream.phase_batch_sizes
+    assert sizes["warmup"] < sizes["main"], sizes
+    longest = max(stream.task_lengths.values())
+    for epoch in (0, 1):
+        positions = _epoch_positions(stream, epoch)
+        assert len(positions) == stream.num_batches(epoch)
+        whole = positions[: 2 * (len(positions) // 2) - 2]  # whole windows, not a worker's short last one
+        mean = sum(whole) / len(whole)
+        assert budget - longest <= mean <= budget * 1.1, (epoch, sizes, positions)
+    # A fixed --batch-size ignores the budget.
+    fixed = make_stream(small_shards, tokenizer, num_workers=0, batch_size=3, batch_tokens=budget,
+                        schedule=_summary_centric({"prob_summary": 1.0}))
+    assert set(fixed.phase_batch_sizes.values()) == {3} and fixed.task_lengths == {}
+
+
+def test_a_doubled_budget_doubles_the_examples_per_batch(small_shards, tokenizer):
+    one, two = (make_stream(small_shards, tokenizer, batch_size=0, batch_tokens=t,
+                            schedule=_summary_centric({"prob_summary": 1.0})) for t in (600, 1200))
+    for phase, b in one.phase_batch_sizes.items():
+        assert 2 * b <= two.phase_batch_sizes[phase] <= 2 * b + 1

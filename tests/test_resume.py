@@ -3,7 +3,9 @@
 One 2-process ZeRO-2 run of N + M steps saves resume checkpoints along the way. Pointing
 `resume/latest` back at step N recreates the state of a job killed right after that save (the
 pointer is the commit point); `--resume` must then reproduce steps N+1..N+M exactly (fp32, with
-LoRA dropout on and an epoch boundary inside the resumed part).
+LoRA dropout on and an epoch boundary inside the resumed part). The second test does the same on
+the trainer's default batching (token budgets), across a schedule-phase boundary where the batch
+size changes.
 """
 
 from __future__ import annotations
@@ -46,3 +48,34 @@ def test_resume_reproduces_the_uninterrupted_losses(shard_dir, tiny_lm_dir, tmp_
     assert got_val and sorted(got_val) == sorted(want_val), (want_val, got_val)
     for step in want_val:
         assert got_val[step] == pytest.approx(want_val[step], abs=1e-5), (step, want_val[step], got_val[step])
+
+
+@pytest.mark.slow
+def test_resume_across_a_phase_boundary_with_token_budgets(shard_dir, tiny_lm_dir, tmp_path):
+    out = tmp_path / "run"
+    flags = base_flags(shard_dir, tiny_lm_dir, out, **{
+        "batch-size": 0, "batch-tokens": 4096, "schedule": "summary_centric", "warmup-epochs": 1,
+        "main-epochs": 1, "max-steps": 14, "save-steps": 4, "save-total-limit": 10, "lora-dropout": 0.1})
+    run_train(flags)
+    first = read_jsonl(out / "train_log.jsonl")
+    start = first[0]
+    # The premise: the phases got their own batch sizes, and step 8 is inside the warm-up epoch,
+    # whose end lies inside the resumed steps 9..14.
+    sizes = start["batch_size_per_phase"]
+    assert sizes["warmup"] != sizes["main"], sizes
+    assert 8 < start["steps_per_epoch"][0] < 14, start
+
+    (out / "resume" / "latest").write_text("step-8\n")
+    run_train(flags + ["--resume"])
+    second = read_jsonl(out / "train_log.jsonl")[len(first):]
+    assert second[0]["kind"] == "start" and second[0]["step"] == 8, second[0]
+
+    def losses(recs):
+        return {r["step"]: (r["loss"], r["task_mix"]) for r in recs if r["kind"] == "train" and r["step"] > 8}
+
+    want, got = losses(first), losses(second)
+    assert sorted(got) == sorted(want) == list(range(9, 15))
+    for step, (loss, mix) in want.items():
+        assert got[step][1] == mix, step  # same examples, same tasks
+        assert got[step][0] == pytest.approx(loss, abs=1e-5), (step, loss, got[step][0])
+    assert any(mix.get("summary", 0) for step, (_, mix) in want.items()), "the main phase is reached"

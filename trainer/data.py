@@ -9,6 +9,11 @@ Splitting (docs/architecture.md, "Data pipeline"). Per epoch:
     -> each worker's range into batches of batch_size (the last one may be partial); with
        --balance-window K each run of K batches is regrouped into K batches of ~equal tokens
 
+Token budgets (--batch-tokens, the default): batch_size is derived per schedule phase as the number
+of examples of the phase's mean length (task mix x per-task mean, measured once on the first train
+samples) that fill the budget; the balancing then gives every batch ~the budget. The number of
+batches stays arithmetic, so ranks agree without talking to each other.
+
 The counts depend only on (N, W, num_workers, batch_size), so every rank has the same number of
 batches, every epoch (all ranks must see the same shard files: with --skip-bad-shards a shard
 missing on one node only would give that node another plan). A DataLoader returns its workers' batches round-robin, so the position in an
@@ -54,6 +59,9 @@ log = logging.getLogger("trainer.data")
 
 FALLBACK_TASK = "caption"
 VAL_TASK_SEED = 0  # val tasks are fixed: the same held-out examples in every epoch and run
+# --batch-tokens: example lengths are measured on this many train samples (manifest order, so every
+# rank measures the same ones and derives the same batch sizes)
+LENGTH_PROBE_SAMPLES = 256
 
 
 class DataError(RuntimeError):
@@ -63,7 +71,8 @@ class DataError(RuntimeError):
 @dataclass
 class DataConfig:
     shard_dir: str = field(default="", metadata={"help": "directory built by python -m data_prep.build_shards (shards, cases.jsonl, manifest.json)"})
-    batch_size: int = field(default=8, metadata={"help": "examples per micro-batch per GPU (packed into one row by default)"})
+    batch_size: int = field(default=0, metadata={"help": "examples per micro-batch per GPU, fixed (packed into one row by default); 0 = derived from --batch-tokens for each schedule phase"})
+    batch_tokens: int = field(default=4096, metadata={"help": "token budget of a micro-batch per GPU (image prefixes included), used when --batch-size is 0: each schedule phase gets the number of examples per micro-batch whose mean length, measured on the first train samples with this tokenizer, fills the budget, and --balance-window evens the tokens across batches. 4096 tokens of the 7B shape train in ~38 GiB on an H100 (benchmarks/README.md)"})
     num_workers: int = field(default=2, metadata={"help": "data-loader worker processes per GPU (0 = load in the training process)"})
     shuffle_buffer: int = field(default=1000, metadata={"help": "samples each worker holds in its shuffle buffer (<= 1 = no shuffling inside a worker)"})
     max_seq_len: int = field(default=256, metadata={"help": "max positions per example, image prefix included; longer ones are truncated (counted per task)"})
@@ -73,8 +82,11 @@ class DataConfig:
     val_max_samples: int = field(default=256, metadata={"help": "held-out loss is computed on at most this many val samples (0 = off)"})
 
     def validate(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1 (got {self.batch_size})")
+        if self.batch_size < 0:
+            raise ValueError(f"--batch-size must be >= 1, or 0 for --batch-tokens (got {self.batch_size})")
+        if self.batch_size == 0 and self.batch_tokens < self.max_seq_len:
+            raise ValueError(f"--batch-tokens ({self.batch_tokens}) must be >= --max-seq-len ({self.max_seq_len}) "
+                             "so that a micro-batch holds its longest example (or pass a fixed --batch-size)")
         if self.num_workers < 0:
             raise ValueError(f"--num-workers must be >= 0 (got {self.num_workers})")
         if self.balance_window < 1:
@@ -178,6 +190,7 @@ class WorkerJob:
     probs: dict
     task_seed: int
     task_epoch: int
+    batch_size: int = 1  # examples per batch (before token balancing)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -452,18 +465,61 @@ class TrainStream:
         self.num_workers = data_cfg.num_workers
         self.tasks = enabled_tasks(self.phases)
         self.case_captions = self._load_case_captions() if "text_summary" in self.tasks else {}
-        self.batches_per_epoch = sum(w.num_batches for w in self._train_plan(0)[1])
+        self.task_lengths = self._probe_task_lengths() if data_cfg.batch_size == 0 else {}
+        self.phase_batch_sizes = {p.name: self.batch_size_for(p.probs) for p in self.phases}
+        self.val_batch_size = self.batch_size_for(self.val_probs)
         log.info("train: %d samples in %d shards -> %d batches per epoch per rank (%d ranks x %d workers x "
-                 "batch %d); val: %d samples", self.num_train_samples, len(self.train_shards),
-                 self.batches_per_epoch, world_size, max(1, self.num_workers), data_cfg.batch_size,
-                 self.num_val_samples)
+                 "batch %s); val: %d samples", self.num_train_samples, len(self.train_shards),
+                 self.batches_per_epoch, world_size, max(1, self.num_workers),
+                 "/".join(str(b) for b in self.phase_batch_sizes.values()), self.num_val_samples)
+
+    # -- batch sizes (--batch-size, or derived from --batch-tokens) ------------------------------
+
+    def batch_size_for(self, probs: dict) -> int:
+        """Examples per micro-batch for a task mix: --batch-size, or as many examples of the mix's
+        mean length as fill --batch-tokens. A pure function of the probe, so every rank agrees."""
+        if self.cfg.batch_size > 0:
+            return self.cfg.batch_size
+        mean = sum(p * self.task_lengths[t] for t, p in probs.items() if p > 0) / max(1e-12, sum(
+            p for t, p in probs.items() if p > 0))
+        return max(1, int(self.cfg.batch_tokens // max(1.0, mean)))
+
+    def _probe_task_lengths(self) -> dict[str, float]:
+        """Mean positions an example takes in a packed row, per enabled task, over the first
+        LENGTH_PROBE_SAMPLES train samples: the pipeline's own prompt, fallback and truncation rules."""
+        n = min(LENGTH_PROBE_SAMPLES, self.num_train_samples)
+        examples = decode(read_range(lay_out(self.train_shards), WorkerRange(range(n), None, 1),
+                                     self.cfg.skip_bad_shards), self.cfg.skip_bad_shards)
+        totals = {t: 0 for t in self.tasks}
+        for ex in examples:
+            for task in self.tasks:
+                probe = Example(None, 1.0, where=ex.where, sample=ex.sample, task=task)
+                probe = next(tokenize(build_prompts([probe], self.case_captions), self.tokenizer,
+                                      self.cfg.max_seq_len, self.num_image_tokens))
+                totals[task] += example_tokens(probe, self.num_image_tokens + 1)
+        lengths = {t: total / n for t, total in totals.items()}
+        log.info("--batch-tokens %d: mean example length over %d train samples: %s", self.cfg.batch_tokens, n,
+                 ", ".join(f"{t} {v:.1f}" for t, v in lengths.items()))
+        return lengths
+
+    def batch_size_of(self, epoch: int) -> int:
+        return self.phase_batch_sizes[phase_at(self.phases, epoch).name]
+
+    def num_batches(self, epoch: int) -> int:
+        """Batches of `epoch` on this rank (equal on every rank)."""
+        return sum(w.num_batches for w in self._train_plan(epoch)[1])
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches of the first epoch (with --batch-tokens, phases of other task mixes may differ)."""
+        return self.num_batches(0)
 
     @property
     def layout(self) -> dict:
         """What a position (batches consumed) means: resuming with another layout cannot be exact,
         so the trainer can store this with its state and compare on resume."""
         return {"world_size": self.world_size, "num_workers": max(1, self.num_workers),
-                "batch_size": self.cfg.batch_size, "balance_window": self.cfg.balance_window,
+                "batch_sizes": dict(self.phase_batch_sizes), "balance_window": self.cfg.balance_window,
                 "num_train_samples": self.num_train_samples, "seed": self.seed}
 
     # -- set-up checks --------------------------------------------------------------------------
@@ -513,10 +569,10 @@ class TrainStream:
         shards = list(self.train_shards)
         random.Random(stable_hash(f"shards/{self.seed}/{epoch}")).shuffle(shards)
         return lay_out(shards), plan_rank(self.num_train_samples, self.rank, self.world_size,
-                                          self.num_workers, self.cfg.batch_size)
+                                          self.num_workers, self.batch_size_of(epoch))
 
     def _jobs(self, spans, workers: list[WorkerRange], skip_batches: int, epoch: int, probs: dict,
-              task_seed: int, shuffle: bool) -> list[WorkerJob]:
+              task_seed: int, shuffle: bool, batch_size: int) -> list[WorkerJob]:
         done, first = resume_point([w.num_batches for w in workers], skip_batches)
         # DataLoader worker j plays worker (first + j): its round-robin then continues where the
         # interrupted epoch stopped.
@@ -524,7 +580,8 @@ class TrainStream:
         return [WorkerJob(spans=tuple(spans), work=workers[k], skip_batches=done[k],
                           shuffle_buffer=self.cfg.shuffle_buffer if shuffle else 0,
                           shuffle_seed=stable_hash(f"buffer/{self.seed}/{epoch}/{self.rank}/{k}"),
-                          probs=probs, task_seed=task_seed, task_epoch=epoch) for k in order]
+                          probs=probs, task_seed=task_seed, task_epoch=epoch, batch_size=batch_size)
+                for k in order]
 
     # -- the stage chain ------------------------------------------------------------------------
 
@@ -540,7 +597,7 @@ class TrainStream:
 
     def _batches(self, job: WorkerJob) -> Iterator[dict]:
         # Resume: whole windows are skipped before decoding, the rest of a window after balancing.
-        window, bs = self.cfg.balance_window, self.cfg.batch_size
+        window, bs = self.cfg.balance_window, job.batch_size
         whole, rest = divmod(job.skip_batches, window)
         examples = self._examples(job, skip_samples=whole * window * bs)
         return collate(windowed_batches(examples, bs, window, self.num_image_tokens + 1, rest), self.pad_id,
@@ -560,7 +617,8 @@ class TrainStream:
         """The batches of `epoch` on this rank, after the first `skip_batches` (exact resume)."""
         spans, workers = self._train_plan(epoch)
         probs = phase_at(self.phases, epoch).probs
-        return self._dataloader(self._jobs(spans, workers, skip_batches, epoch, probs, self.seed, shuffle=True))
+        return self._dataloader(self._jobs(spans, workers, skip_batches, epoch, probs, self.seed, shuffle=True,
+                                           batch_size=self.batch_size_of(epoch)))
 
     @property
     def val_probs(self) -> dict:
@@ -574,9 +632,9 @@ class TrainStream:
         ranks like the train set, each with a fixed task drawn uniformly over the trained tasks."""
         if self.num_val_samples == 0:
             return []
-        workers = plan_rank(self.num_val_samples, self.rank, self.world_size, self.num_workers, self.cfg.batch_size)
+        workers = plan_rank(self.num_val_samples, self.rank, self.world_size, self.num_workers, self.val_batch_size)
         return self._dataloader(self._jobs(self._val_spans(), workers, 0, 0, self.val_probs, VAL_TASK_SEED,
-                                           shuffle=False))
+                                           shuffle=False, batch_size=self.val_batch_size))
 
     def val_items(self, num: int) -> list[TrainItem]:
         """The first `num` val examples as TrainItems (same tasks as val_loader), for sample logs."""
