@@ -259,69 +259,6 @@ def test_fused_lora_equals_peft_values_and_grads(lm_dir):
         torch.testing.assert_close(grads_f[name], grads_p[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
-def _groups(model: PrefixLM) -> list:
-    return list({id(g): g for m in model.modules() if (g := getattr(m, "_proj_group", (None,))[0]) is not None}.values())
-
-
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_grouped_projections_equal_single_layers(lm_dir, dropout):
-    """q/k/v and gate/up as one GEMM each (base, A, B): the loss and every gradient of the
-    per-layer fused path, with dropout too (the same shared mask under the same seed)."""
-    grouped, single = build(lm_dir, lora_dropout=dropout), build(lm_dir, lora_dropout=dropout, fused_projections=False)
-    assert len(_groups(grouped)) == 2 * 2 and not _groups(single)  # 2 decoder layers x (qkv, gate/up)
-    batch = collate_train(items(), 0, NUM_IMAGE_TOKENS)
-    torch.manual_seed(5)
-    loss_g, grads_g = _loss_and_grads(grouped.train(), batch)
-    torch.manual_seed(5)
-    loss_s, grads_s = _loss_and_grads(single.train(), batch)
-    torch.testing.assert_close(loss_g, loss_s, atol=1e-6, rtol=0)
-    assert grads_g.keys() == grads_s.keys()
-    for name in grads_s:
-        assert grads_s[name].abs().sum() > 0 or "lora_A" in name, name
-        torch.testing.assert_close(grads_g[name], grads_s[name], atol=1e-6, rtol=1e-5, msg=name)
-
-
-def test_grouped_projections_share_the_base_weights_and_survive_a_move(lm_dir):
-    model = build(lm_dir)
-    attn = model.decoder.layers[0].self_attn
-    before = sum(p.numel() for p in model.parameters())
-    batch = collate_train(items(), 0, NUM_IMAGE_TOKENS)
-    with torch.no_grad():
-        want = model(batch).loss
-    group = attn.q_proj._proj_group[0]
-    fused = group._fused_weight
-    # The layers' weights are row slices of the one concatenated tensor: no extra memory.
-    assert fused is not None and attn.q_proj.base_layer.weight.data_ptr() == fused.data_ptr()
-    assert attn.v_proj.base_layer.weight.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
-    assert sum(p.numel() for p in model.parameters()) == before
-    # A move re-allocates every weight separately; the next forward re-fuses from the moved values.
-    model.to(torch.float64).to(torch.float32)
-    assert attn.q_proj.base_layer.weight.untyped_storage().data_ptr() != fused.untyped_storage().data_ptr()
-    with torch.no_grad():
-        attn.k_proj.base_layer.weight.add_(0.0)  # still a plain parameter
-        torch.testing.assert_close(model(batch).loss, want, atol=1e-6, rtol=0)
-    assert group._fused_weight is not fused
-    # Changing one projection's weights in place changes the group's result (no stale copy).
-    with torch.no_grad():
-        attn.v_proj.base_layer.weight.mul_(2.0)
-        assert (model(batch).loss - want).abs() > 1e-4
-
-
-def test_grouped_projections_fall_back_when_the_adapter_is_off(lm_dir):
-    """A disabled adapter (e.g. the text-only baseline through the same model) is the base model."""
-    grouped = build(lm_dir)
-    batch = collate_train(items(), 0, NUM_IMAGE_TOKENS)
-    with torch.no_grad():
-        with_adapter = grouped(batch).loss
-        with grouped.lm.disable_adapter():
-            without = grouped(batch).loss
-        plain = build(lm_dir, fused_lora=False)
-        with plain.lm.disable_adapter():
-            base = plain(batch).loss
-    torch.testing.assert_close(without, base, atol=1e-6, rtol=0)
-    assert (with_adapter - without).abs() > 1e-4
-
-
 def test_fused_lora_dropout_is_shared_per_input_and_has_peft_distribution(lm_dir, monkeypatch):
     """One mask per distinct input tensor (q/k/v share one), Bernoulli(1-p) with 1/(1-p) scaling;
     a new input draws a new mask; eval mode has no dropout."""

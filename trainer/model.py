@@ -62,10 +62,6 @@ class ModelConfig:
     fused_lora: bool = field(default=True, metadata={
         "help": "fused LoRA forward (trainer.lora_fused): scale + add inside the LoRA-B GEMM, one dropout "
                 "mask per shared input (q/k/v, gate/up); same parameters and PEFT adapter files"})
-    fused_projections: bool = field(default=True, metadata={
-        "help": "with --fused-lora: q/k/v and gate/up, which read one input, run as one GEMM each for the frozen "
-                "base, LoRA A and LoRA B (trainer.lora_fused.ProjectionGroup; the base weights become slices of "
-                "one tensor, no extra memory); same parameters and PEFT adapter files"})
     flat_lora: bool = field(default=True, metadata={
         "help": "training packs every LoRA weight into one trainable tensor (trainer.flat_lora), so the engine "
                 "(DeepSpeed's per-tensor hooks, checks and norms) handles 1 tensor instead of ~450; needs "
@@ -447,8 +443,6 @@ def _wrap_lora(lm: nn.Module, cfg: ModelConfig) -> nn.Module:
     lm = get_peft_model(lm, lora, autocast_adapter_dtype=False)  # freezes every base weight
     if cfg.fused_lora:
         lora_fused.fuse_lora_linears(lm)
-        if cfg.fused_projections:
-            lora_fused.group_sibling_projections(lm)
     return lm
 
 
