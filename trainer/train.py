@@ -289,7 +289,8 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainerState:
     ga = cfg.optim.gradient_accumulation_steps
     num_epochs = total_epochs(phases)
     # With --batch-tokens, phases of other task mixes have other batch sizes, hence other step counts.
-    steps_per_epoch = [math.ceil(stream.num_batches(e) / ga) for e in range(num_epochs)]
+    batches_per_epoch = [stream.num_batches(e) for e in range(num_epochs)]
+    steps_per_epoch = [math.ceil(b / ga) for b in batches_per_epoch]
     total_steps = sum(steps_per_epoch) if cfg.max_steps < 0 else min(cfg.max_steps, sum(steps_per_epoch))
     engine = build_engine(model, cfg, total_steps, dist.device)
 
@@ -300,7 +301,7 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainerState:
         log.info("resuming at step %d (epoch %d, batch %d)", state.step, state.epoch, state.batches_in_epoch)
     runlog = RunLog(cfg, dist)
     runlog.write("start", state.step, {"total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
-                                       "batches_per_epoch": [stream.num_batches(e) for e in range(num_epochs)],
+                                       "batches_per_epoch": batches_per_epoch,
                                        "batch_size_per_phase": stream.phase_batch_sizes, "world_size": dist.world_size})
     metrics = Metrics(dist.device)
     skips = SkippedSteps(state, cfg.checkpoint.max_nan_steps, out_dir)
