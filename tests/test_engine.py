@@ -258,6 +258,29 @@ def test_flat_lora_refuses_a_layer_the_fused_forward_does_not_run(tiny_lm_dir):
     assert not hasattr(model, "flat_lora") and all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
 
 
+def test_flat_lora_relink_drops_views_of_the_replaced_storage(tiny_lm_dir):
+    """After an engine re-binds the flat tensor (relink), a no-grad forward must read the new values,
+    not views published from the old storage."""
+    from trainer.flat_lora import attach_flat_lora
+    from trainer.lora_fused import fused_lora_linear_class
+    from trainer.model import build_prefix_lm
+
+    model, _ = build_prefix_lm(_cfg(tiny_lm_dir).model, latent_dim=32)
+    flat = attach_flat_lora(model)
+    flat.publish()
+    layer = next(m for m in model.modules() if type(m) is fused_lora_linear_class())
+    x = torch.randn(3, layer.in_features)
+    model.eval()  # no LoRA dropout: the formula below is exact
+    with torch.no_grad():
+        flat.flat.data = flat.flat.data + 0.5  # what an engine's re-binding does: new storage
+        flat.relink()
+        got = layer(x)
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        want = layer.base_layer(x) + x @ a.t() @ b.t() * layer.scaling["default"]
+    assert all(m._flat_lora is None for m in model.modules() if getattr(m, "_flat_lora_owner", False))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_flat_lora_layer_refuses_the_dtype_fallback(tiny_lm_dir):
     """PEFT's own forward (the fallback for mismatched dtypes) would use the frozen weights, so a
     flat-LoRA layer must raise instead of silently training nothing."""

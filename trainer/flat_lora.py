@@ -55,14 +55,16 @@ class FlatLora(nn.Module):
             w.requires_grad_(False)
         for layer, _ in entries:
             layer._flat_lora_owner = True
-            layer._flat_lora = None
-        self.relink()
+        self.relink()  # also sets every layer's `_flat_lora` to None until the first publish()
 
     def relink(self) -> None:
-        """Make every PEFT LoRA weight a view of `flat`'s current storage (values are flat's)."""
+        """Make every PEFT LoRA weight a view of `flat`'s current storage (values are flat's), and drop
+        views handed out by an earlier `publish()`: they may point at the storage being replaced."""
         with torch.no_grad():
             for w, piece, shape in zip(self._weights, self.flat.data.split(self.sizes), self.shapes):
                 w.data = piece.view(shape)
+        for layer, _ in self._entries:
+            layer._flat_lora = None
 
     def is_linked(self) -> bool:
         base = self.flat.data.untyped_storage().data_ptr()
