@@ -116,6 +116,16 @@ def test_two_process_zero2_run_writes_checkpoints_and_learns(schedule, shard_dir
     assert [v["step"] for v in (vals[0], vals[-1])] == [0, 8], vals
     assert vals[-1]["val_loss"] < vals[0]["val_loss"], vals
     assert all(r["tokens_per_s"] > 0 and sum(r["task_mix"].values()) > 0 for r in recs)
+    for r in recs:  # each rank's time per step, by loop phase, adds up to the window's wall time
+        times = r["rank_ms_per_step"]
+        assert set(times) == {"data", "fwd_bwd", "step", "other"} and all(len(v) == 2 for v in times.values())
+        assert all(v >= 0 for vs in times.values() for v in vs) and min(times["fwd_bwd"]) > 0
+        if r["step"] == 1:
+            continue  # ranks start their clocks apart; the first step's collectives align them
+        window_ms = 1000 * r["real_tokens"] / r["tokens_per_s"]  # --log-steps 1
+        for rank in (0, 1):
+            total = sum(times[p][rank] for p in times)
+            assert abs(total - window_ms) <= 0.1 * window_ms + 20, (rank, times, window_ms)
     if schedule == "summary_centric":  # warm-up phase: captions and CoT links only
         assert all(r["task_mix"].get("summary", 0) == 0 for r in recs)
     assert train_records(out, "sample"), "sample generations are logged"

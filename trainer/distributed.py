@@ -8,6 +8,11 @@ Supported launchers, all ending in the same env:// rendezvous:
 
 Collectives get a timeout (`--dist-timeout-s`), so when one rank dies the others fail with an
 error instead of hanging until the job's wall-clock limit.
+
+CPU affinity (`--cpu-affinity`): each rank's host thread issues every kernel of a host-bound step, so
+it is pinned, with its data workers, to its own share of the CPUs next to its GPU (sysfs
+`local_cpulist`), split by physical core among the ranks whose GPUs share those CPUs. Launchers that
+bind already (srun --cpu-bind, numactl) are left alone in the default `auto` mode.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
@@ -90,6 +95,104 @@ def discover_layout(env: Mapping[str, str] | None = None) -> dict[str, str]:
     return layout
 
 
+# ---------------------------------------------------------------------------------------------
+# CPU affinity
+# ---------------------------------------------------------------------------------------------
+
+def parse_cpulist(text: str) -> set[int]:
+    """Linux CPU list syntax: '0-3,8,10-11' -> {0, 1, 2, 3, 8, 10, 11}."""
+    cpus: set[int] = set()
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def _read_cpulist(path: Path) -> set[int] | None:
+    try:
+        return parse_cpulist(path.read_text()) or None
+    except (OSError, ValueError):
+        return None
+
+
+def physical_cores(cpus: Sequence[int], sysfs: Path = Path("/sys/devices/system/cpu")) -> list[list[int]]:
+    """`cpus` grouped by physical core (hyperthread siblings together), cores ordered by their first CPU."""
+    wanted, cores, seen = set(cpus), [], set()
+    for cpu in sorted(wanted):
+        if cpu in seen:
+            continue
+        siblings = _read_cpulist(sysfs / f"cpu{cpu}" / "topology" / "thread_siblings_list") or {cpu}
+        core = sorted((siblings & wanted) | {cpu})
+        seen.update(core)
+        cores.append(core)
+    return cores
+
+
+def split_cores(cores: Sequence[Sequence[int]], parts: int, index: int) -> list[int]:
+    """The CPUs of share `index` when `cores` are dealt into `parts` contiguous, near-equal shares
+    (whole physical cores; with fewer cores than shares, every share gets all of them)."""
+    if parts <= 1 or len(cores) < parts:
+        return sorted(c for core in cores for c in core)
+    base, extra = divmod(len(cores), parts)
+    start = index * base + min(index, extra)
+    share = cores[start:start + base + (1 if index < extra else 0)]
+    return sorted(c for core in share for c in core)
+
+
+def plan_cpu_affinity(local_rank: int, gpu_cpus: Sequence[set[int] | None], allowed: set[int],
+                      sysfs: Path = Path("/sys/devices/system/cpu")) -> list[int]:
+    """The CPUs of local rank `local_rank` (GPU `local_rank`): the allowed CPUs next to its GPU (all
+    allowed ones where sysfs does not say), split by physical core among the local ranks whose GPUs
+    sit next to the same CPUs."""
+    def near(cpus: set[int] | None) -> frozenset[int]:
+        return frozenset((cpus or set()) & allowed or allowed)
+
+    mine = near(gpu_cpus[local_rank])
+    peers = [r for r in range(len(gpu_cpus)) if near(gpu_cpus[r]) == mine]
+    return split_cores(physical_cores(sorted(mine), sysfs), len(peers), peers.index(local_rank))
+
+
+def local_world_size(world: int, env: Mapping[str, str] | None = None) -> int:
+    """Processes on this node: the launcher's count (torchrun, DeepSpeed, SLURM), else the GPUs in use."""
+    env = os.environ if env is None else env
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
+        value = env.get(key, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return max(1, min(world, torch.cuda.device_count() if torch.cuda.is_available() else world))
+
+
+def gpu_local_cpus(device_index: int) -> set[int] | None:
+    """CPUs on the NUMA node of CUDA device `device_index`, from sysfs (None when unknown)."""
+    try:
+        props = torch.cuda.get_device_properties(device_index)
+        bus = f"{props.pci_domain_id:04x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+    except (AttributeError, RuntimeError, AssertionError):
+        return None
+    return _read_cpulist(Path("/sys/bus/pci/devices") / bus / "local_cpulist")
+
+
+def bind_cpu_affinity(mode: str, local_rank: int, world: int) -> list[int] | None:
+    """Pin this process (and the data workers it will start) to its CPUs; returns them, or None
+    where nothing was changed. `mode`: auto (CUDA runs whose CPUs no launcher restricted),
+    gpu (always, within the allowed CPUs), off."""
+    if mode == "off" or not hasattr(os, "sched_setaffinity") or not torch.cuda.is_available():
+        return None
+    allowed = os.sched_getaffinity(0)
+    if mode == "auto" and len(allowed) < (os.cpu_count() or 0):
+        return None  # srun --cpu-bind / numactl / a cgroup already decided
+    nlocal = local_world_size(world)
+    gpu_cpus = [gpu_local_cpus(i) for i in range(min(nlocal, torch.cuda.device_count()))]
+    if local_rank >= len(gpu_cpus):
+        return None
+    cpus = plan_cpu_affinity(local_rank, gpu_cpus, allowed)
+    os.sched_setaffinity(0, cpus)
+    torch.set_num_threads(max(1, len(cpus)))  # the intra-op pool must not outnumber its CPUs
+    return cpus
+
+
 def init_distributed(cfg=None, timeout_s: int | None = None) -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (nccl on CUDA, gloo on CPU) and pick the device.
 
@@ -102,6 +205,12 @@ def init_distributed(cfg=None, timeout_s: int | None = None) -> DistInfo:
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
         device, backend = torch.device("cuda", local), "nccl"
+        mode = getattr(cfg, "cpu_affinity", "off")
+        cpus = bind_cpu_affinity(mode, local, world)
+        if cpus is not None:
+            print(f"[rank {rank}] CPU affinity: {len(cpus)} CPUs {_cpulist_text(cpus)} (GPU {local})", flush=True)
+        elif mode != "off":
+            print(f"[rank {rank}] CPU affinity left as the launcher set it: {len(os.sched_getaffinity(0))} CPUs", flush=True)
     else:
         device, backend = torch.device("cpu"), "gloo"
 
@@ -113,6 +222,19 @@ def init_distributed(cfg=None, timeout_s: int | None = None) -> DistInfo:
                                timeout=datetime.timedelta(seconds=timeout_s),
                                rank=rank, world_size=world)
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=device, is_main=rank == 0)
+
+
+def _cpulist_text(cpus: Sequence[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'."""
+    runs, out = [], []
+    for c in sorted(cpus):
+        if runs and c == runs[-1][1] + 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    for lo, hi in runs:
+        out.append(f"{lo}-{hi}" if hi > lo else str(lo))
+    return ",".join(out)
 
 
 def shm_allreduce_path(rank: int, env: Mapping[str, str] | None = None) -> Path:
@@ -160,6 +282,15 @@ def all_reduce_sum(values: dict[str, float] | torch.Tensor, device: torch.device
             t = t.cuda()
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
     return dict(zip(keys, t.tolist()))
+
+
+def all_gather_rows(row: torch.Tensor) -> torch.Tensor:
+    """Every rank's 1-D `row` stacked into a [world, n] tensor, on every rank (a host sync)."""
+    if not is_initialized():
+        return row.unsqueeze(0)
+    rows = [torch.empty_like(row) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(rows, row)
+    return torch.stack(rows)
 
 
 def broadcast_object(obj, src: int = 0):

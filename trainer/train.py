@@ -28,7 +28,7 @@ from common.log import setup_logging
 from trainer.checkpoint import (TrainerState, load_resume_checkpoint, save_inference_checkpoint,
                                 save_resume_checkpoint)
 from trainer.config import TrainConfig, parse_train_config
-from trainer.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
+from trainer.distributed import DistInfo, all_gather_rows, all_reduce_sum, barrier, cleanup, init_distributed
 from trainer.gc_steps import StepAlignedGC
 from trainer.tasks import TASKS
 
@@ -140,6 +140,36 @@ class Metrics:
         self.window.zero_()
         self.counts, self.truncation, self.t0 = {}, {}, time.perf_counter()
         return rec
+
+
+class RankTimes:
+    """Where each rank's wall time goes, per optimizer step of a log window: waiting for its next
+    batch (`data`), issuing forward + backward (`fwd_bwd`), the engine step (`step`: gradient
+    reduction and optimizer; DeepSpeed waits there for the device and the other ranks), and the rest
+    (`other`: logging, checkpoints, and with the torch engine the wait at the log step's sync).
+    Host clocks only, no device sync. Ranks finish a step together, so a rank with less time in the
+    waiting phases than the others is the straggler; the log record has one list entry per rank.
+    """
+
+    PHASES = ("data", "fwd_bwd", "step", "other")
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds = [0.0] * len(self.PHASES)
+        self.last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[self.PHASES.index(phase)] += now - self.last
+        self.last = now
+
+    def gather_and_reset(self, steps: int) -> dict[str, list[float]]:
+        """ms per step of every phase, one entry per rank (a collective: every rank calls it)."""
+        self.lap("other")
+        row = torch.tensor(self.seconds, dtype=torch.float64, device=self.device) * (1000.0 / max(1, steps))
+        table = all_gather_rows(row).tolist()
+        self.seconds = [0.0] * len(self.PHASES)
+        return {phase: [round(r[i], 2) for r in table] for i, phase in enumerate(self.PHASES)}
 
 
 class SkippedSteps:
@@ -304,6 +334,8 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainerState:
                                        "batches_per_epoch": batches_per_epoch,
                                        "batch_size_per_phase": stream.phase_batch_sizes, "world_size": dist.world_size})
     metrics = Metrics(dist.device)
+    times = RankTimes(dist.device)
+    steps_in_window = 0
     skips = SkippedSteps(state, cfg.checkpoint.max_nan_steps, out_dir)
     bar = _progress(dist, total_steps, state.step)
     has_val = cfg.data.val_max_samples > 0 and stream.num_val_samples > 0
@@ -327,6 +359,7 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainerState:
         state.epoch = epoch
         log.info("epoch %d: phase %s", epoch, phase_at(phases, epoch).name)
         for batch in stream.loader(epoch, skip_batches=state.batches_in_epoch):
+            times.lap("data")
             torch.manual_seed(step_seed(cfg.seed, state.step, micro, dist.rank))
             out = engine.forward(batch)
             loss = out.loss * float("nan") if state.step + 1 in cfg.debug_nan_at_steps else out.loss
@@ -334,12 +367,15 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainerState:
             metrics.add_micro_batch(out, batch)
             state.batches_in_epoch += 1
             boundary = engine.is_boundary()
+            times.lap("fwd_bwd")
             applied = engine.step()
+            times.lap("step")
             micro += 1
             if not boundary:
                 continue
             micro = 0
             state.step += 1
+            steps_in_window += 1
             metrics.end_step(applied)
             skips.add(state.step, applied)
             step_gc.step(state.step)
@@ -349,7 +385,9 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainerState:
                 state.tokens_seen += rec["real_tokens"]
                 _merge_truncation(state, rec["truncation"])
                 rec.update(epoch=epoch, lr=engine.lr(), tokens_seen=state.tokens_seen,
-                           nan_steps_total=state.nan_steps_total)
+                           nan_steps_total=state.nan_steps_total,
+                           rank_ms_per_step=times.gather_and_reset(steps_in_window))
+                steps_in_window = 0
                 runlog.write("train", state.step, rec)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
             bar.update(1)
@@ -359,6 +397,7 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainerState:
                     runlog.write("sample", state.step, s)
             if cfg.checkpoint.save_steps and state.step % cfg.checkpoint.save_steps == 0 and state.step < total_steps:
                 save_checkpoints(f"checkpoint-{state.step}")
+            times.lap("other")
             if state.step >= total_steps:
                 break
         else:  # the epoch ran to its end
@@ -366,6 +405,7 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainerState:
             if has_val:
                 runlog.write("val", state.step, {"epoch": epoch, **validation_loss(engine, stream)})
                 last_val_step = state.step
+            times.lap("other")
             state.epoch, state.batches_in_epoch = epoch + 1, 0
     bar.close()
     step_gc.close()
