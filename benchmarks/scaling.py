@@ -99,6 +99,7 @@ class ScalingConfig:
     run_timeout_s: int = field(default=3600, metadata={"help": "a run taking longer is killed and reported as failed"})
     fault_drill: bool = field(default=False, metadata={"help": "after the runs: on the largest N, SIGKILL one rank right after a mid-run resume checkpoint, time the job's stop, then --resume and compare every later step with the uninterrupted run"})
     fault_stop_timeout_s: int = field(default=300, metadata={"help": "fault drill: the stopped job must have exited within this many seconds of the kill"})
+    repeats: int = field(default=1, metadata={"help": "run the --gpus sequence this many times in turn (1 2 1 2 ...): throughput and efficiency are pooled over the repeats and also given per repeat, so machine drift hits every N alike"})
     check_coverage: bool = field(default=True, metadata={"help": "iterate the trainer's data pipeline over one epoch per rank and N to check exactly-once coverage"})
     # Inputs (generated when not given)
     shard_dir: str = field(default="", metadata={"help": "existing shard directory ('' = generate synthetic data and build shards)"})
@@ -124,6 +125,8 @@ class ScalingConfig:
             raise ValueError(f"--last-k and --log-steps must be >= 1 (got {self.last_k}, {self.log_steps})")
         if self.fault_drill and self.max_steps < 2 * self.log_steps:
             raise ValueError("--fault-drill: --max-steps must cover at least two log windows (2 x --log-steps)")
+        if self.repeats < 1:
+            raise ValueError(f"--repeats must be >= 1 (got {self.repeats})")
         if self.batch_size < 1 or self.global_batch < 0:
             raise ValueError("--batch-size must be >= 1 and --global-batch >= 0")
         if self.gpus:
@@ -298,11 +301,13 @@ def run_command(cmd: list[str], env: dict, log_file: Path, timeout_s: int) -> tu
     return code, wall, tail
 
 
-def run_training(cfg: ScalingConfig, inputs: Inputs, n: int, grad_accum: int, work: Path, cuda: bool) -> RunResult:
-    run_dir = work / f"train-gpus{n}"
+def run_training(cfg: ScalingConfig, inputs: Inputs, n: int, grad_accum: int, work: Path, cuda: bool,
+                 repeat: int = 0) -> RunResult:
+    name = f"train-gpus{n}" + (f"-r{repeat}" if repeat else "")
+    run_dir = work / name
     shutil.rmtree(run_dir, ignore_errors=True)  # train_log.jsonl is appended to: start clean
     cmd = [str(TRAIN_SH), "--num-gpus", str(n), "--", *train_flags(cfg, inputs, grad_accum, run_dir)]
-    log_file = work / f"train-gpus{n}.log"
+    log_file = work / f"{name}.log"
     print(f"[scaling] training on {n} GPU(s){'' if cuda else ' (CPU processes)'}: batch {cfg.batch_size} x "
           f"accumulation {grad_accum} x {n} = {cfg.effective_global_batch} examples/step, {cfg.max_steps} steps; "
           f"log {log_file}", flush=True)
@@ -453,6 +458,79 @@ def throughput(records: Sequence[dict], warmup_steps: int, num_gpus: int) -> dic
             "last_step": steady[-1]["step"], "real_tokens": tokens, "seconds": seconds, "tokens_per_s": tps,
             "tokens_per_s_per_gpu": tps / num_gpus, "ms_per_step": 1000 * seconds / steps,
             "tokens_per_step": tokens / steps}
+
+
+def pooled_throughput(parts: Sequence[dict], num_gpus: int) -> dict:
+    """Several runs' steady-state throughput as one: tokens and seconds summed."""
+    parts = [p for p in parts if p.get("steady_steps")]
+    if not parts:
+        return {"steady_steps": 0}
+    steps = sum(p["steady_steps"] for p in parts)
+    tokens, seconds = sum(p["real_tokens"] for p in parts), sum(p["seconds"] for p in parts)
+    return {"steady_steps": steps, "runs": len(parts), "real_tokens": tokens, "seconds": seconds,
+            "tokens_per_s": tokens / seconds, "tokens_per_s_per_gpu": tokens / seconds / num_gpus,
+            "ms_per_step": 1000 * seconds / steps, "tokens_per_step": tokens / steps}
+
+
+def rank_times(runs: Sequence[Sequence[dict]], warmup_steps: int) -> dict[str, list[float]]:
+    """Each rank's ms per optimizer step by loop phase (the trainer's `rank_ms_per_step`: data wait,
+    forward + backward issue, engine step, other), step-weighted over the steady log windows of
+    one or more runs (each a list of train records)."""
+    sums: dict[str, list[float]] = {}
+    steps = 0
+    for records in runs:
+        prev = 0
+        for r in sorted(records, key=lambda r: r["step"]):
+            window, prev = r["step"] - prev, r["step"]
+            times = r.get("rank_ms_per_step")
+            if r["step"] - window < warmup_steps or not times:
+                continue
+            steps += window
+            for phase, per_rank in times.items():
+                acc = sums.setdefault(phase, [0.0] * len(per_rank))
+                for i, ms in enumerate(per_rank):
+                    acc[i] += ms * window
+    return {phase: [v / steps for v in acc] for phase, acc in sums.items()} if steps else {}
+
+
+def slowdown_breakdown(runs_n: Sequence[Sequence[dict]], accum_n: int, times_1: dict[str, list[float]],
+                       accum_1: int, warmup_steps: int) -> dict[str, float]:
+    """Where N GPUs lose time against 1, in ms per micro-batch, from the per-rank phase times.
+
+    In every log window all ranks take the same wall time T, and for the rank that issued its
+    forward + backward slowest (r*): T = data* + fwd_bwd_max + step* + other*. So, exactly,
+    T_N - T_1 = data (r*'s wait for batches beyond 1 GPU's)
+              + host issue (the ranks' mean fwd_bwd beyond 1 GPU's: slower hosts, contention)
+              + stragglers (fwd_bwd_max - the mean: the others wait for the slowest rank)
+              + sync/step (r*'s engine step beyond 1 GPU's: gradient collectives, optimizer, and
+                waits for a rank that was slower at another step of the same window)
+              + other.
+    `times_1`: the 1-GPU run's rank_times (one rank)."""
+    base = {p: v[0] / accum_1 for p, v in times_1.items()}
+    acc = {"data": 0.0, "host_issue": 0.0, "stragglers": 0.0, "sync_step": 0.0, "other": 0.0, "total": 0.0}
+    steps = 0
+    for records in runs_n:
+        prev = 0
+        for r in sorted(records, key=lambda r: r["step"]):
+            window, prev = r["step"] - prev, r["step"]
+            t = r.get("rank_ms_per_step")
+            if r["step"] - window < warmup_steps or not t:
+                continue
+            fb = [v / accum_n for v in t["fwd_bwd"]]
+            slow = max(range(len(fb)), key=fb.__getitem__)
+            mean_fb = sum(fb) / len(fb)
+            parts = {"data": t["data"][slow] / accum_n - base["data"], "host_issue": mean_fb - base["fwd_bwd"],
+                     "stragglers": fb[slow] - mean_fb, "sync_step": t["step"][slow] / accum_n - base["step"],
+                     "other": t["other"][slow] / accum_n - base["other"]}
+            parts["total"] = sum(parts.values())
+            for k, v in parts.items():
+                acc[k] += v * window
+            steps += window
+    if not steps:
+        return {}
+    out = {k: v / steps for k, v in acc.items()}
+    out["ms_per_micro_batch_1"] = sum(base.values())
+    return out
 
 
 def scaling_efficiency(results: dict[int, dict]) -> dict[int, float]:
@@ -636,6 +714,35 @@ def markdown_report(result: dict) -> str:
             lines.append(f"| {n} | {r['grad_accum']} | {tp.get('steady_steps', 0)} | {_fmt(tp.get('tokens_per_s'))} | "
                          f"{_fmt(tp.get('tokens_per_s_per_gpu'))} | {_fmt(tp.get('ms_per_step'), ',.1f')} | "
                          f"{_fmt(t['efficiency'].get(n), '.1%')} | {r['wall_s']:.0f} | {'ok' if r['ok'] else 'FAILED'} |")
+        effs = t.get("efficiency_per_repeat") or []
+        if len(effs) > 1:
+            lines += ["", "Efficiency per repeat (run in turn: " + ", ".join(
+                f"repeat {i + 1}: " + " / ".join(f"{n} GPUs {_fmt(e, '.1%')}" for n, e in eff.items())
+                for i, eff in enumerate(effs)) + ")."]
+        timed = {n: r for n, r in t["runs"].items() if r.get("rank_ms_per_step")}
+        if timed:
+            lines += ["", "Where each rank's time goes, ms per micro-batch (the trainer's per-rank `rank_ms_per_step` "
+                      "÷ accumulation, steady windows): host clocks, so `fwd+bwd` is the time to issue them and waits "
+                      "for the device or for the other ranks land in `step` (DeepSpeed syncs there) or `other` (the "
+                      "torch engine syncs at log steps); a rank that waits less than the others is their straggler.", "",
+                      "| GPUs | rank | data wait | fwd+bwd | step | other | total |", "|---:|---:|---:|---:|---:|---:|---:|"]
+            for n, r in timed.items():
+                times, ga = r["rank_ms_per_step"], r["grad_accum"]
+                for rank in range(len(times.get("fwd_bwd", []))):
+                    row = [times[p][rank] / ga for p in ("data", "fwd_bwd", "step", "other")]
+                    lines.append(f"| {n} | {rank} | " + " | ".join(f"{v:.1f}" for v in row) + f" | {sum(row):.1f} |")
+        slow = {n: r["slowdown_ms_per_micro_batch"] for n, r in t["runs"].items() if r.get("slowdown_ms_per_micro_batch")}
+        if slow:
+            lines += ["", "What the extra GPUs cost, ms per micro-batch beyond the smallest run's (exact per log window, "
+                      "read at the rank that issued its forward + backward slowest): `data` its wait for batches, "
+                      "`host issue` the ranks' mean issue time (slower hosts), `stragglers` the slowest rank's issue "
+                      "time beyond the mean (the others wait for it), `sync/step` its engine step (gradient "
+                      "collectives, optimizer, waits for a rank slow at another step of the window), `other`.", "",
+                      "| GPUs | base ms/micro-batch | extra | data | host issue | stragglers | sync/step | other |",
+                      "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            for n, b in slow.items():
+                lines.append(f"| {n} | {b['ms_per_micro_batch_1']:.1f} | {b['total']:+.1f} | " + " | ".join(
+                    f"{b[k]:+.1f}" for k in ("data", "host_issue", "stragglers", "sync_step", "other")) + " |")
         agree = t.get("loss_agreement") or {}
         if agree.get("per_gpus"):
             lines += ["", f"Loss agreement against {agree['reference_gpus']} GPU(s) at equal steps (the ranks read other "
@@ -711,26 +818,45 @@ def training_scaling(cfg: ScalingConfig, work: Path, cuda: bool) -> dict:
 
     inputs = prepare_inputs(cfg, work)
     accum = grad_accum_steps(cfg)
-    results = {n: run_training(cfg, inputs, n, accum[n], work, cuda) for n in cfg.gpus}
+    repeats: dict[int, list[RunResult]] = {n: [] for n in cfg.gpus}
+    for i in range(cfg.repeats):  # in turn, so that drift of the machine meets every N alike
+        for n in cfg.gpus:
+            repeats[n].append(run_training(cfg, inputs, n, accum[n], work, cuda, repeat=i))
+    results = {n: rs[0] for n, rs in repeats.items()}  # the first repeat: loss curves, coverage, drill
     runs = {}
     for n, r in results.items():
-        entry = {"grad_accum": r.grad_accum, "ok": r.ok, "wall_s": r.wall_s, "command": r.command, "log_file": r.log_file,
-                 "error": r.error, "start": r.start, "throughput": throughput(r.records, cfg.warmup_steps, n),
+        per_repeat = [{"ok": x.ok, "wall_s": x.wall_s, "throughput": throughput(x.records, cfg.warmup_steps, n),
+                       "rank_ms_per_step": rank_times([x.records], cfg.warmup_steps)} for x in repeats[n]]
+        ok = all(x.ok for x in repeats[n])
+        entry = {"grad_accum": r.grad_accum, "ok": ok, "wall_s": r.wall_s, "command": r.command, "log_file": r.log_file,
+                 "error": "\n".join(x.error for x in repeats[n] if x.error), "start": r.start,
+                 "throughput": (pooled_throughput([p["throughput"] for p in per_repeat], n) if cfg.repeats > 1
+                                else per_repeat[0]["throughput"]),
+                 "rank_ms_per_step": rank_times([x.records for x in repeats[n]], cfg.warmup_steps),
+                 "repeats": per_repeat,
                  "logged_samples": logged_example_counts(r.records),
-                 "steps": [{k: rec.get(k) for k in ("step", "loss", "real_tokens", "tokens_per_s", "lr")} for rec in r.records]}
+                 "steps": [{k: rec.get(k) for k in ("step", "loss", "real_tokens", "tokens_per_s", "lr", "rank_ms_per_step")}
+                           for rec in r.records]}
         if cfg.check_coverage:
             print(f"[scaling] replaying one epoch of the data pipeline for {n} rank(s)", flush=True)
             entry["coverage"] = epoch_coverage(train_flags(cfg, inputs, accum[n], work / "coverage-unused"), n)
         runs[n] = entry
+    base = min(cfg.gpus)
+    for n in cfg.gpus:
+        if n != base and runs[base].get("rank_ms_per_step"):
+            runs[n]["slowdown_ms_per_micro_batch"] = slowdown_breakdown(
+                [x.records for x in repeats[n]], accum[n], runs[base]["rank_ms_per_step"], accum[base], cfg.warmup_steps)
     tps = {n: r["throughput"] for n, r in runs.items() if r["ok"]}
     drill = None
     if cfg.fault_drill:
         n = max(cfg.gpus)
         drill = (fault_drill(cfg, inputs, n, accum[n], work, cuda, results[n]) if results[n].ok
                  else {"gpus": n, "ok": False, "error": f"the reference run on {n} GPU(s) failed"})
+    per_repeat_eff = [scaling_efficiency({n: r["repeats"][i]["throughput"] for n, r in runs.items() if r["repeats"][i]["ok"]})
+                      for i in range(cfg.repeats)]
     return {"inputs": asdict(inputs), "global_batch": cfg.effective_global_batch, "fault_drill": drill,
             "train_samples": load_manifest(inputs.shard_dir).num_samples("train"), "runs": runs,
-            "efficiency": scaling_efficiency(tps),
+            "efficiency": scaling_efficiency(tps), "efficiency_per_repeat": per_repeat_eff,
             "loss_agreement": loss_agreement({n: r.records for n, r in results.items() if r.records}, cfg.last_k),
             "coverage_note": COVERAGE_NOTE}
 

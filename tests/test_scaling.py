@@ -69,6 +69,52 @@ def test_scaling_efficiency_against_the_smallest_run():
     assert eff == pytest.approx({2: 1.0, 4: 0.9})
 
 
+def test_rank_times_are_step_weighted_over_steady_windows_of_every_run():
+    from benchmarks.scaling import rank_times
+
+    def rec(step, data, fwd):
+        return {"step": step, "rank_ms_per_step": {"data": data, "fwd_bwd": fwd}}
+
+    run_a = [rec(10, [100.0, 100.0], [1.0, 1.0]), rec(20, [1.0, 3.0], [10.0, 20.0]), rec(30, [3.0, 5.0], [30.0, 40.0])]
+    run_b = [rec(20, [5.0, 7.0], [50.0, 60.0])]  # one window of 20 steps, all after the warm-up of 0
+    assert rank_times([run_a], warmup_steps=10) == {"data": [2.0, 4.0], "fwd_bwd": [20.0, 30.0]}
+    pooled = rank_times([run_a, run_b], warmup_steps=0)  # 30 + 20 steps
+    assert pooled["data"] == pytest.approx([(1000 + 10 + 30 + 100) / 50, (1000 + 30 + 50 + 140) / 50])
+    assert rank_times([[{"step": 10}]], warmup_steps=0) == {}  # an older log without the field
+
+
+def test_slowdown_breakdown_adds_up_to_the_extra_time_per_micro_batch():
+    from benchmarks.scaling import slowdown_breakdown
+
+    # 1 GPU, accumulation 2: per step 2 x (1 data + 100 issue) + 6 step + 2 other = 210 ms -> 105 per micro-batch
+    one = {"data": [2.0], "fwd_bwd": [200.0], "step": [6.0], "other": [2.0]}
+    # 2 GPUs, accumulation 1: both ranks take the same wall time per window
+    w1 = {"step": 10, "rank_ms_per_step": {"data": [1.0, 1.0], "fwd_bwd": [100.0, 110.0], "step": [16.0, 6.0], "other": [1.0, 1.0]}}
+    w2 = {"step": 30, "rank_ms_per_step": {"data": [1.0, 2.0], "fwd_bwd": [104.0, 100.0], "step": [5.0, 8.0], "other": [1.0, 1.0]}}
+    b = slowdown_breakdown([[w1, w2]], 1, one, 2, warmup_steps=0)
+    assert b["ms_per_micro_batch_1"] == pytest.approx(105.0)
+    # window 1 (10 steps): slow rank 1: data 0, issue +5, stragglers +5, step +3, other 0 -> 118 - 105 = +13
+    # window 2 (20 steps): slow rank 0: data 0, issue +2, stragglers +2, step +2, other 0 -> 111 - 105 = +6
+    expect = {"data": 0.0, "host_issue": (5 * 10 + 2 * 20) / 30, "stragglers": (5 * 10 + 2 * 20) / 30,
+              "sync_step": (3 * 10 + 2 * 20) / 30, "other": 0.0}
+    for k, v in expect.items():
+        assert b[k] == pytest.approx(v), k
+    assert b["total"] == pytest.approx((13 * 10 + 6 * 20) / 30)
+    assert b["total"] == pytest.approx(sum(expect.values()))
+    assert slowdown_breakdown([[w1]], 1, one, 2, warmup_steps=10) == {}  # all windows in the warm-up
+
+
+def test_pooled_throughput_sums_tokens_and_seconds():
+    from benchmarks.scaling import pooled_throughput
+
+    a = {"steady_steps": 100, "real_tokens": 1000, "seconds": 10.0}
+    b = {"steady_steps": 100, "real_tokens": 1000, "seconds": 30.0}
+    p = pooled_throughput([a, b, {"steady_steps": 0}], num_gpus=2)
+    assert p["tokens_per_s"] == 2000 / 40 and p["tokens_per_s_per_gpu"] == 25 and p["runs"] == 2
+    assert p["ms_per_step"] == 1000 * 40 / 200
+    assert pooled_throughput([], 1) == {"steady_steps": 0}
+
+
 def test_loss_agreement_at_equal_steps():
     ref = _records([1.0] * 5, 10, losses=[5.0, 4.0, 3.0, 2.5, 2.0])
     other = _records([1.0] * 4, 10, losses=[5.0, 4.5, 3.1, 2.4])  # one step shorter
@@ -180,6 +226,8 @@ def test_scaling_end_to_end_on_cpu(tmp_path):
         assert r["throughput"]["tokens_per_s"] > 0
         assert r["coverage"]["exactly_once"], r["coverage"]
         assert r["logged_samples"]["examples_trained"] == 4 * 4  # 4 steps x global batch 4
+        assert [len(v) for v in r["rank_ms_per_step"].values()] == [int(n)] * 4, r["rank_ms_per_step"]
+        assert min(r["rank_ms_per_step"]["fwd_bwd"]) > 0 and len(r["repeats"]) == 1
     assert result["training"]["efficiency"]["1"] == pytest.approx(1.0)
     agree = result["training"]["loss_agreement"]["per_gpus"]["2"]
     # Same model and data, but each GPU count sees the epoch's examples in another order, so with
@@ -188,7 +236,7 @@ def test_scaling_end_to_end_on_cpu(tmp_path):
     assert agree["common_steps"] == 2 and math.isfinite(agree["max_abs_diff"])
     assert agree["mean_abs_diff_last_k"] <= agree["max_abs_diff"]
     report = (work / "scaling.md").read_text()
-    assert "| 2 | 1 | 2 |" in report and "exactly once" in report
+    assert "| 2 | 1 | 2 |" in report and "exactly once" in report and "Where each rank's time goes" in report
     # Fault drill: rank 1 of the 2-process run SIGKILLed after the step-2 checkpoint; the launcher
     # stops the job (no process left), and --resume trains steps 3-4 exactly as the uninterrupted run
     # (one log record, step 4, covering both).
