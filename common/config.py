@@ -69,7 +69,9 @@ def build_parser(cls, description: str | None = None, parser: argparse.ArgumentP
         help_ = f.metadata.get("help", "")
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        kw: dict[str, Any] = dict(dest=name, default=argparse.SUPPRESS, help=f"{help_} (default: {default!r})")
+        # argparse %-formats help strings: a literal '%' ("~30% slower") must be doubled
+        kw: dict[str, Any] = dict(dest=name, default=argparse.SUPPRESS,
+                                  help=f"{help_} (default: {default!r})".replace("%", "%%"))
         origin = get_origin(tp)
         if tp is bool:
             kw["action"] = argparse.BooleanOptionalAction
