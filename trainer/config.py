@@ -91,9 +91,9 @@ class TrainConfig:
     cpu_affinity: Literal["off", "auto", "gpu"] = field(default="off", metadata={
         "help": "pin each rank and its data workers to its share of the CPUs next to its GPU (whole physical "
                 "cores, split among the ranks sharing them): auto = unless a launcher restricted the CPUs already "
-                "(srun --cpu-bind, numactl), gpu = always, off = leave it to the OS. Off by default: on the 2x H100 "
-                "VM of benchmarks/README.md (one NUMA node) binding made the forward 4% slower; try auto on "
-                "multi-socket nodes whose GPUs hang off different sockets"})
+                "(srun --cpu-bind, numactl, a cgroup), gpu = always, off = leave it to the OS. Off by default: on "
+                "the 2x H100 VM of the README's Multi-GPU section (one NUMA node) binding made each rank issue its "
+                "forward + backward 4 per cent slower; try auto on multi-socket nodes whose GPUs hang off different sockets"})
     dist_timeout_s: int = field(default=1800, metadata={"help": "collective timeout: a dead rank makes the others fail after this many seconds instead of hanging"})
     # Accepted for compatibility with the seed's command lines; the launcher decides the layout.
     distributed: bool = field(default=False, metadata={"help": "accepted for compatibility; no effect (the launcher's environment decides)"})
