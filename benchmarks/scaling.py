@@ -440,15 +440,21 @@ def step_seconds(rec: dict) -> float:
     return rec["real_tokens"] / rec["tokens_per_s"] if rec.get("tokens_per_s") else float("nan")
 
 
-def throughput(records: Sequence[dict], warmup_steps: int, num_gpus: int) -> dict:
-    """Steady-state tokens/s (all ranks) and per GPU, from the log records whose window (the steps since
-    the previous record) lies wholly after the warm-up."""
-    steady, steps, prev = [], 0, 0
+def steady_windows(records: Sequence[dict], warmup_steps: int) -> list[tuple[int, dict]]:
+    """(steps in the window, record) for the log records whose window (the steps since the previous
+    record) lies wholly after the warm-up, in step order."""
+    out, prev = [], 0
     for r in sorted(records, key=lambda r: r["step"]):
         window, prev = r["step"] - prev, r["step"]
         if r["step"] - window >= warmup_steps:
-            steady.append(r)
-            steps += window
+            out.append((window, r))
+    return out
+
+
+def throughput(records: Sequence[dict], warmup_steps: int, num_gpus: int) -> dict:
+    """Steady-state tokens/s (all ranks) and per GPU, over the steady log windows."""
+    windows = steady_windows(records, warmup_steps)
+    steady, steps = [r for _, r in windows], sum(w for w, _ in windows)
     if not steady:
         return {"steady_steps": 0}
     tokens = sum(r["real_tokens"] for r in steady)
@@ -472,24 +478,26 @@ def pooled_throughput(parts: Sequence[dict], num_gpus: int) -> dict:
             "ms_per_step": 1000 * seconds / steps, "tokens_per_step": tokens / steps}
 
 
+def timed_windows(runs: Sequence[Sequence[dict]], warmup_steps: int):
+    """(steps in the window, its `rank_ms_per_step`) over the steady windows of every run that logged them."""
+    for records in runs:
+        for window, r in steady_windows(records, warmup_steps):
+            if r.get("rank_ms_per_step"):
+                yield window, r["rank_ms_per_step"]
+
+
 def rank_times(runs: Sequence[Sequence[dict]], warmup_steps: int) -> dict[str, list[float]]:
     """Each rank's ms per optimizer step by loop phase (the trainer's `rank_ms_per_step`: data wait,
     forward + backward issue, engine step, other), step-weighted over the steady log windows of
     one or more runs (each a list of train records)."""
     sums: dict[str, list[float]] = {}
     steps = 0
-    for records in runs:
-        prev = 0
-        for r in sorted(records, key=lambda r: r["step"]):
-            window, prev = r["step"] - prev, r["step"]
-            times = r.get("rank_ms_per_step")
-            if r["step"] - window < warmup_steps or not times:
-                continue
-            steps += window
-            for phase, per_rank in times.items():
-                acc = sums.setdefault(phase, [0.0] * len(per_rank))
-                for i, ms in enumerate(per_rank):
-                    acc[i] += ms * window
+    for window, times in timed_windows(runs, warmup_steps):
+        steps += window
+        for phase, per_rank in times.items():
+            acc = sums.setdefault(phase, [0.0] * len(per_rank))
+            for i, ms in enumerate(per_rank):
+                acc[i] += ms * window
     return {phase: [v / steps for v in acc] for phase, acc in sums.items()} if steps else {}
 
 
@@ -509,23 +517,17 @@ def slowdown_breakdown(runs_n: Sequence[Sequence[dict]], accum_n: int, times_1: 
     base = {p: v[0] / accum_1 for p, v in times_1.items()}
     acc = {"data": 0.0, "host_issue": 0.0, "stragglers": 0.0, "sync_step": 0.0, "other": 0.0, "total": 0.0}
     steps = 0
-    for records in runs_n:
-        prev = 0
-        for r in sorted(records, key=lambda r: r["step"]):
-            window, prev = r["step"] - prev, r["step"]
-            t = r.get("rank_ms_per_step")
-            if r["step"] - window < warmup_steps or not t:
-                continue
-            fb = [v / accum_n for v in t["fwd_bwd"]]
-            slow = max(range(len(fb)), key=fb.__getitem__)
-            mean_fb = sum(fb) / len(fb)
-            parts = {"data": t["data"][slow] / accum_n - base["data"], "host_issue": mean_fb - base["fwd_bwd"],
-                     "stragglers": fb[slow] - mean_fb, "sync_step": t["step"][slow] / accum_n - base["step"],
-                     "other": t["other"][slow] / accum_n - base["other"]}
-            parts["total"] = sum(parts.values())
-            for k, v in parts.items():
-                acc[k] += v * window
-            steps += window
+    for window, t in timed_windows(runs_n, warmup_steps):
+        fb = [v / accum_n for v in t["fwd_bwd"]]
+        slow = max(range(len(fb)), key=fb.__getitem__)
+        mean_fb = sum(fb) / len(fb)
+        parts = {"data": t["data"][slow] / accum_n - base["data"], "host_issue": mean_fb - base["fwd_bwd"],
+                 "stragglers": fb[slow] - mean_fb, "sync_step": t["step"][slow] / accum_n - base["step"],
+                 "other": t["other"][slow] / accum_n - base["other"]}
+        parts["total"] = sum(parts.values())
+        for k, v in parts.items():
+            acc[k] += v * window
+        steps += window
     if not steps:
         return {}
     out = {k: v / steps for k, v in acc.items()}
