@@ -156,6 +156,7 @@ class RankTimes:
     def __init__(self, device: torch.device):
         self.device = device
         self.seconds = [0.0] * len(self.PHASES)
+        self.steps = 0  # optimizer steps in this window
         self.last = time.perf_counter()
 
     def lap(self, phase: str) -> None:
@@ -163,12 +164,15 @@ class RankTimes:
         self.seconds[self.PHASES.index(phase)] += now - self.last
         self.last = now
 
-    def gather_and_reset(self, steps: int) -> dict[str, list[float]]:
+    def end_step(self) -> None:
+        self.steps += 1
+
+    def gather_and_reset(self) -> dict[str, list[float]]:
         """ms per step of every phase, one entry per rank (a collective: every rank calls it)."""
         self.lap("other")
-        row = torch.tensor(self.seconds, dtype=torch.float64, device=self.device) * (1000.0 / max(1, steps))
+        row = torch.tensor(self.seconds, dtype=torch.float64, device=self.device) * (1000.0 / max(1, self.steps))
         table = all_gather_rows(row).tolist()
-        self.seconds = [0.0] * len(self.PHASES)
+        self.seconds, self.steps = [0.0] * len(self.PHASES), 0
         return {phase: [round(r[i], 2) for r in table] for i, phase in enumerate(self.PHASES)}
 
 
@@ -333,9 +337,6 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainerState:
     runlog.write("start", state.step, {"total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
                                        "batches_per_epoch": batches_per_epoch,
                                        "batch_size_per_phase": stream.phase_batch_sizes, "world_size": dist.world_size})
-    metrics = Metrics(dist.device)
-    times = RankTimes(dist.device)
-    steps_in_window = 0
     skips = SkippedSteps(state, cfg.checkpoint.max_nan_steps, out_dir)
     bar = _progress(dist, total_steps, state.step)
     has_val = cfg.data.val_max_samples > 0 and stream.num_val_samples > 0
@@ -351,6 +352,7 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainerState:
         barrier()
 
     engine.train()
+    metrics, times = Metrics(dist.device), RankTimes(dist.device)  # their first window starts here
     step_gc = StepAlignedGC(cfg.gc_interval_steps)
     micro = 0
     for epoch in range(state.epoch, num_epochs):
@@ -375,8 +377,8 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainerState:
                 continue
             micro = 0
             state.step += 1
-            steps_in_window += 1
             metrics.end_step(applied)
+            times.end_step()
             skips.add(state.step, applied)
             step_gc.step(state.step)
             if state.step % cfg.logging.log_steps == 0 or state.step == total_steps:
@@ -386,8 +388,7 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainerState:
                 _merge_truncation(state, rec["truncation"])
                 rec.update(epoch=epoch, lr=engine.lr(), tokens_seen=state.tokens_seen,
                            nan_steps_total=state.nan_steps_total,
-                           rank_ms_per_step=times.gather_and_reset(steps_in_window))
-                steps_in_window = 0
+                           rank_ms_per_step=times.gather_and_reset())
                 runlog.write("train", state.step, rec)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
             bar.update(1)
