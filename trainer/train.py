@@ -176,6 +176,46 @@ class RankTimes:
         return {phase: [round(r[i], 2) for r in table] for i, phase in enumerate(self.PHASES)}
 
 
+def diagnose_rank_times(times: dict[str, list[float]], data_share: float = 0.1,
+                        slow_share: float = 0.1) -> dict[str, str]:
+    """Plain-language warnings from one window's `rank_ms_per_step`, by kind (empty when all is well):
+    a rank that spends more than `data_share` of the step waiting for batches (the data path
+    limits training), and a rank whose forward + backward issue takes more than `slow_share` longer
+    than the other ranks' mean (a slow host: every other rank waits for it each step)."""
+    out = {}
+    step_ms = [sum(times[p][r] for p in times) for r in range(len(times["data"]))]
+    worst = max(range(len(step_ms)), key=lambda r: times["data"][r] / max(step_ms[r], 1e-9))
+    if times["data"][worst] > data_share * step_ms[worst]:
+        out["data"] = (f"rank {worst} waits {times['data'][worst]:.0f} of {step_ms[worst]:.0f} ms per step for "
+                       "batches: the data path limits training (raise --num-workers, or check the shard file system)")
+    issue = times["fwd_bwd"]
+    if len(issue) > 1:
+        slow = max(range(len(issue)), key=issue.__getitem__)
+        others = (sum(issue) - issue[slow]) / (len(issue) - 1)
+        if issue[slow] > (1 + slow_share) * others:
+            out["straggler"] = (f"rank {slow} takes {issue[slow]:.0f} ms per step to issue forward + backward, the "
+                                f"others {others:.0f}: the other ranks wait for it every step (a slower or busier host?)")
+    return out
+
+
+class RankTimeWarnings:
+    """Logs diagnose_rank_times' warnings on rank 0, each kind at most once per `every` log records."""
+
+    def __init__(self, enabled: bool, every: int = 20):
+        self.enabled, self.every = enabled, every
+        self.records = 0
+        self.last: dict[str, int] = {}
+
+    def check(self, step: int, times: dict[str, list[float]]) -> None:
+        self.records += 1
+        if not self.enabled:
+            return
+        for kind, message in diagnose_rank_times(times).items():
+            if self.records - self.last.get(kind, -self.every) >= self.every:
+                self.last[kind] = self.records
+                log.warning("step %d: %s", step, message)
+
+
 class SkippedSteps:
     """Counts skipped (non-finite) steps in the TrainerState; too many in a row stop the run.
 
@@ -353,6 +393,7 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainerState:
 
     engine.train()
     metrics, times = Metrics(dist.device), RankTimes(dist.device)  # their first window starts here
+    time_warnings = RankTimeWarnings(dist.is_main)
     step_gc = StepAlignedGC(cfg.gc_interval_steps)
     micro = 0
     for epoch in range(state.epoch, num_epochs):
@@ -390,6 +431,7 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainerState:
                            nan_steps_total=state.nan_steps_total,
                            rank_ms_per_step=times.gather_and_reset())
                 runlog.write("train", state.step, rec)
+                time_warnings.check(state.step, rec["rank_ms_per_step"])
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
             bar.update(1)
             if cfg.logging.sample_log_steps and state.step % cfg.logging.sample_log_steps == 0 and dist.is_main:
