@@ -9,10 +9,11 @@ Supported launchers, all ending in the same env:// rendezvous:
 Collectives get a timeout (`--dist-timeout-s`), so when one rank dies the others fail with an
 error instead of hanging until the job's wall-clock limit.
 
-CPU affinity (`--cpu-affinity`): each rank's host thread issues every kernel of a host-bound step, so
-it is pinned, with its data workers, to its own share of the CPUs next to its GPU (sysfs
-`local_cpulist`), split by physical core among the ranks whose GPUs share those CPUs. Launchers that
-bind already (srun --cpu-bind, numactl) are left alone in the default `auto` mode.
+CPU affinity (`--cpu-affinity auto|gpu`, off by default): each rank's host thread issues every
+kernel of a host-bound step; pinned, with its data workers, to its own share of the CPUs next to its
+GPU (sysfs `local_cpulist`, split by physical core among the ranks whose GPUs share those CPUs), it
+is not moved across sockets. `auto` leaves processes that a launcher bound already (srun --cpu-bind,
+numactl, a cgroup) alone. Off by default because on a one-NUMA-node VM it measured slower (README).
 """
 
 from __future__ import annotations
@@ -108,6 +109,19 @@ def parse_cpulist(text: str) -> set[int]:
         lo, _, hi = part.partition("-")
         cpus.update(range(int(lo), int(hi or lo) + 1))
     return cpus
+
+
+def _cpulist_text(cpus: Sequence[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'."""
+    runs, out = [], []
+    for c in sorted(cpus):
+        if runs and c == runs[-1][1] + 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    for lo, hi in runs:
+        out.append(f"{lo}-{hi}" if hi > lo else str(lo))
+    return ",".join(out)
 
 
 def _read_cpulist(path: Path) -> set[int] | None:
@@ -222,19 +236,6 @@ def init_distributed(cfg=None, timeout_s: int | None = None) -> DistInfo:
                                timeout=datetime.timedelta(seconds=timeout_s),
                                rank=rank, world_size=world)
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=device, is_main=rank == 0)
-
-
-def _cpulist_text(cpus: Sequence[int]) -> str:
-    """[0, 1, 2, 5] -> '0-2,5'."""
-    runs, out = [], []
-    for c in sorted(cpus):
-        if runs and c == runs[-1][1] + 1:
-            runs[-1][1] = c
-        else:
-            runs.append([c, c])
-    for lo, hi in runs:
-        out.append(f"{lo}-{hi}" if hi > lo else str(lo))
-    return ",".join(out)
 
 
 def shm_allreduce_path(rank: int, env: Mapping[str, str] | None = None) -> Path:
