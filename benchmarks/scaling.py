@@ -22,6 +22,10 @@ Training scaling (`--gpus 1 2 ...`):
    the mean |difference| over the last `--last-k` steps. The ranks read different contiguous parts
    of the epoch (trainer/data.py), so the same step sees other samples at another N: the curves
    agree statistically, not bit for bit; over a whole epoch every run sees the same samples.
+   Where the time goes: the trainer logs every rank's ms per step by loop phase (`rank_ms_per_step`);
+   the report tabulates them and splits the extra time per micro-batch of N GPUs over the smallest
+   run into data wait, host issue, stragglers, sync/step and other (`slowdown_breakdown`).
+   `--repeats R` runs the GPU counts R times in turn and pools them (host speed drifts between runs).
 4. Sample coverage: (a) from the logs, the examples trained per run (the trainer logs per-step
    counts, not sample identities); (b) the trainer's own data pipeline (`trainer.data.TrainStream`,
    with the run's exact flags) iterated over one whole epoch for every rank of every N: every train
