@@ -8,8 +8,8 @@ setup(
     description="Offline shard builder, DeepSpeed ZeRO-2 LoRA prefix-LM trainer and evaluation "
     "for MD-style weather summaries from WeatherQA images",
     python_requires=">=3.10",
-    packages=find_packages(include=["common", "common.*", "data_prep", "data_prep.*", "trainer",
-                                    "trainer.*", "eval", "eval.*", "benchmarks"]),
+    packages=find_packages(include=["common", "common.*", "models", "models.*", "data_prep", "data_prep.*", "trainer",
+                                    "trainer.*", "eval", "eval.*", "benchmarks", "tiny_models"]),
     install_requires=[
         # torch is installed first by the Makefile (pinned CPU build here; a CUDA build on clusters).
         "torch>=2.4",

@@ -4,7 +4,7 @@
     python -m benchmarks.generation --model-path /models/mistral-7b # real weights
     python -m benchmarks.generation --shape tiny --num-summaries 8 --max-new-tokens 16   # CPU smoke run
 
-Both ways run in the same process on the same N task-B prompts (built by `trainer.tasks`, with a
+Both ways run in the same process on the same N task-B prompts (built by `models.tasks`, with a
 random image prefix from random Stage1 latents through a random `Stage2Prefix`, LoRA r=32 on every
 linear layer as in a real checkpoint), through the same `eval.modeling.generate_token_ids`:
 
@@ -19,6 +19,7 @@ penalty 1.1). Prints seconds, summaries/s and the speed-up; `--out-json` keeps e
 from __future__ import annotations
 
 import platform
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,13 +27,24 @@ from typing import Literal, Optional, Sequence
 
 import numpy as np
 import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, MistralForCausalLM
 
+from benchmarks.make_random_model import mistral_7b_shape_config
 from common.config import parse_config, print_config
 from common.io import atomic_write_json
-from data_prep.cond_names import COND_NAMES, default_cond_name_to_id
+from common.runtime import resolve_device, resolve_dtype
 from eval.inputs import EvalCase
-from eval.modeling import (DecodingConfig, EvalModel, build_requests, generate_token_ids,
-                           length_sorted_batches, resolve_device, resolve_dtype)
+from eval.modeling import (
+    DecodingConfig,
+    EvalModel,
+    build_requests,
+    generate_token_ids,
+    length_sorted_batches,
+)
+from models.cond_names import COND_NAMES, default_cond_name_to_id
+from models.prefix_lm import DEFAULT_LORA_TARGETS, PrefixLM, Stage2Prefix
+from tiny_models.lm import make_tiny_lm
 
 
 @dataclass
@@ -60,12 +72,9 @@ class GenBenchConfig:
 # ---------------------------------------------------------------------------------------- model
 def _load_lm(cfg: GenBenchConfig, device: str, dtype: torch.dtype, workdir: Path):
     """(HF causal LM, tokenizer)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, MistralForCausalLM
-
     if cfg.model_path:
         tok = AutoTokenizer.from_pretrained(cfg.model_path)
         return AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=dtype).to(device), tok
-    from trainer.tiny import make_tiny_lm
 
     # The tiny tokenizer is trained on synthetic MD text: prompt lengths close to a real 32k one's.
     tiny_dir = Path(make_tiny_lm(workdir / "tiny_lm", corpus_texts=["The image is a map of wind shear."],
@@ -73,7 +82,6 @@ def _load_lm(cfg: GenBenchConfig, device: str, dtype: torch.dtype, workdir: Path
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     if cfg.shape == "tiny":
         return AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=dtype).to(device), tok
-    from trainer.tiny import mistral_7b_shape_config
 
     config = mistral_7b_shape_config()
     torch.manual_seed(cfg.seed)
@@ -88,8 +96,6 @@ def _load_lm(cfg: GenBenchConfig, device: str, dtype: torch.dtype, workdir: Path
 
 
 def build_model(cfg: GenBenchConfig, workdir: Path) -> EvalModel:
-    from trainer.model import DEFAULT_LORA_TARGETS, PrefixLM, Stage2Prefix
-
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     lm, tok = _load_lm(cfg, device, dtype, workdir)
@@ -97,8 +103,6 @@ def build_model(cfg: GenBenchConfig, workdir: Path) -> EvalModel:
         tok.pad_token = tok.unk_token or tok.eos_token
     lm.config.pad_token_id = tok.pad_token_id
     if cfg.lora_r > 0:
-        from peft import LoraConfig, get_peft_model
-
         lm = get_peft_model(lm, LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.0,
                                            target_modules=list(DEFAULT_LORA_TARGETS), task_type="CAUSAL_LM"))
     prefix = Stage2Prefix(cfg.latent_dim, lm.config.hidden_size, cfg.num_image_tokens)
@@ -194,8 +198,6 @@ def format_result(r: dict) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    import tempfile
-
     cfg = parse_config(GenBenchConfig, argv)
     print_config(cfg)
     with tempfile.TemporaryDirectory(prefix="genbench-") as tmp:

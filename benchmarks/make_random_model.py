@@ -6,19 +6,19 @@
 
 LM (`--out`): `AutoModelForCausalLM.from_pretrained(out)` and `AutoTokenizer.from_pretrained(out)`
 work on it as on a downloaded Mistral:
-- `--shape 7b`: `trainer.tiny.mistral_7b_shape_config()` (Mistral-7B v0.3: 32 layers, 4096 hidden,
+- `--shape 7b`: `benchmarks.make_random_model.mistral_7b_shape_config()` (Mistral-7B v0.3: 32 layers, 4096 hidden,
   vocab 32768) with random weights, initialised on the GPU when there is one (seconds instead of
   minutes on a CPU), written as bf16 safetensors in `--max-shard-size` pieces plus the index.
   The values are random, so only speed and memory results mean anything.
-- `--shape tiny`: `trainer.tiny.make_tiny_lm` (a few hundred kB).
-The tokenizer is the byte-level BPE of `trainer.tiny`, trained on the Gemini JSON texts (or, without
+- `--shape tiny`: `tiny_models.lm.make_tiny_lm` (a few hundred kB).
+The tokenizer is the byte-level BPE of `tiny_models.lm`, trained on the Gemini JSON texts (or, without
 `--gemini-json`, on the prompt templates only). For 7b it is smaller than the config's vocabulary,
 which is fine: every id it produces is < vocab_size (checked).
 
 Stage1 (`--stage1-out`): random MAE ViT encoder + EfficientNet classifier checkpoints in the
-`{"config", "state_dict"}` layout `trainer.stage1`'s loaders read (encoder under official-MAE names):
+`{"config", "state_dict"}` layout `models.stage1`'s loaders read (encoder under official-MAE names):
 `--stage1-shape vit-b` = ViT-B/16 + EfficientNet-B0 at 224 px (the real sizes, so the real-size shard
-builder runs), `tiny` = `trainer.stage1.save_tiny_stage1` (32 px). Default: vit-b for 7b, tiny for tiny.
+builder runs), `tiny` = `tiny_models.stage1.save_tiny_stage1` (32 px). Default: vit-b for 7b, tiny for tiny.
 Both are loaded back with the project's loaders before this script returns.
 
 Every file is written into a temp directory next to the target and moved in when complete.
@@ -37,15 +37,42 @@ from pathlib import Path
 from typing import Literal, Optional, Sequence
 
 import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    EfficientNetConfig,
+    MistralConfig,
+    MistralForCausalLM,
+    ViTMAEConfig,
+)
 
 from common.config import parse_config, print_config
 from common.io import atomic_write_bytes
 from common.log import setup_logging
+from common.runtime import resolve_device
+from models.stage1 import (
+    NUM_STAGE1_CLASSES,
+    Stage1Classifier,
+    Stage1Encoder,
+    load_stage1_classifier,
+    load_stage1_encoder,
+)
+from tiny_models.lm import _portable_tokenizer_class, gemini_texts, make_tiny_lm, prompt_texts, train_tokenizer
+from tiny_models.stage1 import save_tiny_stage1
 
 log = logging.getLogger("benchmarks.make_random_model")
 
 VIT_B_FILENAME = "vit_b16_mae_random.pt"
 EFFNET_B0_FILENAME = "efficientnet_b0_random.pt"
+
+
+def mistral_7b_shape_config(vocab_size: int = 32768) -> MistralConfig:
+    """Mistral-7B (v0.3) shape: 4096 hidden, 32 layers, 14336 MLP, 32 heads / 8 KV heads, theta 1e6."""
+    return MistralConfig(vocab_size=vocab_size, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                         max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=1e6, sliding_window=None,
+                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
 
 
 @dataclass
@@ -77,15 +104,8 @@ class RandomModelConfig:
 # LM
 # ----------------------------------------------------------------------------------------------
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
 
 def _corpus(gemini_json: Sequence[str]) -> list[str]:
-    from trainer.tiny import gemini_texts, prompt_texts
-
     texts = list(gemini_texts(gemini_json)) + list(prompt_texts())
     if not gemini_json:
         log.warning("no --gemini-json: the tokenizer is trained on the prompt templates only")
@@ -101,15 +121,11 @@ def _move_into(tmp: Path, out: Path) -> None:
 def write_random_lm(out_dir: str | Path, config, tokenizer, seed: int = 0, device: str = "auto",
                     max_shard_size: str = "5GB") -> Path:
     """A random-weight `MistralForCausalLM` of `config` (bf16 safetensors, sharded) + `tokenizer`."""
-    from transformers import MistralForCausalLM
-
-    from trainer.tiny import _portable_tokenizer_class
-
     if len(tokenizer) > config.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} ids but the model only {config.vocab_size} embedding rows")
     config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
     config.pad_token_id = tokenizer.pad_token_id
-    out_dir, dev = Path(out_dir), _resolve_device(device)
+    out_dir, dev = Path(out_dir), resolve_device(device)
     start = time.perf_counter()
     torch.manual_seed(seed)
     # Built directly on the device in bf16: a 7B fp32 init on the CPU would need 29 GB and minutes.
@@ -140,8 +156,6 @@ def write_7b_lm(out_dir: str | Path, gemini_json: Sequence[str] = (), tokenizer_
                 model_vocab_size: int = 32768, seed: int = 0, device: str = "auto",
                 max_shard_size: str = "5GB") -> Path:
     """Random Mistral-7B-shape weights + a local BPE tokenizer (at most the model's vocabulary)."""
-    from trainer.tiny import mistral_7b_shape_config, train_tokenizer
-
     tokenizer = train_tokenizer(_corpus(gemini_json), vocab_size=min(tokenizer_vocab_size, model_vocab_size))
     return write_random_lm(out_dir, mistral_7b_shape_config(vocab_size=model_vocab_size), tokenizer, seed, device,
                            max_shard_size)
@@ -149,8 +163,6 @@ def write_7b_lm(out_dir: str | Path, gemini_json: Sequence[str] = (), tokenizer_
 
 def write_lm(cfg: RandomModelConfig) -> Path:
     if cfg.shape == "tiny":
-        from trainer.tiny import make_tiny_lm
-
         return make_tiny_lm(cfg.out, corpus_json=cfg.gemini_json or None,
                             corpus_texts=None if cfg.gemini_json else ["The image is a map."],
                             vocab_size=cfg.tokenizer_vocab_size or 1024, seed=cfg.seed)
@@ -173,10 +185,6 @@ EFFNET_B0 = dict(width_coefficient=1.0, depth_coefficient=1.0, image_size=224, h
 
 def save_vit_b_stage1(out_dir: str | Path, seed: int = 0) -> tuple[Path, Path]:
     """Random MAE ViT-B/16 + EfficientNet-B0 (224 px) checkpoints; returns (encoder, classifier)."""
-    from transformers import EfficientNetConfig, ViTMAEConfig
-
-    from trainer.stage1 import NUM_STAGE1_CLASSES, Stage1Classifier, Stage1Encoder
-
     out_dir = Path(out_dir)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -195,8 +203,6 @@ def save_vit_b_stage1(out_dir: str | Path, seed: int = 0) -> tuple[Path, Path]:
 
 def write_stage1(out_dir: str | Path, shape: str, seed: int = 0) -> tuple[Path, Path]:
     """Write and reload (with the project's loaders) the Stage1 checkpoints; returns (encoder, classifier)."""
-    from trainer.stage1 import load_stage1_classifier, load_stage1_encoder, save_tiny_stage1
-
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     enc, cls = save_vit_b_stage1(out_dir, seed) if shape == "vit-b" else save_tiny_stage1(out_dir, seed=seed)
     encoder, classifier = load_stage1_encoder(enc), load_stage1_classifier(cls)
@@ -217,15 +223,12 @@ def stage1_shape_for(shape: str, stage1_shape: str = "auto") -> str:
 
 def check_loads(model_dir: str | Path, shape: str) -> dict:
     """Load the tokenizer (and, for tiny, the model) the way the trainer does; return a summary."""
-    from transformers import AutoConfig, AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     config = AutoConfig.from_pretrained(model_dir)
     ids = tokenizer("Areas affected...portions of southeast OH", add_special_tokens=True)["input_ids"]
     if max(ids) >= config.vocab_size:
         raise RuntimeError(f"{model_dir}: tokenizer id {max(ids)} >= the model's vocab_size {config.vocab_size}")
     if shape == "tiny":  # a 7B load here would double the write time; the trainer loads it anyway
-        from transformers import AutoModelForCausalLM
 
         AutoModelForCausalLM.from_pretrained(model_dir)
     return {"tokenizer_size": len(tokenizer), "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,

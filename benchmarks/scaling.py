@@ -69,9 +69,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Sequence
 
+import torch
+from transformers import AutoTokenizer
+
+from benchmarks.make_random_model import RandomModelConfig, stage1_shape_for, write_lm, write_stage1
 from common.config import parse_config, print_config
 from common.io import atomic_write_json, atomic_write_text, read_jsonl
 from common.log import setup_logging
+from data_prep.build_shards import BUILD_DIR, BuildConfig, build
+from data_prep.manifest import load_manifest
+from data_prep.synthetic import generate
+from models.stage1 import load_stage1_encoder
+from trainer.config import parse_train_config
+from trainer.data import TrainStream
+from trainer.schedules import build_phases
 
 log = logging.getLogger("benchmarks.scaling")
 
@@ -172,14 +183,10 @@ class Inputs:
 
 
 def _cuda_count() -> int:
-    import torch
-
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def _stage1(cfg: ScalingConfig, work: Path) -> tuple[str, str]:
-    from benchmarks.make_random_model import stage1_shape_for, write_stage1
-
     shape = stage1_shape_for(cfg.shape)
     folder = work / f"stage1-{shape}"
     enc, cls = write_stage1(folder, shape, seed=0)
@@ -188,16 +195,12 @@ def _stage1(cfg: ScalingConfig, work: Path) -> tuple[str, str]:
 
 def synthetic_data(out: Path, num_images: int, image_px: int, seed: int = 0) -> list[str]:
     """A synthetic WeatherQA-like dataset of about num_images images; returns its JSON paths."""
-    from data_prep.synthetic import generate
-
     num_cases = max(2, math.ceil(num_images / 20))
     return [str(p) for p in generate(out, num_cases=num_cases, num_files=2, seed=seed, image_px=image_px)]
 
 
 def build_shards_inprocess(json_paths: Sequence[str], image_root: Path, stage1: tuple[str, str], image_size: int,
                            out: Path, samples_per_shard: int, num_workers: int) -> None:
-    from data_prep.build_shards import BuildConfig, build
-
     build(BuildConfig(gemini_json=list(json_paths), image_root=str(image_root), stage1_encoder_ckpt=stage1[0],
                       stage1_classifier_ckpt=stage1[1], image_size=image_size, out=str(out),
                       samples_per_shard=samples_per_shard, num_workers=num_workers))
@@ -211,8 +214,6 @@ def training_samples_needed(cfg: ScalingConfig) -> int:
 
 def prepare_inputs(cfg: ScalingConfig, work: Path) -> Inputs:
     """Shards and model directory for the training runs: the given ones, or generated ones."""
-    from benchmarks.make_random_model import RandomModelConfig, write_lm
-
     inputs = Inputs(shard_dir=cfg.shard_dir, model_path=cfg.model_path, stage1_encoder_ckpt=cfg.stage1_encoder_ckpt)
     if not cfg.shard_dir:
         data_dir = work / "train-data"
@@ -220,7 +221,6 @@ def prepare_inputs(cfg: ScalingConfig, work: Path) -> Inputs:
         log.info("generating ~%d synthetic images for training into %s", num_images, data_dir)
         inputs.gemini_json = synthetic_data(data_dir, num_images, cfg.image_px)
         inputs.stage1 = _stage1(cfg, work)
-        from trainer.stage1 import load_stage1_encoder
 
         image_size = load_stage1_encoder(inputs.stage1[0]).config.image_size
         shard_dir = work / "train-shards"
@@ -254,8 +254,6 @@ def subprocess_env(cuda: bool) -> dict:
 
 def train_flags(cfg: ScalingConfig, inputs: Inputs, grad_accum: int, out_dir: Path) -> list[str]:
     """The trainer flags of one run: identical for every N except the gradient accumulation."""
-    from data_prep.manifest import load_manifest
-
     s1 = load_manifest(inputs.shard_dir).stage1
     samples_per_epoch = load_manifest(inputs.shard_dir).num_samples("train")
     steps_per_epoch = max(1, samples_per_epoch // cfg.effective_global_batch)
@@ -584,13 +582,6 @@ def logged_example_counts(records: Sequence[dict]) -> dict:
 def epoch_coverage(flags: Sequence[str], world_size: int) -> dict:
     """Iterate the trainer's own data pipeline (with the run's flags) over epoch 0 for every rank of
     `world_size`; count how often each train sample comes with loss weight > 0."""
-    from transformers import AutoTokenizer
-
-    from data_prep.manifest import load_manifest
-    from trainer.config import parse_train_config
-    from trainer.data import TrainStream
-    from trainer.schedules import build_phases
-
     tcfg = parse_train_config(list(flags))
     manifest = load_manifest(tcfg.data.shard_dir)
     tokenizer = AutoTokenizer.from_pretrained(tcfg.model.model_path)
@@ -625,8 +616,6 @@ def epoch_coverage(flags: Sequence[str], world_size: int) -> dict:
 def run_builder(cfg: ScalingConfig, n: int, data: tuple[list[str], Path], stage1: tuple[str, str], image_size: int,
                 samples_per_shard: int, work: Path, cuda: bool) -> dict:
     """N build_shards processes (one per GPU) into a fresh directory; their per-node records + wall time."""
-    from data_prep.build_shards import BUILD_DIR
-
     json_paths, image_root = data
     out = work / f"build-procs{n}"
     shutil.rmtree(out, ignore_errors=True)
@@ -673,8 +662,6 @@ def run_builder(cfg: ScalingConfig, n: int, data: tuple[list[str], Path], stage1
 
 
 def builder_scaling(cfg: ScalingConfig, work: Path, cuda: bool) -> dict:
-    from trainer.stage1 import load_stage1_encoder
-
     data_dir = work / "builder-data"
     if not (data_dir / "md_image").is_dir():
         log.info("generating ~%d synthetic %d px images for the builder runs", cfg.builder_images, cfg.builder_image_px)
@@ -807,8 +794,6 @@ COVERAGE_NOTE = ("The trainer's train_log.jsonl has per-step example counts (tas
 
 
 def environment() -> dict:
-    import torch
-
     cuda = torch.cuda.is_available()
     return {"device": (f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}" if cuda
                        else f"CPU ({os.cpu_count()} cores; GPUs = processes)"),
@@ -820,8 +805,6 @@ def environment() -> dict:
 # ----------------------------------------------------------------------------------------------
 
 def training_scaling(cfg: ScalingConfig, work: Path, cuda: bool) -> dict:
-    from data_prep.manifest import load_manifest
-
     inputs = prepare_inputs(cfg, work)
     accum = grad_accum_steps(cfg)
     repeats: dict[int, list[RunResult]] = {n: [] for n in cfg.gpus}

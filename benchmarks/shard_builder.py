@@ -24,17 +24,20 @@ from pathlib import Path
 from typing import Literal, Optional, Sequence
 
 import torch
+import webdataset as wds
 from tqdm import tqdm
 
 from benchmarks.make_random_model import save_vit_b_stage1
 from common.config import parse_config, print_config
-from data_prep.build_shards import BuildConfig, build, resolve_device
-from data_prep.cond_names import default_cond_name_to_id
+from common.runtime import resolve_device
+from data_prep.build_shards import BuildConfig, build
 from data_prep.gemini import assign_split, load_gemini_json, resolve_image_path
 from data_prep.images import ImageDecodeError, decode_image
 from data_prep.shard_format import ElementSample, encode_sample
 from data_prep.synthetic import generate
-from trainer.stage1 import load_stage1_classifier, load_stage1_encoder, save_tiny_stage1
+from models.cond_names import default_cond_name_to_id
+from models.stage1 import load_stage1_classifier, load_stage1_encoder
+from tiny_models.stage1 import save_tiny_stage1
 
 
 @dataclass
@@ -55,8 +58,6 @@ class BenchConfig:
 
 def naive_build(cfg: BuildConfig, device: torch.device, limit: int) -> tuple[int, float]:
     """One image at a time: decode, encode (batch 1, fp32), classify, write. Returns (images, seconds)."""
-    import webdataset as wds
-
     cases, _ = load_gemini_json(cfg.gemini_json, default_cond_name_to_id())
     items = [(c, el) for c in cases for el in c.elements][:limit]
     encoder = load_stage1_encoder(cfg.stage1.stage1_encoder_ckpt, cfg.stage1.latent_pooling).to(device).eval()

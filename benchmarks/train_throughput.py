@@ -2,7 +2,7 @@
 
 Every mode runs the whole Stage2 step — image prefix (projected latent + class embedding) spliced
 into the token embeddings, forward, backward, AdamW step — on the same stream of real examples
-(prompts and targets built by `trainer.tasks` from the synthetic data, a shard dir, or a length
+(prompts and targets built by `models.tasks` from the synthetic data, a shard dir, or a length
 file), so only the way the step is executed differs:
 
 | mode | name           | what                                                                        |
@@ -18,7 +18,7 @@ and the same step, `trainer.engine.build_engine` (DeepSpeed ZeRO-2 from ds_confi
 bf16 compute weights with fp32 master weights in the optimizer, gradient clipping, LR schedule) in
 a 1-process world; `--step-engine torch` runs the trainer's `--engine torch` instead (the lean
 data-parallel engine: flat bf16 weights + fp32 masters, fused AdamW, no per-step host sync). The 7B shape is Mistral-7B's
-(`trainer.tiny.mistral_7b_shape_config`) with random bf16 weights (values don't change speed).
+(`benchmarks.make_random_model.mistral_7b_shape_config`) with random bf16 weights (values don't change speed).
 
 Throughput counts real (non-pad) tokens only. Model FLOPs per step (printed with the results):
     linear:    4 N per real token (forward 2N + activation gradients 2N; frozen base weights get
@@ -38,8 +38,10 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib
 import json
 import math
+import multiprocessing as mp
 import os
 import random
 import statistics
@@ -54,15 +56,38 @@ from typing import Callable, Literal, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
+import webdataset as wds
+from peft import LoraConfig, get_peft_model
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+from tqdm import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from benchmarks.make_random_model import mistral_7b_shape_config
 from common.config import parse_config, print_config
 from common.io import atomic_write_json, atomic_write_text
 from common.log import setup_logging
-from trainer.collate import TrainItem, batch_to_device, collate_train
-from trainer.attention import resolve_attn_implementation
-from trainer.model import ModelConfig, build_prefix_lm, load_tokenizer, resolve_fused_kernels
-from trainer.tasks import (IMAGE_TASKS, TASKS, TaskUnavailable, TokenizedExample, build_prompt,
-                           prefix_length, tokenize_prompt)
+from data_prep.gemini import load_gemini_json
+from data_prep.shard_format import CASES_FILENAME, decode_sample
+from data_prep.synthetic import generate
+from models.attention import resolve_attn_implementation
+from models.collate import TrainItem, batch_to_device, collate_train
+from models.cond_names import default_cond_name_to_id
+from models.prefix_lm import ModelConfig, build_prefix_lm, load_tokenizer, resolve_fused_kernels
+from models.tasks import (
+    IMAGE_TASKS,
+    TASKS,
+    TaskUnavailable,
+    TokenizedExample,
+    build_prompt,
+    prefix_length,
+    tokenize_prompt,
+)
+from tiny_models.lm import make_tiny_lm
+from trainer.config import TrainConfig, resolve_ds_config_path
+from trainer.distributed import init_distributed, is_initialized
+from trainer.engine import build_engine
+from trainer.gc_steps import StepAlignedGC
 
 log = setup_logging("benchmarks.train_throughput")
 
@@ -191,19 +216,12 @@ class _Element:  # what an example is built from, whichever the source
 
 
 def _elements_from_gemini(paths: Sequence[str]) -> list[_Element]:
-    from data_prep.cond_names import default_cond_name_to_id
-    from data_prep.gemini import load_gemini_json
-
     cases, _ = load_gemini_json(list(paths), default_cond_name_to_id(), strict=False)
     return [_Element(e.cond_name, e.cond_id, e.caption, c.global_summary, [x.caption for x in c.elements])
             for c in cases for e in c.elements]
 
 
 def _elements_from_shards(shard_dir: str) -> list[_Element]:
-    import webdataset as wds
-
-    from data_prep.shard_format import CASES_FILENAME, decode_sample
-
     shards = sorted(str(p) for p in Path(shard_dir).glob("train-*.tar"))
     if not shards:
         raise FileNotFoundError(f"{shard_dir}: no train-*.tar shards")
@@ -322,11 +340,7 @@ def pack_groups(stream: list[Example], count: int, num_image_tokens: int, token_
 # ---------------------------------------------------------------------------------------------
 
 def lm_config(shape: str, model_dir: Path):
-    from transformers import AutoConfig
-
     if shape == "7b":
-        from trainer.tiny import mistral_7b_shape_config
-
         return mistral_7b_shape_config()
     return AutoConfig.from_pretrained(model_dir)
 
@@ -335,13 +349,9 @@ def lm_config(shape: str, model_dir: Path):
 def random_weights(device: torch.device):
     """Make `from_pretrained` build the model from its config with random weights, directly on
     `device`: there are no 7B weights here, and their values don't change speed."""
-    from transformers import PreTrainedModel
-
     original = PreTrainedModel.__dict__["from_pretrained"]
 
     def from_config(cls, path, *args, config=None, **kwargs):
-        from transformers import AutoConfig
-
         config = config or AutoConfig.from_pretrained(path)
         dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
         if not isinstance(dtype, torch.dtype):
@@ -390,9 +400,6 @@ class BaselinePrefixLM(nn.Module):
 
 def build_baseline(cfg: BenchConfig, hf_config, attn: str, device: torch.device, dtype: torch.dtype,
                    liger: bool) -> BaselinePrefixLM:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
     if liger:
         from liger_kernel.transformers import apply_liger_kernel_to_mistral
 
@@ -417,7 +424,7 @@ def build_project(cfg: BenchConfig, model_dir: Path, device: torch.device):
 
 
 # ---------------------------------------------------------------------------------------------
-# Baseline batches (modes 1-3): the textbook layout, written here, independent of trainer.collate
+# Baseline batches (modes 1-3): the textbook layout, written here, independent of models.collate
 # ---------------------------------------------------------------------------------------------
 
 def _baseline_layout(ex: Example, pad_id: int, num_image_tokens: int):
@@ -613,10 +620,6 @@ def time_mode(step: Callable[[dict], torch.Tensor], batches: list[dict], groups:
               cfg: BenchConfig, device: torch.device, desc: str, timer: PhaseTimer | None = None) -> dict:
     """Warm-up steps, then timed steps between two device syncs. Batches are on the device
     already, so the time is the step's alone (the trainer's loader prefetches them too)."""
-    from tqdm import tqdm
-
-    from trainer.gc_steps import StepAlignedGC
-
     w = cfg.warmup_steps
     step_gc = StepAlignedGC(cfg.gc_interval_steps)
     try:
@@ -812,18 +815,12 @@ def resolve_step_engine(name: str) -> str:
 
 def build_bench_engine(model: nn.Module, cfg: BenchConfig, ctx: "Context", engine: str = "deepspeed"):
     """`trainer.engine.build_engine` exactly as `trainer.train` calls it, in a 1-process world."""
-    from trainer.config import TrainConfig
-    from trainer.distributed import init_distributed, is_initialized
-    from trainer.engine import build_engine
-
     if engine == "deepspeed" and not is_initialized():  # the torch engine needs no process group alone
         init_distributed(timeout_s=600)
     if engine == "deepspeed":  # a group made earlier in this process may have left no env behind
         os.environ.setdefault("LOCAL_RANK", "0")
     ds_path = cfg.deepspeed_config
     if cfg.ds_override:
-        from trainer.config import resolve_ds_config_path
-
         merged = _merge(json.loads(resolve_ds_config_path(ds_path).read_text()), json.loads(cfg.ds_override))
         ds_path = str(Path(tempfile.mkdtemp(prefix="ds_config_")) / "ds_config.json")
         atomic_write_json(ds_path, merged)
@@ -860,8 +857,6 @@ def packed_vs_padded(model, group: list[Example], ctx: Context) -> float:
 def profile_steps(step: Callable[[dict], torch.Tensor], batches: list[dict], ctx: Context) -> dict:
     """torch.profiler over a few steps: the top ops by self device time and by self host time, and
     how busy the device was (sum of kernel times / wall time; < 1 means it waited for the host)."""
-    from torch.profiler import ProfilerActivity, profile
-
     cuda = ctx.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     synchronize(ctx.device)
@@ -871,7 +866,6 @@ def profile_steps(step: Callable[[dict], torch.Tensor], batches: list[dict], ctx
             step(b)
         synchronize(ctx.device)
     wall_us = (time.perf_counter() - t0) * 1e6
-    from torch.autograd import DeviceType
 
     sort = "self_device_time_total" if cuda else "self_cpu_time_total"
     events = prof.key_averages()
@@ -902,13 +896,9 @@ MODES: dict[int, Callable[[Context], dict]] = {1: mode_seed_like, 2: mode_padded
 def prepare_model_dir(cfg: BenchConfig, workdir: Path, corpus_json: Sequence[str]) -> Path:
     """A model dir `build_prefix_lm` can read: the tiny LM + its tokenizer; for 7b, the same dir
     with the 7B-shape config.json (weights are then built randomly by `random_weights`)."""
-    from trainer.tiny import make_tiny_lm
-
     model_dir = make_tiny_lm(workdir / "lm", corpus_json=list(corpus_json) or None,
                              corpus_texts=None if corpus_json else ["The image is a map."], seed=cfg.seed)
     if cfg.shape == "7b":
-        from trainer.tiny import mistral_7b_shape_config
-
         for f in model_dir.glob("*.safetensors"):
             f.unlink()  # never read: random_weights builds from the config
         mistral_7b_shape_config().save_pretrained(model_dir)
@@ -919,8 +909,6 @@ def load_examples(cfg: BenchConfig, workdir: Path) -> tuple[list[Example], Path,
     """(example pool, model dir, tokenizer)."""
     corpus: list[str] = list(cfg.gemini_json)
     if not (cfg.gemini_json or cfg.shard_dir or cfg.lengths_file):
-        from data_prep.synthetic import generate
-
         log.info("generating %d synthetic cases for the length mix", cfg.synthetic_cases)
         corpus = [str(p) for p in generate(workdir / "synthetic", num_cases=cfg.synthetic_cases,
                                            num_files=1, seed=cfg.seed, image_px=32)]
@@ -947,8 +935,6 @@ def stream_size(cfg: BenchConfig, pool: list[Example]) -> int:
 
 
 def environment(device: torch.device) -> dict:
-    import importlib
-
     env = {"python": sys.version.split()[0], "torch": torch.__version__, "device": str(device)}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
@@ -1011,8 +997,6 @@ def run_mode_isolated(m: int, ctx: Context) -> dict:
     """`run_mode` in a fresh (spawned) process: every mode starts from the same state, whatever ran
     before it. (On an H100, mode 4 run after modes 1-2 in one process measured ~10% slower than run
     alone; it still did in its own process, so the cause is not the process state: see README.)"""
-    import multiprocessing as mp
-
     with mp.get_context("spawn").Pool(1) as pool:
         return pool.apply(run_mode, (m, ctx))
 

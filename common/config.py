@@ -22,7 +22,9 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence, TypeVar, Union, get_args, get_origin
+from typing import Any, Literal, Sequence, TypeVar, Union, get_args, get_origin
+
+import yaml
 
 from common.io import atomic_write_json
 
@@ -93,8 +95,6 @@ def build_parser(cls, description: str | None = None, parser: argparse.ArgumentP
 def _load_file(path: str) -> dict:
     text = Path(path).read_text()
     if path.endswith((".yaml", ".yml")):
-        import yaml
-
         data = yaml.safe_load(text) or {}
     else:
         data = json.loads(text)

@@ -54,19 +54,27 @@ from typing import Literal, Optional, Sequence
 
 import numpy as np
 import torch
+import webdataset as wds
 from tqdm.auto import tqdm
 
 from common.config import config_to_dict, parse_config, print_config, save_config
 from common.io import atomic_write_json, atomic_write_text, sha256_file
 from common.log import setup_logging
-from data_prep.cond_names import (COND_MAP_FILENAME, default_cond_name_to_id, load_cond_map,
-                                  save_cond_map)
+from common.runtime import SlurmTask, resolve_device, resolve_precision, slurm_task
 from data_prep.gemini import Case, Element, Skip, SkipReport, assign_split, load_gemini_json, resolve_image_path
 from data_prep.images import ImageDecodeError, decode_image_uint8, normalization, normalize_pixels
-from data_prep.manifest import (BUILD_CONFIG_FILENAME, SKIP_REPORT_FILENAME, SPLITS, Manifest,
-                                ShardEntry, Stage1Record, save_manifest)
+from data_prep.manifest import (
+    BUILD_CONFIG_FILENAME,
+    SKIP_REPORT_FILENAME,
+    SPLITS,
+    Manifest,
+    ShardEntry,
+    Stage1Record,
+    save_manifest,
+)
 from data_prep.shard_format import CASES_FILENAME, MANIFEST_FILENAME, ElementSample, encode_sample
-from trainer.stage1 import Stage1Settings, load_stage1_classifier, load_stage1_encoder
+from models.cond_names import COND_MAP_FILENAME, default_cond_name_to_id, load_cond_map, save_cond_map
+from models.stage1 import Stage1Settings, load_stage1_classifier, load_stage1_encoder
 
 log = logging.getLogger("data_prep.build_shards")
 
@@ -143,31 +151,11 @@ class BuildConfig:
 
 def resolve_layout(cfg: BuildConfig) -> tuple[int, int]:
     """(num_nodes, node_rank): explicit flags, else SLURM job array x tasks, else (1, 0)."""
-    env = os.environ
-    array_count, array_index = 1, 0
-    if "SLURM_ARRAY_TASK_ID" in env:  # --array=3-6 numbers tasks 3..6: ranks are 0..3
-        array_count = int(env.get("SLURM_ARRAY_TASK_COUNT", "1"))
-        array_index = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
-    ntasks = int(env.get("SLURM_NTASKS", "1")) if "SLURM_PROCID" in env else 1
-    procid = int(env.get("SLURM_PROCID", "0"))
-    num_nodes = cfg.num_nodes if cfg.num_nodes is not None else array_count * ntasks
-    node_rank = cfg.node_rank if cfg.node_rank is not None else array_index * ntasks + procid
+    slurm = slurm_task() or SlurmTask(procid=0, ntasks=1, localid=0, array_index=0, array_count=1, nodelist="",
+                                      job_id=0)
+    num_nodes = cfg.num_nodes if cfg.num_nodes is not None else slurm.array_count * slurm.ntasks
+    node_rank = cfg.node_rank if cfg.node_rank is not None else slurm.array_index * slurm.ntasks + slurm.procid
     return num_nodes, node_rank
-
-
-def resolve_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    local = int(os.environ.get("SLURM_LOCALID", os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cuda", local % torch.cuda.device_count())
-
-
-def resolve_dtype(name: str, device: torch.device) -> str:
-    if name == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return name
 
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -362,8 +350,6 @@ class ShardWriter:
     """Writes one shard to a temp name; `commit()` renames it into place and returns its entry."""
 
     def __init__(self, out: Path, shard: PlannedShard):
-        import webdataset as wds  # imported here: --finalize-only and readers do not need it
-
         self.out, self.shard = out, shard
         self.path = out / shard.name
         self.tmp = out / f".{shard.name}.{os.getpid()}.tmp"
@@ -545,7 +531,7 @@ def build(cfg: BuildConfig) -> Optional[Manifest]:
     out = Path(cfg.out)
     (out / BUILD_DIR).mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
-    compute_dtype = resolve_dtype(cfg.dtype, device)
+    compute_dtype = resolve_precision(cfg.dtype, device)
     inputs = _load_inputs(cfg)
     fp = build_fingerprint(cfg, inputs.ckpt_sha, compute_dtype)
     fingerprints = {s.name: s.fingerprint(fp) for s in inputs.plan}

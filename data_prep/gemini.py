@@ -33,7 +33,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Optional, Sequence
 
 from common.io import atomic_write_json, stable_hash
-from data_prep.cond_names import UnknownCondName, cond_id
+from models.cond_names import UnknownCondName, cond_id
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 
-# ImageNet statistics: the fallback until/unless trainer.stage1 defines IMAGE_MEAN / IMAGE_STD.
+# ImageNet statistics: the fallback until/unless models.stage1 defines IMAGE_MEAN / IMAGE_STD.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RESAMPLE = Image.Resampling.BICUBIC
@@ -47,16 +48,16 @@ class ImageDecodeError(ValueError):
 
 @lru_cache(maxsize=1)
 def normalization() -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) per RGB channel: trainer.stage1's IMAGE_MEAN/IMAGE_STD, else ImageNet's.
+    """(mean, std) per RGB channel: models.stage1's IMAGE_MEAN/IMAGE_STD, else ImageNet's.
 
     Imported lazily so decoding workers that never touch Stage1 do not pay for importing it.
-    Only a *missing* trainer.stage1 falls back; a broken one raises (silently normalising
+    Only a *missing* models.stage1 falls back; a broken one raises (silently normalising
     differently from Stage1 would corrupt every cached latent).
     """
     try:
-        from trainer.stage1 import IMAGE_MEAN, IMAGE_STD
+        from models.stage1 import IMAGE_MEAN, IMAGE_STD
     except ModuleNotFoundError as e:
-        if e.name not in ("trainer.stage1", "trainer"):
+        if e.name not in ("models.stage1", "trainer"):
             raise
         return IMAGENET_MEAN, IMAGENET_STD
     return tuple(float(x) for x in IMAGE_MEAN), tuple(float(x) for x in IMAGE_STD)
@@ -139,7 +140,7 @@ def preprocess(img: Image.Image, image_size: int, mean: Stats = None, std: Stats
     """RGB image -> float32 [3, image_size, image_size]: bicubic resize, [0, 1], mean/std.
 
     `mean`/`std` default to `normalization()`; passing them explicitly (e.g. from the manifest)
-    spares a worker process the import of trainer.stage1 (torch + transformers, seconds).
+    spares a worker process the import of models.stage1 (torch + transformers, seconds).
     """
     chw = resize_rgb(img, image_size)
     scale, shift = normalize_coefficients(mean, std)
@@ -152,8 +153,6 @@ def normalize_pixels(pixels, mean: Stats = None, std: Stats = None):
     The shard builder's workers ship uint8 pixels (4x less through shared memory, pinning and the
     host-to-device copy than float32) and normalise here, on the GPU.
     """
-    import torch
-
     scale, shift = (torch.from_numpy(a).to(pixels.device).view(3, 1, 1) for a in normalize_coefficients(mean, std))
     return pixels.float() * scale + shift
 

@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from common.io import atomic_write_json, sha256_file
-from data_prep.cond_names import validate_cond_map
 from data_prep.shard_format import CASES_FILENAME, MANIFEST_FILENAME, SHARD_FORMAT_VERSION
+from models.cond_names import validate_cond_map
 
 SKIP_REPORT_FILENAME = "skip_report.json"
 BUILD_CONFIG_FILENAME = "build_config.json"
@@ -225,7 +225,7 @@ def check_stage1_compatible(manifest: Manifest, settings, encoder_sha256: Option
                             classifier_sha256: Optional[str] = None) -> None:
     """Raise ManifestMismatch naming every Stage1 setting that differs from the shards'.
 
-    `settings` is a trainer.stage1.Stage1Settings (image_size, stage1_trainable_blocks,
+    `settings` is a models.stage1.Stage1Settings (image_size, stage1_trainable_blocks,
     latent_pooling, gif_frame). Checkpoint hashes are compared only when given (None: the caller
     does not load Stage1 itself, e.g. K == 0 training that only reads cached latents).
     """

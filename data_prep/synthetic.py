@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from common.config import parse_config, print_config
 from common.io import atomic_write_json
-from data_prep.cond_names import COND_DESCRIPTIONS, COND_NAMES
+from models.cond_names import COND_DESCRIPTIONS, COND_NAMES
 
 YEARS: tuple[int, ...] = tuple(range(2014, 2021))
 TEST_YEAR = 2020

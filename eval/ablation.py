@@ -28,11 +28,13 @@ import numpy as np
 
 from common.config import parse_config, print_config, save_config
 from common.io import atomic_write_json, atomic_write_text
-from eval.generate import InputConfig, ModelConfig, load_cases, load_model, run_generation, seed_everything
+from common.runtime import seed_everything
+from eval.generate import InputConfig, ModelConfig, load_cases, load_model, run_generation
 from eval.inputs import EvalCase
 from eval.modeling import PREFIX_MODES, DecodingConfig, target_losses, train_setting
 from eval.report import bootstrap_ci
-from trainer.tasks import TASKS
+from eval.scores import EmbeddingScorer
+from models.tasks import TASKS
 
 
 @dataclass
@@ -121,8 +123,6 @@ def run_ablation(cfg: AblationConfig) -> dict:
         _record_metric(result, "target_loss", losses, cfg)
 
     if cfg.generate:
-        from eval.scores import EmbeddingScorer
-
         records = {}
         for v in cfg.variants:
             records[v], _ = run_generation(model, cases, cfg.task, cfg.decoding, out_dir / f"{v}.jsonl",

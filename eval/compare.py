@@ -17,11 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Sequence
 
+import torch
+
 from common.config import parse_config, print_config, save_config
-from eval.generate import InputConfig, ModelConfig, load_cases, load_model, run_generation, seed_everything
+from common.runtime import seed_everything
+from eval.generate import InputConfig, ModelConfig, load_cases, load_model, run_generation
 from eval.modeling import DecodingConfig
-from eval.report import print_side_by_side, load_generations, paired_keys
-from trainer.tasks import TASKS
+from eval.report import ReportConfig, load_generations, paired_keys, print_side_by_side, run_report
+from models.tasks import TASKS
 
 
 @dataclass
@@ -78,8 +81,6 @@ def model_configs(cfg: CompareConfig) -> list[ModelConfig]:
 
 def run_compare(cfg: CompareConfig) -> dict[str, Path]:
     """Generate with every model; returns {model name: its JSONL}."""
-    import torch
-
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
@@ -106,8 +107,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print(f"[compare] {len(keys)} case(s) answered by all of {list(by_model)}; skipped {skips}")
     print_side_by_side(by_model, keys, cfg.num_print_samples)
     if cfg.metric != "none":
-        from eval.report import ReportConfig, run_report
-
         run_report(ReportConfig(generations=[str(p) for p in paths.values()], metric=cfg.metric,
                                 out_dir=str(cfg.out_dir), embedding_model=cfg.embedding_model,
                                 num_print_samples=0))

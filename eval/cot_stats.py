@@ -6,7 +6,7 @@
 For each task: prompt / target / total token lengths (percentiles), how many examples truncation
 cuts at `--max-seq-len` (prompt body, target) and by how many target tokens, how many are dropped;
 and the sentence counts of the captions (task C needs >= 2, the spec's captions have 4). Lengths
-come from `trainer.tasks` with the tokenizer actually used (a checkpoint's or a model's), so they are
+come from `models.tasks` with the tokenizer actually used (a checkpoint's or a model's), so they are
 exactly what training sees. Prints a table and writes JSON.
 """
 
@@ -19,13 +19,22 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+from transformers import AutoTokenizer
 
 from common.config import parse_config, print_config, save_config
 from common.io import atomic_write_json
-from data_prep.cond_names import default_cond_name_to_id, load_cond_map
 from eval.inputs import EvalCase, load_json_cases, load_shard_cases
-from trainer.tasks import (TASKS, TaskUnavailable, TruncationStats, build_prompt, prefix_length,
-                           split_sentences, tokenize_prompt)
+from eval.modeling import train_setting
+from models.cond_names import default_cond_name_to_id, load_cond_map
+from models.tasks import (
+    TASKS,
+    TaskUnavailable,
+    TruncationStats,
+    build_prompt,
+    prefix_length,
+    split_sentences,
+    tokenize_prompt,
+)
 
 PERCENTILES = (50, 90, 95, 99, 100)
 
@@ -133,8 +142,6 @@ def format_table(stats: dict) -> str:
 
 
 def _checkpoint_settings(path: Path) -> dict:
-    from eval.modeling import train_setting
-
     cfg_path = path / "train_config.json"
     tc = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
     return {"max_seq_len": train_setting(tc, "max_seq_len"), "num_image_tokens": train_setting(tc, "num_image_tokens")}
@@ -150,8 +157,6 @@ def load_cases_for_stats(cfg: CotStatsConfig, cond_map: dict) -> list[EvalCase]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    from transformers import AutoTokenizer
-
     cfg = parse_config(CotStatsConfig, argv)
     print_config(cfg)
     out = Path(cfg.out_json)

@@ -13,20 +13,31 @@ it generated; a rerun with the same output path skips the records already there.
 
 from __future__ import annotations
 
-import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Sequence
 
+from tqdm import tqdm
+
 from common.config import parse_config, print_config, save_config
 from common.io import append_jsonl, read_jsonl
+from common.runtime import seed_everything
 from eval.inputs import EvalCase, attach_latents, load_json_cases, load_shard_cases, select_cases
-from eval.modeling import (DecodingConfig, EvalModel, build_requests, generate_texts,
-                           length_sorted_batches, load_checkpoint_model, record_key,
-                           train_setting)
-from trainer.tasks import TASKS
+from eval.modeling import (
+    DecodingConfig,
+    EvalModel,
+    build_requests,
+    generate_texts,
+    length_sorted_batches,
+    load_checkpoint_model,
+    load_pretrained_model,
+    record_key,
+    train_setting,
+)
+from models.stage1 import load_stage1_classifier, load_stage1_encoder
+from models.tasks import TASKS
 
 
 @dataclass
@@ -91,8 +102,6 @@ class GenerateConfig:
 # ------------------------------------------------------------------------------------- loading
 def load_model(cfg: ModelConfig) -> EvalModel:
     if cfg.model == "pretrained":
-        from eval.baseline import load_pretrained_model
-
         return load_pretrained_model(cfg.base_model_path, cfg.device, cfg.dtype,
                                      name=cfg.model_name or "pretrained")
     return load_checkpoint_model(cfg.checkpoint_dir, cfg.base_model_path, cfg.device, cfg.dtype,
@@ -101,8 +110,6 @@ def load_model(cfg: ModelConfig) -> EvalModel:
 
 def check_classifier(classifier_ckpt: str, cond_map: dict[str, int]) -> None:
     """The classifier's class count (and label names, when it has them) must match the cond map."""
-    from trainer.stage1 import load_stage1_classifier
-
     clf = load_stage1_classifier(classifier_ckpt)
     n = getattr(getattr(clf, "config", None), "num_labels", None) or getattr(clf, "num_classes", None)
     if n is not None and int(n) != len(cond_map):
@@ -124,7 +131,6 @@ def load_cases(cfg: InputConfig, model: EvalModel, max_cases: int = 0) -> list[E
     if model.uses_image:
         if not cfg.stage1_encoder_ckpt:
             raise ValueError("JSON input to a Stage2 model needs --stage1-encoder-ckpt to compute latents")
-        from trainer.stage1 import load_stage1_encoder
 
         tc = model.train_config
         # The Stage1 settings the checkpoint was trained with, unless given explicitly.
@@ -155,8 +161,6 @@ def run_generation(model: EvalModel, cases: Sequence[EvalCase], task: str, decod
     `record_name` (default: the model's name) goes into each record's `model` field. The ablation
     passes `prefix_mode` and `donors` ({case.key: case whose image feeds it}) for its variants.
     """
-    from tqdm import tqdm
-
     name = record_name or model.name
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
@@ -189,15 +193,6 @@ def print_samples(records: Sequence[dict], n: int, width: int = 400) -> None:
         print(f"--- {r['model']} | case {r['case_id']} element {r['element']} ({r['cond_name']}) | {r['task']}")
         print(f"GENERATION: {r['generation'][:width]}")
         print(f"REFERENCE:  {r['reference'][:width]}")
-
-
-def seed_everything(seed: int) -> None:
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

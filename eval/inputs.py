@@ -22,9 +22,14 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
-from data_prep.cond_names import check_same_cond_map
+from common.io import read_jsonl
+from data_prep.gemini import load_gemini_json, resolve_image_path
+from data_prep.images import decode_image
 from data_prep.shard_format import CASES_FILENAME, MANIFEST_FILENAME, decode_sample
+from models.cond_names import check_same_cond_map
 
 
 @dataclass
@@ -123,7 +128,6 @@ def load_shard_cases(shard_dir: str | Path, split: str = "val",
 def _read_case_captions(path: Path) -> dict[str, list[str]]:
     if not path.exists():
         return {}
-    from common.io import read_jsonl
 
     return {r["case_id"]: list(r.get("captions", [])) for r in read_jsonl(path)}
 
@@ -131,8 +135,6 @@ def _read_case_captions(path: Path) -> dict[str, list[str]]:
 # ------------------------------------------------------------------------------- JSON + images
 def load_json_cases(json_paths: Sequence[str], cond_map: dict[str, int], max_cases: int = 0) -> list[EvalCase]:
     """Elements of the Gemini JSON files (no latents yet: see `attach_latents`)."""
-    from data_prep.gemini import load_gemini_json
-
     cases, report = load_gemini_json(list(json_paths), cond_map, strict=False)
     if len(report):
         print(f"[inputs] skipped while reading {list(json_paths)}: {report.by_reason()}")
@@ -157,15 +159,9 @@ def attach_latents(cases: list[EvalCase], image_root: str | Path, encoder, image
     """Compute the Stage1 latent (and, for K = `trainable_blocks` > 0, the block tokens that the
     checkpoint's fine-tuned Stage1 tail consumes) of every case.
 
-    `encoder` is a `trainer.stage1.Stage1Encoder`; images are decoded with the shard builder's
+    `encoder` is a `models.stage1.Stage1Encoder`; images are decoded with the shard builder's
     `decode_image`, so the latents match the cached ones of a shard build with the same settings.
     """
-    import torch
-    from tqdm import tqdm
-
-    from data_prep.gemini import resolve_image_path
-    from data_prep.images import decode_image
-
     image_root = Path(image_root)
     for start in tqdm(range(0, len(cases), batch_size), desc="stage1 latents", unit="batch"):
         chunk = cases[start:start + batch_size]

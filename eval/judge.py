@@ -22,9 +22,14 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
+
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common.io import append_jsonl, read_jsonl
 
@@ -190,8 +195,6 @@ class LocalHFJudge:
 
     def __init__(self, model_path: str, device: str = "cpu", cache: Optional[JudgeCache] = None,
                  max_new_tokens: int = 64):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         self.model_path = model_path
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.lm = AutoModelForCausalLM.from_pretrained(model_path).to(device).eval()
@@ -203,8 +206,6 @@ class LocalHFJudge:
         return f"local:{Path(self.model_path).name}"
 
     def judge(self, reference: str, candidate: str) -> JudgeResult:
-        import torch
-
         key = JudgeCache.key(self.name, reference, candidate)
         if (hit := self.cache.get(key)) is not None:
             return hit
@@ -236,10 +237,6 @@ def judge_all(judge, references: Sequence[str], candidates: Sequence[str], num_t
     When the first `fail_fast_after` calls all fail as unreachable, raises `JudgeUnreachable`
     instead of waiting out every retry of every item.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
-    from tqdm import tqdm
-
     results: list[Optional[JudgeResult]] = [None] * len(references)
     failures: dict[str, int] = {}
     unreachable_streak = [0, True]  # consecutive unreachable count, "no success yet"

@@ -3,7 +3,7 @@
 `EvalModel` is what every evaluation program holds: a Stage2 checkpoint (PEFT LM + prefix modules)
 or the plain pretrained LM (text-only baseline). Generation is batched:
 
-1. prompts are built by `trainer.tasks` and left-padded by `trainer.collate.collate_generation`,
+1. prompts are built by `models.tasks` and left-padded by `models.collate.collate_generation`,
    so every row's last prompt token sits in the last column and new tokens append in lock-step;
 2. the image prefix is written into the prompt's embeddings (`PrefixLM.embed`), so the LM is
    called with `inputs_embeds`, never with placeholder token ids;
@@ -18,15 +18,23 @@ the generated tokens, identically for every model compared.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from common.runtime import resolve_device, resolve_dtype
 from eval.inputs import EvalCase
-from trainer.tasks import Prompt, TaskUnavailable, TokenizedExample, build_prompt, tokenize_prompt
+from models import attention as attn
+from models.collate import TrainItem, collate_generation
+from models.cond_names import default_cond_name_to_id
+from models.tasks import Prompt, TaskUnavailable, TokenizedExample, build_prompt, tokenize_prompt
+from trainer.checkpoint import load_inference_model
 
 PREFIX_MODES = ("true", "shuffled", "zero")
 
@@ -60,7 +68,7 @@ class EvalModel:
     name: str
     lm: Any  # HF causal LM; PEFT-wrapped for Stage2 checkpoints
     tokenizer: Any
-    prefix_lm: Any  # trainer.model.PrefixLM, or None for the text-only baseline
+    prefix_lm: Any  # models.prefix_lm.PrefixLM, or None for the text-only baseline
     cond_map: dict
     num_image_tokens: int
     train_config: dict
@@ -80,17 +88,7 @@ class EvalModel:
         return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-            "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}[dtype]
+PRETRAINED_NAME = "pretrained"
 
 
 def train_setting(train_config: dict, key: str, default=None):
@@ -115,6 +113,25 @@ def _num_image_tokens(prefix_lm, train_config: dict) -> int:
     raise ValueError("cannot tell num_image_tokens from the checkpoint's prefix config or train_config.json")
 
 
+def load_pretrained_model(model_path: str, device: str = "auto", dtype: str = "auto",
+                          name: str = PRETRAINED_NAME) -> EvalModel:
+    """The plain HF causal LM and its tokenizer from a local model directory."""
+    path = Path(model_path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path / 'config.json'}: missing; --base-model-path must be a local "
+                                "HF model directory (config, weights, tokenizer)")
+    if (path / "adapter_config.json").exists():
+        raise ValueError(f"{path}: holds a PEFT adapter; the pretrained baseline needs the base model "
+                         f"(see base_model_name_or_path in {path / 'adapter_config.json'})")
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
+    return EvalModel(name=name, lm=lm, tokenizer=tokenizer, prefix_lm=None,
+                     cond_map=default_cond_name_to_id(), num_image_tokens=0,
+                     train_config={"base_model_path": str(path)}, source=str(path))
+
+
 def load_checkpoint_model(ckpt_dir: str, base_model_path: Optional[str] = None, device: str = "auto",
                           dtype: str = "auto", name: Optional[str] = None, merge_lora: bool = True) -> EvalModel:
     """A Stage2 inference checkpoint (`<output_dir>/final/` or `checkpoint-<step>/`).
@@ -122,10 +139,6 @@ def load_checkpoint_model(ckpt_dir: str, base_model_path: Optional[str] = None, 
     `merge_lora` folds the LoRA update into the base weights (inference only): each decode step
     then runs one GEMM per projection instead of the base GEMM plus two small LoRA GEMMs.
     """
-    from pathlib import Path
-
-    from trainer.checkpoint import load_inference_model
-
     device = resolve_device(device)
     prefix_lm, tokenizer, cond_map, train_config = load_inference_model(
         ckpt_dir, base_model_path=base_model_path, device=device, dtype=resolve_dtype(dtype, device))
@@ -200,8 +213,6 @@ def collate_requests(model: EvalModel, requests: Sequence[GenRequest],
                      latents_from: Optional[Sequence[EvalCase]] = None) -> dict:
     """A left-padded prompt batch on the model's device. `latents_from[i]` replaces the case
     whose latent/class feeds request i (the ablation's shuffled prefix)."""
-    from trainer.collate import TrainItem, collate_generation
-
     items = []
     for i, r in enumerate(requests):
         src = latents_from[i] if latents_from is not None else r.case
@@ -228,10 +239,6 @@ def embed_batch(model: EvalModel, batch: dict, prefix_mode: str = "true") -> tor
 def stock_attention(model: EvalModel):
     """The training model may use a packed-sequence attention backend (cu_seqlens, no KV cache);
     generation and padded scoring need a stock HF one that honours a 2-D padding mask."""
-    import contextlib
-
-    from trainer import attention as attn
-
     if model.prefix_lm is None or not hasattr(model.prefix_lm, "stock_attention"):
         return contextlib.nullcontext()
     current = model.prefix_lm.attn_implementation
@@ -299,8 +306,6 @@ def target_losses(model: EvalModel, cases: Sequence[EvalCase], task: str, max_se
     "prompt", so the target occupies the last positions of every row. `latents_from` / `prefix_mode`
     select the ablation variant. Cases whose task is unavailable or reference empty get NaN.
     """
-    from trainer.collate import TrainItem, collate_generation
-
     out = [float("nan")] * len(cases)
     valid = []
     for i, c in enumerate(cases):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import itertools
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Sequence
@@ -23,6 +24,8 @@ import numpy as np
 
 from common.config import parse_config, print_config, save_config
 from common.io import atomic_path, atomic_write_text, read_jsonl
+from eval.judge import JudgeCache, LocalHFJudge, OpenAIJudge, judge_all
+from eval.scores import EmbeddingScorer
 
 METRICS = ("embedding", "judge")
 
@@ -141,16 +144,12 @@ def paired_keys(by_model: dict[str, dict[tuple, dict]], max_samples: int = 0) ->
 
 
 def score_embedding(by_model, keys, cfg: ReportConfig) -> dict[str, list[float]]:
-    from eval.scores import EmbeddingScorer
-
     scorer = EmbeddingScorer(cfg.embedding_model, device=cfg.embedding_device)
     return {m: scorer.score([recs[k]["reference"] for k in keys], [recs[k]["generation"] for k in keys])
             for m, recs in by_model.items()}
 
 
 def make_judge(jc: JudgeConfig, out_dir: Path):
-    from eval.judge import JudgeCache, LocalHFJudge, OpenAIJudge
-
     cache = JudgeCache(jc.judge_cache or out_dir / "judge_cache.jsonl")
     if jc.judge_model_path:
         return LocalHFJudge(jc.judge_model_path, cache=cache)
@@ -159,8 +158,6 @@ def make_judge(jc: JudgeConfig, out_dir: Path):
 
 
 def score_judge(by_model, keys, cfg: ReportConfig, out_dir: Path) -> tuple[dict[str, list[Optional[float]]], dict]:
-    from eval.judge import judge_all
-
     judge = make_judge(cfg.judge, out_dir)
     scores, failures = {}, {}
     for m, recs in by_model.items():
@@ -244,8 +241,6 @@ def plot_scores(results: dict[str, dict[str, list[float]]], path: str | Path) ->
 
 
 def write_scores_jsonl(path: Path, by_model, keys, results) -> None:
-    import json
-
     lines = []
     for m, recs in by_model.items():
         for i, k in enumerate(keys):

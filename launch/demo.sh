@@ -37,7 +37,7 @@ mapfile -t JSONS < <(ls "$DATA"/*.json | grep -v injected_faults)
 
 step "2/5 tiny Mistral + tokenizer and tiny Stage1 checkpoints -> $MODELS"
 if [[ ! -f "$MODELS/lm/config.json" ]]; then
-  "$PYTHON" -m trainer.tiny --out "$MODELS/lm" --gemini-json "${JSONS[@]}" \
+  "$PYTHON" -m tiny_models.lm --out "$MODELS/lm" --gemini-json "${JSONS[@]}" \
     --hidden-size 128 --num-layers 2 --stage1-out "$MODELS/stage1" --image-size 32
 fi
 ENC="$MODELS/stage1/tiny_stage1_encoder.pt"

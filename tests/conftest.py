@@ -42,7 +42,7 @@ def repo_root() -> Path:
 @pytest.fixture(scope="session")
 def stage1_ckpts(tmp_path_factory):
     """(encoder_ckpt, classifier_ckpt): tiny random MAE ViT + EfficientNet saved as checkpoint files."""
-    from trainer.stage1 import save_tiny_stage1
+    from tiny_models.stage1 import save_tiny_stage1
 
     return save_tiny_stage1(tmp_path_factory.mktemp("stage1"))
 
@@ -84,7 +84,7 @@ def shard_dir_k1(tmp_path_factory, synthetic_data, stage1_ckpts):
 @pytest.fixture(scope="session")
 def tiny_lm_dir(tmp_path_factory, synthetic_data):
     """A tiny random MistralForCausalLM + tokenizer trained on the synthetic texts, saved as a model dir."""
-    from trainer.tiny import make_tiny_lm
+    from tiny_models.lm import make_tiny_lm
 
     json_paths, _ = synthetic_data
     return make_tiny_lm(tmp_path_factory.mktemp("tiny_lm"), corpus_json=json_paths)

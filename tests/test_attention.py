@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer import attention as attn
-from trainer.collate import collate_train
-from trainer.kernels import linear_cross_entropy, liger_available, liger_linear_cross_entropy
+from models import attention as attn
+from models.collate import collate_train
+from models.kernels import liger_available, liger_linear_cross_entropy, linear_cross_entropy
 from tests.test_model import NUM_IMAGE_TOKENS, build, ex, items, make_tiny_lm_dir
 
 

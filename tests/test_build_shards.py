@@ -23,13 +23,13 @@ import torch
 
 from common.io import read_jsonl, sha256_file
 from data_prep.build_shards import BUILD_DIR, BuildConfig, build, make_plan
-from data_prep.cond_names import default_cond_name_to_id
 from data_prep.gemini import assign_split, load_gemini_json, resolve_image_path
 from data_prep.images import decode_image
 from data_prep.manifest import ManifestMismatch, check_stage1_compatible, load_manifest
 from data_prep.shard_format import decode_sample
 from data_prep.synthetic import FAULT_KINDS, generate
-from trainer.stage1 import Stage1Settings, load_stage1_classifier, load_stage1_encoder
+from models.cond_names import default_cond_name_to_id
+from models.stage1 import Stage1Settings, load_stage1_classifier, load_stage1_encoder
 
 SAMPLES_PER_SHARD = 16
 BATCH_SIZE = 6  # does not divide the shard size: partial Stage1 batches are exercised

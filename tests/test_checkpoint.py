@@ -9,16 +9,23 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.checkpoint import (CheckpointError, TrainerState, latest_resume_tag, load_inference_model,
-                                rng_state, save_inference_checkpoint, set_rng_state)
+from trainer.checkpoint import (
+    CheckpointError,
+    TrainerState,
+    latest_resume_tag,
+    load_inference_model,
+    rng_state,
+    save_inference_checkpoint,
+    set_rng_state,
+)
 from trainer.config import TrainConfig, replace
 
 COND_MAP = {"shr6": 0, "scp": 1}
 
 
 def _batch(tokenizer, latent_dim, n=3):
-    from trainer.collate import TrainItem, collate_train
-    from trainer.tasks import build_prompt, tokenize_prompt
+    from models.collate import TrainItem, collate_train
+    from models.tasks import build_prompt, tokenize_prompt
 
     rng = np.random.default_rng(1)
     items = []
@@ -33,7 +40,7 @@ def _batch(tokenizer, latent_dim, n=3):
 @pytest.fixture(scope="module")
 def trained(tiny_lm_dir, tmp_path_factory):
     """A PrefixLM with non-trivial (randomised) LoRA/prefix weights saved as an inference checkpoint."""
-    from trainer.model import build_prefix_lm
+    from models.prefix_lm import build_prefix_lm
 
     cfg = replace(TrainConfig(), model={"model_path": str(tiny_lm_dir), "precision": "fp32"})
     torch.manual_seed(0)
@@ -118,7 +125,7 @@ def test_missing_file_is_named(trained, tmp_path, missing):
 
 
 def test_adapter_for_another_base_model_is_a_clear_error(trained, tmp_path, synthetic_data):
-    from trainer.tiny import make_tiny_lm
+    from tiny_models.lm import make_tiny_lm
 
     _, _, ckpt = trained
     other = make_tiny_lm(tmp_path / "other_lm", corpus_json=synthetic_data[0], hidden_size=48)

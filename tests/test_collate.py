@@ -1,4 +1,4 @@
-"""Batch layout of trainer.collate: exact positions of BOS / prefix slots / labels, packing, padding."""
+"""Batch layout of models.collate: exact positions of BOS / prefix slots / labels, packing, padding."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.collate import IGNORE_INDEX, TrainItem, collate_generation, collate_train
-from trainer.tasks import TASK_IDS, TokenizedExample
+from models.collate import IGNORE_INDEX, TrainItem, collate_generation, collate_train
+from models.tasks import TASK_IDS, TokenizedExample
 
 PAD, BOS, EOS = 0, 1, 2
 NUM_IMAGE_TOKENS = 3  # -> P = 4 prefix slots for image tasks

@@ -18,13 +18,12 @@ import pytest
 import webdataset as wds
 
 from common.io import sha256_file
-from data_prep.cond_names import COND_NAMES, default_cond_name_to_id
 from data_prep.manifest import Manifest, ShardEntry, Stage1Record, load_manifest, save_manifest
 from data_prep.shard_format import CASES_FILENAME, ElementSample, encode_sample
-from trainer.data import (DataConfig, DataError, TrainStream, plan_rank, resume_point, round_robin_order,
-                          split_evenly)
+from models.cond_names import COND_NAMES, default_cond_name_to_id
+from models.tasks import TASKS
+from trainer.data import DataConfig, DataError, TrainStream, plan_rank, resume_point, round_robin_order, split_evenly
 from trainer.schedules import ScheduleConfig, build_phases
-from trainer.tasks import TASKS
 
 TRAIN_SHARD_SIZES = (7, 5, 6, 4)  # N = 22: not divisible by 2 ranks x 2 workers x batch 3
 VAL_SHARD_SIZES = (5, 4)
@@ -79,7 +78,7 @@ def small_shards(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from trainer.tiny import prompt_texts, train_tokenizer
+    from tiny_models.lm import prompt_texts, train_tokenizer
 
     texts = [_caption(c, e) for c in range(10) for e in range(3)] + [_summary(c) for c in range(10)]
     return train_tokenizer(texts + list(prompt_texts()), vocab_size=400)
@@ -334,8 +333,8 @@ def test_token_balanced_batches_keep_counts_and_even_out_tokens(small_shards, to
 
 
 def test_balanced_batches_lpt_is_within_one_example_of_the_mean():
+    from models.tasks import TokenizedExample
     from trainer.data import Example, balanced_batches
-    from trainer.tasks import TokenizedExample
 
     rng = random.Random(0)
     window = [Example(raw=None, loss_weight=1.0, tokens=TokenizedExample("caption", True, [1] * rng.randint(5, 30),

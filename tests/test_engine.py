@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from common.runtime import discover_layout, first_host
 from trainer.config import TrainConfig, replace
-from trainer.distributed import discover_layout, first_host
 from trainer.engine import build_ds_config, warmup_cosine
 
 
@@ -66,8 +66,8 @@ def test_first_host_parsing(monkeypatch):
 
 
 def _batch(tokenizer, n=3, latent_dim=32, with_tokens=None, seed=0):
-    from trainer.collate import TrainItem, collate_train
-    from trainer.tasks import build_prompt, tokenize_prompt
+    from models.collate import TrainItem, collate_train
+    from models.tasks import build_prompt, tokenize_prompt
 
     rng = np.random.default_rng(seed)
     items = []
@@ -92,9 +92,9 @@ def dist1():
 
 
 def test_engine_step_two_lr_groups_and_nan_skip(tiny_lm_dir, stage1_ckpts, dist1):
+    from models.prefix_lm import build_prefix_lm
+    from models.stage1 import load_stage1_encoder
     from trainer.engine import build_engine
-    from trainer.model import build_prefix_lm
-    from trainer.stage1 import load_stage1_encoder
 
     torch.manual_seed(0)
     enc = load_stage1_encoder(stage1_ckpts[0])
@@ -105,7 +105,7 @@ def test_engine_step_two_lr_groups_and_nan_skip(tiny_lm_dir, stage1_ckpts, dist1
 
     T = enc.num_tokens()
     batch = _batch(tok, latent_dim=enc.latent_dim, with_tokens=(T, enc.latent_dim))
-    # the PEFT LoRA weights too: under trainer.flat_lora they are frozen views of the one trained tensor
+    # the PEFT LoRA weights too: under models.flat_lora they are frozen views of the one trained tensor
     trainable = {n: p.detach().clone() for n, p in engine.module.named_parameters() if p.requires_grad or "lora_" in n}
 
     def changed():
@@ -142,8 +142,8 @@ def _tail_cfg(tiny_lm_dir, **optim) -> TrainConfig:
 
 def _model(cfg, stage1_ckpts, seed=0):
     """The prefix-LM with a trainable Stage1 tail (two LR groups); same seed, same weights."""
-    from trainer.model import build_prefix_lm
-    from trainer.stage1 import load_stage1_encoder
+    from models.prefix_lm import build_prefix_lm
+    from models.stage1 import load_stage1_encoder
 
     enc = load_stage1_encoder(stage1_ckpts[0])
     torch.manual_seed(seed)
@@ -166,7 +166,7 @@ def _micro_step(engine, batch, seed: int, nan: bool = False):
 
 
 def _trainable(engine) -> dict[str, torch.Tensor]:
-    """The trained weights, PEFT's LoRA weights included (frozen views of trainer.flat_lora's tensor)."""
+    """The trained weights, PEFT's LoRA weights included (frozen views of models.flat_lora's tensor)."""
     return {n: p.detach().clone() for n, p in engine.module.named_parameters() if p.requires_grad or "lora_" in n}
 
 
@@ -202,14 +202,14 @@ def test_torch_engine_makes_the_deepspeed_updates(tiny_lm_dir, stage1_ckpts, dis
 
 @pytest.mark.parametrize("kind", ["deepspeed", "torch"])
 def test_flat_lora_trains_exactly_as_separate_lora_tensors(tiny_lm_dir, stage1_ckpts, dist1, tmp_path, kind):
-    """trainer.flat_lora (the default) hands the engine ONE LoRA tensor instead of one per A/B:
+    """models.flat_lora (the default) hands the engine ONE LoRA tensor instead of one per A/B:
     same losses and same LoRA weights as the separate tensors over 2 optimizer steps of 2 micro-batches,
     with clipping, two LR groups and activation checkpointing (recompute reads the same views); the
     PEFT adapter files written afterwards hold the trained values."""
     from safetensors.torch import load_file
 
+    from models.prefix_lm import save_adapter
     from trainer.engine import build_engine
-    from trainer.model import save_adapter
 
     base = _tail_cfg(tiny_lm_dir, gradient_accumulation_steps=2, max_grad_norm=0.05)
     runs = {}
@@ -247,8 +247,8 @@ def _trainable_lora(model) -> dict[str, torch.Tensor]:
 def test_flat_lora_refuses_a_layer_the_fused_forward_does_not_run(tiny_lm_dir):
     from peft.tuners.lora import Linear
 
-    from trainer.flat_lora import attach_flat_lora
-    from trainer.model import build_prefix_lm
+    from models.flat_lora import attach_flat_lora
+    from models.prefix_lm import build_prefix_lm
 
     model, _ = build_prefix_lm(_cfg(tiny_lm_dir).model, latent_dim=32)
     layer_name, layer = next((n, m) for n, m in model.named_modules() if isinstance(m, Linear))
@@ -261,9 +261,9 @@ def test_flat_lora_refuses_a_layer_the_fused_forward_does_not_run(tiny_lm_dir):
 def test_flat_lora_relink_drops_views_of_the_replaced_storage(tiny_lm_dir):
     """After an engine re-binds the flat tensor (relink), a no-grad forward must read the new values,
     not views published from the old storage."""
-    from trainer.flat_lora import attach_flat_lora
-    from trainer.lora_fused import fused_lora_linear_class
-    from trainer.model import build_prefix_lm
+    from models.flat_lora import attach_flat_lora
+    from models.lora_fused import fused_lora_linear_class
+    from models.prefix_lm import build_prefix_lm
 
     model, _ = build_prefix_lm(_cfg(tiny_lm_dir).model, latent_dim=32)
     flat = attach_flat_lora(model)
@@ -284,9 +284,9 @@ def test_flat_lora_relink_drops_views_of_the_replaced_storage(tiny_lm_dir):
 def test_flat_lora_layer_refuses_the_dtype_fallback(tiny_lm_dir):
     """PEFT's own forward (the fallback for mismatched dtypes) would use the frozen weights, so a
     flat-LoRA layer must raise instead of silently training nothing."""
-    from trainer.flat_lora import attach_flat_lora
-    from trainer.lora_fused import fused_lora_linear_class
-    from trainer.model import build_prefix_lm
+    from models.flat_lora import attach_flat_lora
+    from models.lora_fused import fused_lora_linear_class
+    from models.prefix_lm import build_prefix_lm
 
     model, _ = build_prefix_lm(_cfg(tiny_lm_dir).model, latent_dim=32)
     flat = attach_flat_lora(model)

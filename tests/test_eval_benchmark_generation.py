@@ -13,10 +13,10 @@ from benchmarks import generation as gb
 @pytest.fixture(scope="module")
 def lm_dir(request, tmp_path_factory):
     try:
-        import trainer.tiny  # noqa: F401
+        import tiny_models.lm  # noqa: F401
 
         return Path(request.getfixturevalue("tiny_lm_dir"))
-    except ImportError:  # local stand-in until trainer.tiny lands
+    except ImportError:  # local stand-in until tiny_models.lm lands
         from tests.test_model import make_tiny_lm_dir
 
         return make_tiny_lm_dir(tmp_path_factory.mktemp("bench_lm"))

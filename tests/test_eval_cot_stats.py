@@ -6,7 +6,7 @@ import pytest
 
 from eval.cot_stats import compute_cot_stats, format_table
 from eval.inputs import EvalCase
-from trainer.tasks import build_prompt
+from models.tasks import build_prompt
 
 
 @pytest.fixture(scope="module")

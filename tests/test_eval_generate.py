@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from common.io import read_jsonl
-from eval.generate import InputConfig, load_cases, main as generate_main, run_generation
+from eval.generate import InputConfig, load_cases, run_generation
+from eval.generate import main as generate_main
 from eval.inputs import load_shard_cases, select_cases
-from eval.modeling import (DecodingConfig, build_requests, generate_token_ids, load_checkpoint_model,
-                           target_losses)
+from eval.modeling import DecodingConfig, build_requests, generate_token_ids, load_checkpoint_model, target_losses
 
 NUM_IMAGE_TOKENS = 2
 SPLIT = "train"  # the tiny synthetic build has few val cases; any split exercises the same code
@@ -21,9 +21,9 @@ SPLIT = "train"  # the tiny synthetic build has few val cases; any split exercis
 
 @pytest.fixture(scope="module")
 def lm_dir(request, tmp_path_factory):
-    """The session's tiny Mistral; a local stand-in until trainer.tiny lands."""
+    """The session's tiny Mistral; a local stand-in until tiny_models.lm lands."""
     try:
-        import trainer.tiny  # noqa: F401
+        import tiny_models.lm  # noqa: F401
 
         return Path(request.getfixturevalue("tiny_lm_dir"))
     except ImportError:
@@ -35,9 +35,9 @@ def lm_dir(request, tmp_path_factory):
 @pytest.fixture(scope="module")
 def ckpt(lm_dir, shard_dir, tmp_path_factory):
     """A Stage2 inference checkpoint of the tiny LM with randomised LoRA and prefix weights."""
-    from data_prep.cond_names import default_cond_name_to_id
+    from models.cond_names import default_cond_name_to_id
+    from models.prefix_lm import ModelConfig, build_prefix_lm
     from trainer.checkpoint import save_inference_checkpoint
-    from trainer.model import ModelConfig, build_prefix_lm
 
     latent_dim = load_shard_cases(shard_dir, SPLIT, max_cases=1)[0].latent.shape[-1]
     cfg = ModelConfig(model_path=str(lm_dir), num_image_tokens=NUM_IMAGE_TOKENS, lora_r=4, lora_alpha=8,
@@ -109,7 +109,7 @@ def test_jsonl_resume(model, cases, tmp_path):
 
 
 def test_pretrained_baseline_has_no_image_and_no_adapter(lm_dir, cases, tmp_path):
-    from eval.baseline import load_pretrained_model
+    from eval.modeling import load_pretrained_model
 
     base = load_pretrained_model(str(lm_dir), device="cpu", dtype="fp32")
     assert base.prefix_lm is None and base.num_image_tokens == 0
@@ -152,7 +152,7 @@ def test_bad_inputs_are_clear_errors(ckpt, lm_dir, shard_dir, tmp_path):
         load_checkpoint_model(str(broken), str(lm_dir), device="cpu")
 
     # An adapter trained for another base model (other hidden size) is refused by name.
-    from trainer.tiny import make_tiny_lm
+    from tiny_models.lm import make_tiny_lm
 
     other = make_tiny_lm(tmp_path / "other_lm", corpus_texts=["The image is a map."], hidden_size=32)
     with pytest.raises(Exception, match="hidden size"):

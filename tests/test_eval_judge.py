@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from eval.judge import (JudgeCache, JudgeUnreachable, OpenAIJudge, judge_all, parse_judge_reply)
+from eval.judge import JudgeCache, JudgeUnreachable, OpenAIJudge, judge_all, parse_judge_reply
 
 
 class FakeJudgeServer:

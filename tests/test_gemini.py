@@ -8,9 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.cond_names import COND_NAMES, default_cond_name_to_id
-from data_prep.gemini import (Case, GeminiValidationError, Skip, SkipReport, assign_split, case_id_of,
-                              load_gemini_json, resolve_image_path)
+from data_prep.gemini import (
+    Case,
+    GeminiValidationError,
+    Skip,
+    SkipReport,
+    assign_split,
+    case_id_of,
+    load_gemini_json,
+    resolve_image_path,
+)
+from models.cond_names import COND_NAMES, default_cond_name_to_id
 
 COND_MAP = default_cond_name_to_id()
 

@@ -9,8 +9,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep.images import (ImageDecodeError, decode_image, decode_image_uint8, load_gif, normalization,
-                              normalize_pixels, preprocess)
+from data_prep.images import (
+    ImageDecodeError,
+    decode_image,
+    decode_image_uint8,
+    load_gif,
+    normalization,
+    normalize_pixels,
+    preprocess,
+)
 
 
 def palette_frame(value: int, size=(40, 30)) -> Image.Image:

@@ -7,10 +7,19 @@ import json
 import pytest
 
 from common.io import sha256_file
-from data_prep.cond_names import default_cond_name_to_id
-from data_prep.manifest import (Manifest, ManifestError, ManifestMismatch, ShardEntry, Stage1Record,
-                                check_stage1_compatible, load_manifest, save_manifest, verify_shard)
-from trainer.stage1 import Stage1Settings
+from data_prep.manifest import (
+    Manifest,
+    ManifestError,
+    ManifestMismatch,
+    ShardEntry,
+    Stage1Record,
+    check_stage1_compatible,
+    load_manifest,
+    save_manifest,
+    verify_shard,
+)
+from models.cond_names import default_cond_name_to_id
+from models.stage1 import Stage1Settings
 
 
 def _manifest(tmp_path) -> Manifest:

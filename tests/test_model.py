@@ -8,9 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.collate import TrainItem, collate_generation, collate_train
-from trainer.model import ModelConfig, PrefixLM, Stage2Prefix, build_prefix_lm, load_adapter_into, param_groups, save_adapter
-from trainer.tasks import TokenizedExample
+from models.collate import TrainItem, collate_generation, collate_train
+from models.prefix_lm import (
+    ModelConfig,
+    PrefixLM,
+    Stage2Prefix,
+    build_prefix_lm,
+    load_adapter_into,
+    param_groups,
+    save_adapter,
+)
+from models.tasks import TokenizedExample
 
 LATENT_DIM = 16
 NUM_IMAGE_TOKENS = 2
@@ -226,7 +234,7 @@ def test_batched_generation_equals_one_at_a_time(lm_dir):
 
 
 # ---------------------------------------------------------------------------------------------
-# The fused LoRA forward (trainer.lora_fused) against PEFT's own forward
+# The fused LoRA forward (models.lora_fused) against PEFT's own forward
 # ---------------------------------------------------------------------------------------------
 
 def _lora_layers(model: PrefixLM):
@@ -243,7 +251,7 @@ def _loss_and_grads(model: PrefixLM, batch: dict):
 
 
 def test_fused_lora_equals_peft_values_and_grads(lm_dir):
-    from trainer.lora_fused import fused_lora_linear_class
+    from models.lora_fused import fused_lora_linear_class
 
     fused, plain = build(lm_dir), build(lm_dir, fused_lora=False)
     layers = _lora_layers(fused)
@@ -264,7 +272,7 @@ def test_fused_lora_dropout_is_shared_per_input_and_has_peft_distribution(lm_dir
     a new input draws a new mask; eval mode has no dropout."""
     import torch.nn.functional as F
 
-    from trainer.lora_fused import shared_dropout_cache
+    from models.lora_fused import shared_dropout_cache
 
     drawn = []
     real_dropout = F.dropout

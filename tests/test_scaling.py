@@ -12,9 +12,16 @@ import math
 import pytest
 import torch
 
-from benchmarks.scaling import (Inputs, ScalingConfig, epoch_coverage, grad_accum_steps, loss_agreement,
-                                scaling_efficiency, throughput, train_flags)
-
+from benchmarks.scaling import (
+    Inputs,
+    ScalingConfig,
+    epoch_coverage,
+    grad_accum_steps,
+    loss_agreement,
+    scaling_efficiency,
+    throughput,
+    train_flags,
+)
 
 # ------------------------------------------------------------------------------------------------
 # Pure parts
@@ -146,7 +153,7 @@ def test_make_random_model_tiny_loads_like_a_real_model(tmp_path, synthetic_data
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from benchmarks.make_random_model import main
-    from trainer.stage1 import load_stage1_classifier, load_stage1_encoder
+    from models.stage1 import load_stage1_classifier, load_stage1_encoder
 
     json_paths, _ = synthetic_data
     out = main(["--shape", "tiny", "--out", str(tmp_path / "lm"), "--stage1-out", str(tmp_path / "s1"),
@@ -165,7 +172,7 @@ def test_write_random_lm_sharded_bf16_with_a_larger_vocab(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from benchmarks.make_random_model import write_random_lm
-    from trainer.tiny import tiny_mistral_config, train_tokenizer
+    from tiny_models.lm import tiny_mistral_config, train_tokenizer
 
     tokenizer = train_tokenizer(["The image is a map of the southern plains."] * 4, vocab_size=300)
     config = tiny_mistral_config(vocab_size=4096, hidden_size=64, num_layers=2)
@@ -181,7 +188,7 @@ def test_write_random_lm_sharded_bf16_with_a_larger_vocab(tmp_path):
 
 def test_write_random_lm_refuses_a_vocab_smaller_than_the_tokenizer(tmp_path):
     from benchmarks.make_random_model import write_random_lm
-    from trainer.tiny import tiny_mistral_config, train_tokenizer
+    from tiny_models.lm import tiny_mistral_config, train_tokenizer
 
     tokenizer = train_tokenizer(["a b c d e f g"] * 4, vocab_size=300)
     with pytest.raises(ValueError, match="embedding rows"):
@@ -191,7 +198,7 @@ def test_write_random_lm_refuses_a_vocab_smaller_than_the_tokenizer(tmp_path):
 @pytest.mark.slow
 def test_vit_b_stage1_checkpoints_are_the_real_sizes(tmp_path):
     from benchmarks.make_random_model import write_stage1
-    from trainer.stage1 import load_stage1_classifier, load_stage1_encoder
+    from models.stage1 import load_stage1_classifier, load_stage1_encoder
 
     enc, cls = write_stage1(tmp_path, "vit-b")
     encoder, classifier = load_stage1_encoder(enc), load_stage1_classifier(cls)

@@ -8,9 +8,18 @@ from collections import Counter
 import pytest
 
 from common.config import parse_config
-from trainer.schedules import (Phase, ScheduleConfig, ScheduleError, build_phases, enabled_tasks, load_phases,
-                               phase_at, sample_task, total_epochs)
-from trainer.tasks import TASKS
+from models.tasks import TASKS
+from trainer.schedules import (
+    Phase,
+    ScheduleConfig,
+    ScheduleError,
+    build_phases,
+    enabled_tasks,
+    load_phases,
+    phase_at,
+    sample_task,
+    total_epochs,
+)
 
 KEYS = [f"case{i:05d}__e{i % 20:02d}" for i in range(6000)]
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from common.config import parse_config
-from trainer.stage1 import (
+from models.stage1 import (
     Stage1Classifier,
     Stage1LoadError,
     Stage1Settings,
@@ -19,8 +19,8 @@ from trainer.stage1 import (
     _canonical_to_hf,
     load_stage1_classifier,
     load_stage1_encoder,
-    save_tiny_stage1,
 )
+from tiny_models.stage1 import save_tiny_stage1
 
 torch.set_num_threads(1)
 
@@ -398,8 +398,8 @@ def test_tiny_encoder_pretraining_makes_the_latent_describe_the_image():
 
     from data_prep.images import decode_image
     from data_prep.synthetic import random_gif
-    from trainer.stage1 import Stage1Encoder, tiny_encoder_config
-    from trainer.tiny import pretrain_tiny_encoder
+    from models.stage1 import Stage1Encoder
+    from tiny_models.stage1 import pretrain_tiny_encoder, tiny_encoder_config
 
     rng = np.random.default_rng(123)  # other images than the pre-training's (seed 0)
     drawn = [random_gif(rng, 64) for _ in range(256)]

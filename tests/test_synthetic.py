@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep.cond_names import COND_NAMES, default_cond_name_to_id
 from data_prep.gemini import load_gemini_json, resolve_image_path
 from data_prep.images import ImageDecodeError, decode_image, load_gif
 from data_prep.synthetic import FAULT_KINDS, REGION_WORDS, generate, main
+from models.cond_names import COND_NAMES, default_cond_name_to_id
 
 COND_MAP = default_cond_name_to_id()
 IMAGE_NAME = re.compile(r"md_image/(\d{4})/([a-z0-9_]+)/md\d{4}_(\d{4})\d{4}_\d{2}_([a-z0-9]+)\.gif$")

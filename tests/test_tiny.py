@@ -9,8 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, MistralForCausalLM
 
-from trainer.tasks import build_prompt, tokenize_prompt
-from trainer.tiny import main, make_tiny_lm, mistral_7b_shape_config
+from benchmarks.make_random_model import mistral_7b_shape_config
+from models.tasks import build_prompt, tokenize_prompt
+from tiny_models.lm import main, make_tiny_lm
 
 torch.set_num_threads(1)
 

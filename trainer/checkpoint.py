@@ -37,8 +37,12 @@ from typing import Optional
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from transformers import AutoConfig
 
+from common.config import config_to_dict
 from common.io import atomic_write_json, atomic_write_text
+from models.prefix_lm import ModelConfig, Stage2Prefix, build_prefix_lm, load_adapter_into, load_tokenizer, save_adapter
 
 RESUME_DIRNAME = "resume"
 LATEST_FILE = "latest"
@@ -178,9 +182,6 @@ def save_inference_checkpoint(model, tokenizer, cond_map: dict, train_config, ou
     its checkpoint holds the whole LM instead (Hugging Face format: `config.json` + safetensors).
     Call on rank 0 only (ZeRO-2 holds full weights everywhere). An existing `out_dir` is replaced.
     """
-    from common.config import config_to_dict
-    from trainer.model import save_adapter
-
     out_dir = Path(out_dir)
     tmp = out_dir.parent / f".tmp-{out_dir.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -217,8 +218,6 @@ def _first_existing(ckpt_dir: Path, names: tuple[str, ...], what: str) -> Path:
 
 def _adapter_in_features(ckpt_dir: Path) -> dict[str, int]:
     """{target module name: input features} of the saved LoRA A matrices (safetensors only)."""
-    from safetensors import safe_open
-
     weights = ckpt_dir / ADAPTER_WEIGHTS[0]
     if not weights.is_file():
         return {}
@@ -253,10 +252,6 @@ def load_inference_model(ckpt_dir: str | Path, base_model_path: Optional[str] = 
     `base_model_path` defaults to the model path recorded at training time. Also reads the seed's
     `adapter_model.bin` / `stage2_prefix_modules.pt` (no train_config.json needed).
     """
-    from transformers import AutoConfig
-
-    from trainer.model import ModelConfig, Stage2Prefix, build_prefix_lm, load_adapter_into, load_tokenizer
-
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         raise CheckpointError(f"checkpoint directory {ckpt_dir} does not exist")

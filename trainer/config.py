@@ -15,15 +15,16 @@ launcher) are accepted and have no effect: the launcher environment decides the 
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Sequence
 
 from common.config import load_config, parse_config
+from models.prefix_lm import ModelConfig
+from models.stage1 import Stage1Settings
 from trainer.data import DataConfig
-from trainer.model import ModelConfig
 from trainer.schedules import ScheduleConfig
-from trainer.stage1 import Stage1Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DS_CONFIG = "ds_configs/zero2.json"
@@ -165,8 +166,6 @@ def _normalise_launcher_args(argv: Sequence[str]) -> list[str]:
 
 
 def parse_train_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
-    import sys
-
     argv = list(sys.argv[1:] if argv is None else argv)
     return parse_config(TrainConfig, _normalise_launcher_args(argv))
 

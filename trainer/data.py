@@ -51,9 +51,9 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from common.io import stable_hash
 from data_prep.shard_format import ElementSample, SampleFormatError, decode_sample
-from trainer.collate import TrainItem, collate_train
+from models.collate import TrainItem, collate_train
+from models.tasks import TASKS, TaskUnavailable, TruncationStats, build_prompt, tokenize_prompt
 from trainer.schedules import Phase, enabled_tasks, phase_at, sample_task
-from trainer.tasks import TASKS, TaskUnavailable, TruncationStats, build_prompt, tokenize_prompt
 
 log = logging.getLogger("trainer.data")
 

@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import datetime
 import os
-import re
-import shutil
-import socket
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
+
+from common.runtime import discover_layout
 
 # DeepSpeed picks its accelerator once, on first use: make CPU-only machines say so up front.
 if not torch.cuda.is_available():
@@ -42,58 +40,6 @@ class DistInfo:
     local_rank: int
     device: torch.device
     is_main: bool
-
-
-def first_host(nodelist: str) -> str:
-    """The first host of a SLURM nodelist: 'gpu[03-05,07],cpu1' -> 'gpu03'.
-
-    Uses `scontrol show hostnames` when available (it knows every syntax), else a parser for the
-    common `prefix[a-b,c]` form.
-    """
-    if shutil.which("scontrol"):
-        try:
-            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
-                                 text=True, timeout=10, check=True).stdout.split()
-            if out:
-                return out[0]
-        except (subprocess.SubprocessError, OSError):
-            pass
-    head = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
-    if not head:
-        raise ValueError(f"cannot parse SLURM nodelist {nodelist!r}")
-    prefix, ranges = head.group(1), head.group(3)
-    if not ranges:
-        return prefix
-    return prefix + ranges.split(",")[0].split("-")[0]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def discover_layout(env: Mapping[str, str] | None = None) -> dict[str, str]:
-    """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT for this process, from whichever launcher ran it."""
-    env = os.environ if env is None else env
-    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun / deepspeed launcher
-        layout = {"RANK": env["RANK"], "WORLD_SIZE": env["WORLD_SIZE"],
-                  "LOCAL_RANK": env.get("LOCAL_RANK", "0"),
-                  "MASTER_ADDR": env.get("MASTER_ADDR", "127.0.0.1"),
-                  "MASTER_PORT": env.get("MASTER_PORT", "29500")}
-    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:  # srun, one task per GPU
-        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", "")
-        job_id = int(env.get("SLURM_JOB_ID", "0") or 0)
-        layout = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"],
-                  "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
-                  "MASTER_ADDR": env.get("MASTER_ADDR") or (first_host(nodelist) if nodelist else "127.0.0.1"),
-                  # Same port on every task without communication; spread over jobs sharing a node.
-                  "MASTER_PORT": env.get("MASTER_PORT") or str(20000 + job_id % 20000)}
-    else:
-        layout = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
-                  "MASTER_ADDR": env.get("MASTER_ADDR", "127.0.0.1"),
-                  "MASTER_PORT": env.get("MASTER_PORT") or str(free_port())}
-    return layout
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ cosine LR over the APPLIED optimizer steps; a step whose gradient norm is inf/Na
 `--engine deepspeed` (`DeepSpeedEngine`, the spec's default): ZeRO-2 from ds_configs/zero2.json.
 What `build_engine` decides so the DeepSpeed JSON can say "auto":
 - `train_micro_batch_size_per_gpu` = 1: one micro-batch is ONE packed row holding `--batch-size`
-  examples (trainer/collate.py), so DeepSpeed's notion of a "sample" is a packed row. The examples
+  examples (models/collate.py), so DeepSpeed's notion of a "sample" is a packed row. The examples
   per optimizer step are batch_size x gradient_accumulation_steps x world_size.
 - AdamW (`torch_adam`: PyTorch's implementation, so no DeepSpeed op is JIT-built; FACTS.md: the
   FusedAdam build fails on the GPU image).
@@ -24,7 +24,7 @@ ZeRO-2 checks the gradient norm before every update and, when it is inf/NaN, zer
 and skips the update and the LR step (on all ranks alike, since the check is all-reduced).
 
 Before either backend sees the model, `build_engine` packs all LoRA weights into one trainable
-tensor (trainer/flat_lora.py): DeepSpeed's host work is per trainable tensor (a hook, an inf/NaN
+tensor (models/flat_lora.py): DeepSpeed's host work is per trainable tensor (a hook, an inf/NaN
 check and a norm each), which over ~450 LoRA tensors idled the GPU (H100, 7B shape: ZeRO-2 9.3k ->
 12.6-13.1k real tokens/s with the flat tensor).
 
@@ -53,18 +53,13 @@ import torch
 import torch.distributed as dist
 
 from common.io import atomic_path
+from common.runtime import resolve_device, resolve_precision
+from models.flat_lora import attach_flat_lora
+from models.prefix_lm import param_groups
 from trainer.config import TrainConfig, resolve_ds_config_path
 
 TORCH_ENGINE_STATE = "torch_engine_state.pt"  # <save_dir>/<tag>/ of a --engine torch checkpoint
 TORCH_ENGINE_FORMAT = 1
-
-
-def resolve_precision(precision: str, device: torch.device | str | None = None) -> str:
-    """'auto' -> 'bf16' on CUDA, 'fp32' elsewhere."""
-    if precision != "auto":
-        return precision
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return "bf16" if dev.type == "cuda" else "fp32"
 
 
 def warmup_cosine(total_steps: int, warmup_ratio: float, min_lr_ratio: float = 0.0):
@@ -127,7 +122,7 @@ class Engine:
 
     device: torch.device
     dtype: torch.dtype  # compute dtype of the weights and of the float inputs
-    flat_lora = None  # trainer.flat_lora.FlatLora when build_engine packed the LoRA weights
+    flat_lora = None  # models.flat_lora.FlatLora when build_engine packed the LoRA weights
 
     @property
     def module(self) -> torch.nn.Module:
@@ -463,8 +458,6 @@ class TorchEngine(Engine):
 
 def optimizer_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
     """AdamW parameter groups: LoRA + prefix at --lr, Stage1 tail at --encoder-lr (empty groups dropped)."""
-    from trainer.model import param_groups
-
     groups = param_groups(model)
     lrs = {"lora_and_prefix": cfg.optim.lr, "stage1_tail": cfg.optim.encoder_lr}
     out = [{"name": name, "params": [p for p in params if p.requires_grad], "lr": lrs[name]}
@@ -477,8 +470,7 @@ def optimizer_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
 def build_engine(model: torch.nn.Module, cfg: TrainConfig, total_steps: int,
                  device: torch.device | None = None) -> Engine:
     """The `cfg.engine` backend over `model`: AdamW (two LR groups), warm-up + cosine over `total_steps`."""
-    if device is None:
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = resolve_device(device)
     precision = resolve_precision(getattr(cfg.model, "precision", "auto"), device)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     kind = getattr(cfg, "engine", "deepspeed")
@@ -486,8 +478,6 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, total_steps: int,
         raise ValueError(f"--engine must be 'deepspeed' or 'torch' (got {kind!r})")
     flat = None
     if getattr(cfg.model, "flat_lora", False) and getattr(cfg.model, "fused_lora", False):
-        from trainer.flat_lora import attach_flat_lora
-
         flat = attach_flat_lora(model)  # the engine then sees 1 LoRA tensor, not ~450
     if kind == "torch":
         engine = TorchEngine(model, cfg, total_steps, device, dtype)

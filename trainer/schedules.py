@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Mapping
 
+import yaml
+
 from common.io import stable_hash
-from trainer.tasks import TASKS
+from models.tasks import TASKS
 
 PROB_TOLERANCE = 1e-6
 
@@ -106,8 +108,6 @@ def _summary_centric(cfg: ScheduleConfig) -> list[Phase]:
 
 def load_phases(path: str | Path, text_summary: bool) -> list[Phase]:
     """Phases from a YAML file: a list (or {phases: list}) of {name, epochs, probs}."""
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise ScheduleError(f"--phases: file {str(path)!r} not found")

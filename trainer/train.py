@@ -13,6 +13,7 @@ Host syncs happen at log steps only: per-step losses are accumulated on the devi
 
 from __future__ import annotations
 
+import html
 import logging
 import math
 import time
@@ -21,16 +22,24 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from common.config import config_to_dict, print_config, save_config
 from common.io import append_jsonl, atomic_write_text, sha256_file, stable_hash
 from common.log import setup_logging
-from trainer.checkpoint import (TrainerState, load_resume_checkpoint, save_inference_checkpoint,
-                                save_resume_checkpoint)
+from common.runtime import seed_everything
+from data_prep.manifest import check_stage1_compatible, load_manifest
+from models.collate import collate_generation
+from models.prefix_lm import build_prefix_lm
+from models.stage1 import load_stage1_encoder
+from models.tasks import TASKS
+from trainer.checkpoint import TrainerState, load_resume_checkpoint, save_inference_checkpoint, save_resume_checkpoint
 from trainer.config import TrainConfig, parse_train_config
+from trainer.data import TrainStream
 from trainer.distributed import DistInfo, all_gather_rows, all_reduce_sum, barrier, cleanup, init_distributed
+from trainer.engine import build_engine
 from trainer.gc_steps import StepAlignedGC
-from trainer.tasks import TASKS
+from trainer.schedules import build_phases, phase_at, total_epochs
 
 log = logging.getLogger("trainer")
 
@@ -43,15 +52,6 @@ class NonFiniteLossError(RuntimeError):
 # Setup
 # ---------------------------------------------------------------------------------------------
 
-def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
 
 def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
     """Dropout RNG of one micro-batch: a pure function of its position, so resume is exact
@@ -61,13 +61,9 @@ def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
 
 def build_model(cfg: TrainConfig, manifest, device: torch.device):
     """The prefix-LM (+ the trainable Stage1 tail when K > 0) and its tokenizer."""
-    from trainer.model import build_prefix_lm
-
     tail = None
     k = cfg.stage1.stage1_trainable_blocks
     if k > 0:
-        from trainer.stage1 import load_stage1_encoder
-
         tail = load_stage1_encoder(cfg.stage1.stage1_encoder_ckpt, pooling=cfg.stage1.latent_pooling).tail(k)
     return build_prefix_lm(cfg.model, latent_dim=manifest.stage1.latent_dim,
                            num_classes=len(manifest.cond_name_to_id), tail=tail, device=device)
@@ -75,8 +71,6 @@ def build_model(cfg: TrainConfig, manifest, device: torch.device):
 
 def check_shards(cfg: TrainConfig):
     """The manifest, refusing shards built with other Stage1 settings/checkpoints than configured."""
-    from data_prep.manifest import check_stage1_compatible, load_manifest
-
     manifest = load_manifest(cfg.data.shard_dir)
     s = cfg.stage1
     check_stage1_compatible(manifest, s,
@@ -275,8 +269,6 @@ class RunLog:
                 elif isinstance(v, (int, float)):
                     flat[f"{kind}/{k}"] = v
             if kind == "sample":
-                import html
-
                 import wandb
 
                 text = f"GEN: {record.get('generation', '')}\nREF: {record.get('reference', '')}"
@@ -323,8 +315,6 @@ def validation_loss(engine, stream) -> dict:
 @torch.no_grad()
 def sample_generations(model, tokenizer, stream, num: int, max_new_tokens: int, device) -> list[dict]:
     """Greedy generations for a few val examples next to their references (rank 0 only)."""
-    from trainer.collate import collate_generation
-
     items = stream.val_items(num) if hasattr(stream, "val_items") else []
     if not items:
         return []
@@ -350,10 +340,6 @@ def sample_generations(model, tokenizer, stream, num: int, max_new_tokens: int, 
 # ---------------------------------------------------------------------------------------------
 
 def train(cfg: TrainConfig, dist: DistInfo) -> TrainerState:
-    from trainer.data import TrainStream
-    from trainer.engine import build_engine
-    from trainer.schedules import build_phases, phase_at, total_epochs
-
     seed_everything(cfg.seed)
     manifest = check_shards(cfg)
     model, tokenizer = build_model(cfg, manifest, dist.device)
@@ -466,8 +452,6 @@ def _merge_truncation(state: TrainerState, trunc: dict) -> None:
 
 
 def _progress(dist: DistInfo, total: int, start: int):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, initial=start, desc="train", unit="step", disable=not dist.is_main, dynamic_ncols=True)
 
 

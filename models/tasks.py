@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from data_prep.cond_names import COND_DESCRIPTIONS
+from models.cond_names import COND_DESCRIPTIONS
 
 TASKS: tuple[str, ...] = ("caption", "summary", "cot", "text_summary")
 TASK_LETTERS = {"caption": "A", "summary": "B", "cot": "C", "text_summary": "D"}

@@ -34,6 +34,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from transformers import AttentionInterface
 
 PACKED_BACKENDS = ("packed_sdpa", "varlen", "flex", "flash_attn")
 STOCK_BACKENDS = ("sdpa", "eager")
@@ -287,8 +288,6 @@ _KERNELS = {"packed_sdpa": packed_sdpa_attention, "varlen": varlen_attention,
 @functools.lru_cache(maxsize=1)
 def register_backends() -> None:
     """Register every packed backend with transformers (idempotent)."""
-    from transformers import AttentionInterface
-
     for name, fn in _KERNELS.items():
         AttentionInterface.register(_REGISTERED_PREFIX + name, fn)
 

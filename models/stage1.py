@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import io
 import json
 import math
 import re
@@ -46,10 +45,13 @@ from pathlib import Path
 from typing import Literal, Mapping, Optional
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import EfficientNetConfig, EfficientNetForImageClassification, ViTMAEConfig, ViTMAEModel
+from transformers.models.vit_mae.modeling_vit_mae import ViTMAELayer
 
-from common.io import atomic_path, atomic_write_bytes
+from common.io import atomic_path
 
 # ImageNet statistics: both Stage1 models were trained on images normalised this way.
 IMAGE_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -95,8 +97,6 @@ def _read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], Optional[dict
     if not path.is_file():
         raise Stage1LoadError(f"{path}: Stage1 checkpoint not found")
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             sd = {k: f.get_tensor(k) for k in f.keys()}
@@ -258,7 +258,7 @@ _VIT_CONFIG_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "
                     "image_size", "num_channels", "qkv_bias", "layer_norm_eps", "hidden_act")
 
 
-def _vit_config(sd: Mapping[str, Tensor], stored: Optional[dict], hf_names: bool) -> ViTMAEConfig:
+def vit_config(sd: Mapping[str, Tensor], stored: Optional[dict], hf_names: bool) -> ViTMAEConfig:
     """The encoder's config: from the stored dict, else inferred from canonical tensor shapes."""
     values: dict = {}
     if "patch_embed.proj.weight" in sd and "pos_embed" in sd:
@@ -286,7 +286,7 @@ def _vit_config(sd: Mapping[str, Tensor], stored: Optional[dict], hf_names: bool
     return config
 
 
-def _vit_config_dict(config: ViTMAEConfig) -> dict:
+def vit_config_dict(config: ViTMAEConfig) -> dict:
     return {k: getattr(config, k) for k in _VIT_CONFIG_KEYS}
 
 
@@ -314,7 +314,6 @@ class Stage1Tail(nn.Module):
     def __init__(self, config: ViTMAEConfig, num_blocks: int, pooling: str = "mean",
                  blocks: Optional[list[nn.Module]] = None, norm: Optional[nn.LayerNorm] = None):
         super().__init__()
-        from transformers.models.vit_mae.modeling_vit_mae import ViTMAELayer
 
         if num_blocks < 1:
             raise ValueError(f"a Stage1 tail needs >= 1 block, got {num_blocks}")
@@ -339,18 +338,14 @@ class Stage1Tail(nn.Module):
 
     def save(self, path: str | Path) -> None:
         """Write safetensors (fp32, canonical names) with the architecture in the metadata."""
-        from safetensors.torch import save_file
-
         tensors = {k: v.float().contiguous().cpu() for k, v in self.canonical_state_dict().items()}
-        meta = {"format": "stage1_tail", "config": json.dumps(_vit_config_dict(self.config)),
+        meta = {"format": "stage1_tail", "config": json.dumps(vit_config_dict(self.config)),
                 "num_blocks": str(self.num_blocks), "pooling": self.pooling}
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
 
     @classmethod
     def load(cls, path: str | Path) -> "Stage1Tail":
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.is_file():
             raise Stage1LoadError(f"{path}: Stage1 tail file not found")
@@ -359,7 +354,7 @@ class Stage1Tail(nn.Module):
             sd = {k: f.get_tensor(k) for k in f.keys()}
         if meta.get("format") != "stage1_tail":
             raise Stage1LoadError(f"{path}: not a Stage1 tail file (metadata format={meta.get('format')!r})")
-        config = _vit_config({}, json.loads(meta["config"]), hf_names=False)
+        config = vit_config({}, json.loads(meta["config"]), hf_names=False)
         tail = cls(config, int(meta["num_blocks"]), meta.get("pooling", "mean"))
         tail.load_canonical(sd, source=path)
         return tail
@@ -482,7 +477,7 @@ def load_stage1_encoder(path: str | Path, pooling: str = "mean") -> Stage1Encode
     hf_names = any(k.startswith(("embeddings.", "layers.", "encoder.layer.", "layernorm.")) for k in raw)
     sd = _vit_to_canonical(raw)
     try:
-        config = _vit_config(sd, stored_config, hf_names)
+        config = vit_config(sd, stored_config, hf_names)
         encoder = Stage1Encoder(config, pooling=pooling)
     except (ValueError, TypeError, KeyError) as e:
         raise Stage1LoadError(f"{path}: cannot build a ViT-MAE encoder from this checkpoint ({e}); "
@@ -663,67 +658,3 @@ def load_stage1_classifier(path: str | Path, num_classes: int = NUM_STAGE1_CLASS
     return model
 
 
-# ----------------------------------------------------------------------------------------------
-# Tiny random Stage1 models for tests and the demo
-# ----------------------------------------------------------------------------------------------
-
-TINY_ENCODER_FILENAME = "tiny_stage1_encoder.pt"
-TINY_CLASSIFIER_FILENAME = "tiny_stage1_classifier.pt"
-
-
-def tiny_encoder_config(image_size: int = 32) -> ViTMAEConfig:
-    # One 64-wide head (ViT-B's head width), so that even a bare state dict, whose head count is
-    # inferred as hidden/64, reloads to the same function.
-    return _vit_config({}, dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=1, intermediate_size=128,
-                                patch_size=8, image_size=image_size, layer_norm_eps=1e-6), hf_names=False)
-
-
-def tiny_classifier_config(image_size: int = 32) -> EfficientNetConfig:
-    # width 0.025 makes the 1280-channel head 32 wide; every other layer rounds to 8 channels.
-    return EfficientNetConfig(image_size=image_size, width_coefficient=0.025, depth_coefficient=1.0,
-                              kernel_sizes=[3, 3], in_channels=[32, 16], out_channels=[16, 24], strides=[1, 2],
-                              num_block_repeats=[1, 2], expand_ratios=[1, 6], hidden_dim=32, dropout_rate=0.0,
-                              drop_connect_rate=0.0, num_labels=NUM_STAGE1_CLASSES)
-
-
-def _lively_init(model: nn.Module) -> None:
-    """He-style init so a random tiny CNN's logits depend visibly on the image (HF's init is ~0.02 std)."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=0.5)
-
-
-def save_tiny_stage1(out_dir: str | Path, image_size: int = 32, seed: int = 0,
-                     encoder_pretrain_steps: int = 300) -> tuple[Path, Path]:
-    """Write a tiny MAE ViT and a tiny random EfficientNet as {"config", "state_dict"} checkpoint files.
-
-    The encoder is briefly pre-trained (`trainer.tiny.pretrain_tiny_encoder`, `encoder_pretrain_steps`;
-    0 = random) so that its latent describes the synthetic images, as a real Stage1 encoder's does.
-    Deterministic for given arguments on one machine. The encoder is stored under official-MAE names,
-    like a real MAE training checkpoint. Returns (encoder, classifier).
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        encoder = Stage1Encoder(tiny_encoder_config(image_size))
-        classifier = Stage1Classifier(tiny_classifier_config(image_size))
-        _lively_init(classifier.model)
-        if encoder_pretrain_steps > 0:
-            from trainer.tiny import pretrain_tiny_encoder
-
-            pretrain_tiny_encoder(encoder, steps=encoder_pretrain_steps, seed=seed)
-    paths = out_dir / TINY_ENCODER_FILENAME, out_dir / TINY_CLASSIFIER_FILENAME
-    payloads = ({"config": _vit_config_dict(encoder.config), "state_dict": encoder.canonical_state_dict()},
-                {"config": classifier.config_dict(), "state_dict": classifier.model.state_dict()})
-    for path, payload in zip(paths, payloads):
-        payload["state_dict"] = {k: v.detach().clone().contiguous() for k, v in payload["state_dict"].items()}
-        buffer = io.BytesIO()  # not the temp file: torch.save names the archive after it
-        torch.save(payload, buffer)
-        atomic_write_bytes(path, buffer.getvalue())
-    return paths

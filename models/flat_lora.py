@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from peft.tuners.lora import Linear
 
-from trainer import lora_fused
+from models import lora_fused
 
 
 class FlatLora(nn.Module):
@@ -84,8 +85,6 @@ def lora_entries(model: nn.Module) -> list[tuple[nn.Module, str]]:
 
     Raises if the model also has LoRA layers that the fused forward does not run (their adapters
     would silently stop learning once packed)."""
-    from peft.tuners.lora import Linear
-
     fused_cls = lora_fused.fused_lora_linear_class()
     entries = []
     for mod_name, m in model.named_modules():

@@ -30,6 +30,7 @@ import weakref
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from peft.tuners.lora import Linear
 
 
 class SharedDropout:
@@ -61,8 +62,6 @@ class SharedDropout:
 
 
 def _lora_linear_class():
-    from peft.tuners.lora import Linear
-
     return Linear
 
 
@@ -82,7 +81,7 @@ def fused_lora_linear_class() -> type:
             def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
                 if args or kwargs or not _fast_path_ok(self):
                     if getattr(self, "_flat_lora_owner", False) and torch.is_grad_enabled():
-                        raise RuntimeError("a LoRA layer packed by trainer.flat_lora must run the fused "
+                        raise RuntimeError("a LoRA layer packed by models.flat_lora must run the fused "
                                            "forward to train (merged/disabled adapter or extra arguments?)")
                     return super().forward(x, *args, **kwargs)
                 return _fused_forward(self, x)
@@ -104,7 +103,7 @@ def _fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
     result = layer.base_layer(x)
     out2d = result.reshape(-1, result.shape[-1])
     x2d = None
-    # trainer.flat_lora: differentiable views of the one flat trainable tensor (None: PEFT's own,
+    # models.flat_lora: differentiable views of the one flat trainable tensor (None: PEFT's own,
     # e.g. generation, where the weights are views of the same storage anyway).
     flat = getattr(layer, "_flat_lora", None)
     for name in layer.active_adapters:

@@ -3,12 +3,12 @@
     latent [768] --LayerNorm-Linear-GELU-Linear--> num_image_tokens x hidden  ┐
     cond_id      --Embedding------------------->            1 x hidden       ┘ = prefix [P, hidden]
 
-The prefix replaces the embeddings of the P prefix slots that `trainer.collate` reserves after
+The prefix replaces the embeddings of the P prefix slots that `models.collate` reserves after
 BOS (`prefix_mask`). The loss is computed from the decoder's hidden states at the positions that
 predict a target token only, by a chunked (or Liger fused) linear + cross-entropy, so the full
-[tokens, vocab] logits of a batch are never materialised (see `trainer.kernels`).
+[tokens, vocab] logits of a batch are never materialised (see `models.kernels`).
 
-Attention backends for packed rows live in `trainer.attention`; `ModelConfig.attn_implementation`
+Attention backends for packed rows live in `models.attention`; `ModelConfig.attn_implementation`
 picks one ("auto" = fastest that works on the device).
 """
 
@@ -23,11 +23,17 @@ from typing import Literal, NamedTuple
 
 import torch
 import torch.nn as nn
+from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+from peft.utils import load_peft_weights
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common.io import atomic_path, atomic_write_json
-from trainer import attention as attn
-from trainer import kernels, lora_fused
-from trainer.tasks import TASKS
+from common.runtime import resolve_device, resolve_dtype
+from models import attention as attn
+from models import kernels, lora_fused
+from models.stage1 import Stage1Tail
+from models.tasks import TASKS
 
 PREFIX_WEIGHTS = "stage2_prefix_modules.safetensors"
 PREFIX_CONFIG = "prefix_config.json"
@@ -60,10 +66,10 @@ class ModelConfig:
         "help": "with --gradient-checkpointing: recompute only the first N decoder layers (-1 = all); "
                 "trades memory for speed in steps of one layer's activations"})
     fused_lora: bool = field(default=True, metadata={
-        "help": "fused LoRA forward (trainer.lora_fused): scale + add inside the LoRA-B GEMM, one dropout "
+        "help": "fused LoRA forward (models.lora_fused): scale + add inside the LoRA-B GEMM, one dropout "
                 "mask per shared input (q/k/v, gate/up); same parameters and PEFT adapter files"})
     flat_lora: bool = field(default=True, metadata={
-        "help": "training packs every LoRA weight into one trainable tensor (trainer.flat_lora), so the engine "
+        "help": "training packs every LoRA weight into one trainable tensor (models.flat_lora), so the engine "
                 "(DeepSpeed's per-tensor hooks, checks and norms) handles 1 tensor instead of ~450; needs "
                 "--fused-lora; adapter files stay standard PEFT"})
     fused_kernels: Literal["auto", "none", "chunked", "liger"] = field(
@@ -134,8 +140,6 @@ class Stage2Prefix(nn.Module):
 
     def save(self, out_dir: str | Path) -> None:
         """Write `stage2_prefix_modules.safetensors` + `prefix_config.json` (+ the Stage1 tail)."""
-        from safetensors.torch import save_file
-
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()
@@ -158,8 +162,6 @@ class Stage2Prefix(nn.Module):
 
     @classmethod
     def _load_safetensors(cls, ckpt_dir: Path, map_location) -> "Stage2Prefix":
-        from safetensors.torch import load_file
-
         cfg_path = ckpt_dir / PREFIX_CONFIG
         try:
             cfg = json.loads(cfg_path.read_text())
@@ -168,8 +170,6 @@ class Stage2Prefix(nn.Module):
             raise ValueError(f"{cfg_path}: unreadable prefix config ({e!r})") from e
         tail = None
         if cfg.get("has_tail"):
-            from trainer.stage1 import Stage1Tail
-
             if not (ckpt_dir / TAIL_WEIGHTS).exists():
                 raise FileNotFoundError(f"{cfg_path} says has_tail but {ckpt_dir / TAIL_WEIGHTS} is missing")
             tail = Stage1Tail.load(ckpt_dir / TAIL_WEIGHTS)
@@ -225,7 +225,7 @@ class PrefixLMOutput(NamedTuple):
 
 
 class PrefixLM(nn.Module):
-    """The (PEFT-wrapped) causal LM + the Stage2 prefix; `forward(batch)` takes `trainer.collate` batches."""
+    """The (PEFT-wrapped) causal LM + the Stage2 prefix; `forward(batch)` takes `models.collate` batches."""
 
     def __init__(self, lm: nn.Module, prefix: Stage2Prefix, loss_impl: str = "chunked",
                  ce_chunk_size: int = kernels.DEFAULT_CHUNK_SIZE):
@@ -284,7 +284,7 @@ class PrefixLM(nn.Module):
         return kernels.reference_cross_entropy(hidden, weight, labels, bias)
 
     def forward(self, batch: dict) -> PrefixLMOutput:
-        flat = self._modules.get("flat_lora")  # trainer.flat_lora: set when an engine packed the adapters
+        flat = self._modules.get("flat_lora")  # models.flat_lora: set when an engine packed the adapters
         if flat is not None and torch.is_grad_enabled():
             flat.publish()
         inputs_embeds = self.embed(batch)
@@ -348,11 +348,6 @@ class PrefixLM(nn.Module):
 # Building, parameter groups, adapters
 # ---------------------------------------------------------------------------------------------
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
-
 
 def resolve_fused_kernels(name: str, device: torch.device) -> str:
     if name not in FUSED_CHOICES:
@@ -367,8 +362,6 @@ def resolve_fused_kernels(name: str, device: torch.device) -> str:
 
 def load_tokenizer(model_path: str | Path):
     """The base model's tokenizer with a pad token (Mistral has none: use <unk>, else EOS)."""
-    from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(str(model_path))
     if tok.pad_token_id is None:
         tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
@@ -378,13 +371,11 @@ def load_tokenizer(model_path: str | Path):
 def build_prefix_lm(cfg: ModelConfig, latent_dim: int, num_classes: int = 20, tail: nn.Module | None = None,
                     device=None) -> tuple[PrefixLM, object]:
     """Load the base LM + tokenizer from `cfg.model_path`, set attention/kernels, add LoRA and the prefix."""
-    from transformers import AutoModelForCausalLM
-
     if not cfg.model_path or not Path(cfg.model_path).is_dir():
         raise FileNotFoundError(f"model_path {cfg.model_path!r} is not a local model directory")
-    device = _resolve_device(device)
+    device = resolve_device(device)
     tokenizer = load_tokenizer(cfg.model_path)
-    lm = AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=resolve_precision(cfg.precision, device),
+    lm = AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=resolve_dtype(cfg.precision, device),
                                               attn_implementation="sdpa")
     if lm.config.pad_token_id is None:
         lm.config.pad_token_id = tokenizer.pad_token_id
@@ -395,7 +386,7 @@ def wrap_lm(lm: nn.Module, cfg: ModelConfig, latent_dim: int, num_classes: int =
             tail: nn.Module | None = None, device=None) -> PrefixLM:
     """Turn a loaded HF causal LM into the trainable PrefixLM (attention backend, kernels, LoRA,
     prefix). Split from `build_prefix_lm` so benchmarks can start from a randomly initialised LM."""
-    device = _resolve_device(device)
+    device = resolve_device(device)
     backend = attn.resolve_attn_implementation(cfg.attn_implementation, device)
     loss_impl = resolve_fused_kernels(cfg.fused_kernels, device)
     lm.config._attn_implementation = attn.hf_attn_name(backend)
@@ -409,12 +400,6 @@ def wrap_lm(lm: nn.Module, cfg: ModelConfig, latent_dim: int, num_classes: int =
     prefix = Stage2Prefix(latent_dim, lm.config.hidden_size, cfg.num_image_tokens, num_classes, tail=tail,
                           init_std=embed_std)
     return PrefixLM(lm, prefix, loss_impl=loss_impl, ce_chunk_size=cfg.ce_chunk_size).to(device)
-
-
-def _resolve_device(device) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def enable_gradient_checkpointing(lm: nn.Module, num_layers: int = -1) -> None:
@@ -433,8 +418,6 @@ def enable_gradient_checkpointing(lm: nn.Module, num_layers: int = -1) -> None:
 
 
 def _wrap_lora(lm: nn.Module, cfg: ModelConfig) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
-
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM", bias="none")
     # Adapters in the base weights' dtype (bf16 on GPU): PEFT's default upcasts them to fp32,
@@ -464,9 +447,6 @@ def save_adapter(model: PrefixLM, out_dir: str | Path) -> None:
 
 def load_adapter_into(model: PrefixLM, ckpt_dir: str | Path) -> None:
     """Load a saved PEFT adapter into the model's existing (same-shaped) adapter, in place."""
-    from peft import set_peft_model_state_dict
-    from peft.utils import load_peft_weights
-
     ckpt_dir = Path(ckpt_dir)
     if not (ckpt_dir / "adapter_config.json").exists():
         raise FileNotFoundError(f"{ckpt_dir}: no adapter_config.json")

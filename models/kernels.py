@@ -10,7 +10,7 @@ at target positions, and never needs all of them at once:
   logits. Matches `F.cross_entropy(hidden @ weight.T, labels, reduction="none")` (logits upcast to
   fp32 as HF does).
 - Liger's fused linear cross-entropy (`liger_kernel`, Triton, CUDA only) when installed; see
-  `liger_linear_cross_entropy`. `trainer.model.ModelConfig.fused_kernels` chooses.
+  `liger_linear_cross_entropy`. `models.prefix_lm.ModelConfig.fused_kernels` chooses.
 """
 
 from __future__ import annotations

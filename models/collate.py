@@ -33,7 +33,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from trainer.tasks import IMAGE_TASKS, TASK_IDS, TASKS, TokenizedExample, prefix_length
+from models.tasks import IMAGE_TASKS, TASK_IDS, TASKS, TokenizedExample, prefix_length
 
 IGNORE_INDEX = -100
 

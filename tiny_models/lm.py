@@ -11,9 +11,7 @@ one CPU thread, deterministic) on the same texts: a frozen *random* LM barely le
 (its random output layer and final norm cap the logit scale, its random features give the
 adapters little to work with), which would make every "does training work" check meaningless.
 
-`mistral_7b_shape_config` gives the Mistral-7B shape for speed and memory benchmarks.
-
-    python -m trainer.tiny --out /tmp/tiny_lm --gemini-json a.json b.json
+    python -m tiny_models.lm --out /tmp/tiny_lm --gemini-json a.json b.json
 """
 
 from __future__ import annotations
@@ -29,11 +27,13 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tqdm import tqdm
 from transformers import MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
 
-from data_prep.cond_names import COND_NAMES
-from trainer.tasks import TASKS, TaskUnavailable, build_prompt
+from models.cond_names import COND_NAMES
+from models.tasks import TASKS, TaskUnavailable, build_prompt
+from tiny_models.stage1 import save_tiny_stage1
 
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 SPECIAL_TOKENS = (UNK, BOS, EOS, PAD)  # ids 0..3, in this order
@@ -115,10 +115,8 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int = 1024, model_max_leng
     """A byte-level BPE tokenizer (lossless on any text) with Mistral's special-token conventions.
 
     Like Mistral's tokenizer it prepends BOS (and not EOS) when `add_special_tokens=True`;
-    `trainer.tasks` tokenises with `add_special_tokens=False` and adds BOS/EOS itself.
+    `models.tasks` tokenises with `add_special_tokens=False` and adds BOS/EOS itself.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise ValueError(f"vocab_size must be >= {256 + len(SPECIAL_TOKENS)} (bytes + special tokens), got {vocab_size}")
     tok = Tokenizer(models.BPE(unk_token=UNK))
@@ -147,14 +145,6 @@ def tiny_mistral_config(vocab_size: int, hidden_size: int = 64, num_layers: int 
                          head_dim=hidden_size // 4, max_position_embeddings=2048, rms_norm_eps=1e-5,
                          rope_theta=1e6, sliding_window=None, tie_word_embeddings=False,
                          bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
-
-
-def mistral_7b_shape_config(vocab_size: int = 32768) -> MistralConfig:
-    """Mistral-7B (v0.3) shape: 4096 hidden, 32 layers, 14336 MLP, 32 heads / 8 KV heads, theta 1e6."""
-    return MistralConfig(vocab_size=vocab_size, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                         num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                         max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=1e6, sliding_window=None,
-                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
 
 
 @dataclass(frozen=True)
@@ -227,53 +217,6 @@ def pretrain(model: MistralForCausalLM, stream: torch.Tensor, cfg: PretrainConfi
     return losses
 
 
-def pretrain_tiny_encoder(encoder, steps: int = 300, num_images: int = 512, batch_size: int = 64,
-                          lr: float = 3e-3, seed: int = 0) -> list[float]:
-    """Teach a tiny random MAE ViT to carry what the synthetic images show in its pooled latent.
-
-    A real Stage1 encoder is trained and its latent describes the image; a random tiny one maps every
-    synthetic image to nearly the same mean-pooled latent (position embeddings dominate), so a
-    prefix-LM trained on it could hardly use the image. Here linear heads on the pooled latent learn
-    the factors the texts mention (region, strength, extent of the drawn field) and the 4x4
-    average-pooled image (its coarse layout), on synthetic images of random factors. A few seconds
-    on one CPU thread; deterministic for `seed`. The encoder is left frozen. Returns the loss per step.
-    """
-    import numpy as np
-    from torch.nn import functional as F
-
-    from data_prep.images import decode_image
-    from data_prep.synthetic import EXTENTS, REGIONS, STRENGTHS, random_gif
-
-    size = encoder.config.image_size
-    rng = np.random.default_rng(seed)
-    pixels, factors = [], []
-    for _ in range(num_images):
-        gif, f = random_gif(rng, 2 * size)
-        pixels.append(decode_image(gif, size))
-        factors.append(f)
-    images = torch.from_numpy(np.stack(pixels))
-    labels = {k: torch.tensor([f[k] for f in factors]) for k in ("region", "strength", "extent")}
-    layout = F.adaptive_avg_pool2d(images, 4).flatten(1)
-    sizes = {"region": len(REGIONS), "strength": len(STRENGTHS), "extent": len(EXTENTS)}
-    heads = torch.nn.ModuleDict({k: torch.nn.Linear(encoder.latent_dim, n) for k, n in sizes.items()})
-    heads["layout"] = torch.nn.Linear(encoder.latent_dim, layout.shape[1])
-    encoder.requires_grad_(True)  # Stage1 modules are built frozen
-    opt = torch.optim.AdamW(list(encoder.parameters()) + list(heads.parameters()), lr=lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed)
-    losses = []
-    for _ in range(steps):
-        idx = torch.randint(num_images, (batch_size,), generator=gen)
-        latent, _ = encoder.encode_with_grad(images[idx])
-        loss = F.mse_loss(heads["layout"](latent), layout[idx])
-        loss = loss + sum(F.cross_entropy(heads[k](latent), labels[k][idx]) for k in sizes)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    encoder.requires_grad_(False)
-    return losses
-
-
 def make_tiny_lm(out_dir: str | Path, corpus_json: Sequence[str | Path] | None = None,
                  corpus_texts: Sequence[str] | None = None, vocab_size: int = 1024, hidden_size: int = 64,
                  num_layers: int = 2, seed: int = 0, pretrain_steps: int = 200) -> Path:
@@ -336,8 +279,6 @@ def main(argv: Optional[list[str]] = None) -> Path:
     parser.add_argument("--image-size", type=int, default=32, help="image size of the tiny Stage1 models")
     args = parser.parse_args(argv)
     if args.stage1_out:
-        from trainer.stage1 import save_tiny_stage1
-
         enc, cls = save_tiny_stage1(args.stage1_out, image_size=args.image_size, seed=args.seed)
         print(f"wrote tiny Stage1 checkpoints {enc} and {cls}")
     out = make_tiny_lm(args.out, corpus_json=args.gemini_json, vocab_size=args.vocab_size,
