@@ -14,7 +14,7 @@ file), so only the way the step is executed differs:
 
 Modes 1-3 use plain HF + PEFT and a minimal prefix module written here (nothing of the project's
 model code) with torch AdamW; mode 4 is exactly what `trainer.train` runs: the same model build
-and the same step, `trainer.engine.build_engine` (DeepSpeed ZeRO-2 from ds_configs/zero2.json,
+and the same step, `trainer.engines.build_engine` (DeepSpeed ZeRO-2 from ds_configs/zero2.json,
 bf16 compute weights with fp32 master weights in the optimizer, gradient clipping, LR schedule) in
 a 1-process world; `--step-engine torch` runs the trainer's `--engine torch` instead (the lean
 data-parallel engine: flat bf16 weights + fp32 masters, fused AdamW, no per-step host sync). The 7B shape is Mistral-7B's
@@ -27,8 +27,8 @@ Throughput counts real (non-pad) tokens only. Model FLOPs per step (printed with
     attention: 6 * layers * hidden * sum(n_i^2) per step for documents of n_i real tokens
                (QK^T and PV, 2 FLOPs per MAC, causal half; backward = 2x forward), 8 * ... with
                activation checkpointing
-MFU = model FLOP/s / the bf16 matmul peak measured in the same run (8192^3 GEMM, as
-/work/shared/perf/gpu_anchor_probe.py). Padding work is not counted: it is waste, not model work.
+MFU = model FLOP/s / the bf16 matmul peak measured in the same run (an 8192^3 GEMM). Padding
+work is not counted: it is waste, not model work.
 
     python -m benchmarks.train_throughput --shape tiny --steps 2 --out /tmp/tp.json      # CPU smoke
     python -m benchmarks.train_throughput --shape 7b --out $OUT/throughput.json         # one H100
@@ -86,7 +86,7 @@ from models.tasks import (
 from tiny_models.lm import make_tiny_lm
 from trainer.config import TrainConfig, resolve_ds_config_path
 from trainer.distributed import init_distributed, is_initialized
-from trainer.engine import build_engine
+from trainer.engines import build_engine
 from trainer.gc_steps import StepAlignedGC
 
 log = setup_logging("benchmarks.train_throughput")
@@ -814,7 +814,7 @@ def resolve_step_engine(name: str) -> str:
 
 
 def build_bench_engine(model: nn.Module, cfg: BenchConfig, ctx: "Context", engine: str = "deepspeed"):
-    """`trainer.engine.build_engine` exactly as `trainer.train` calls it, in a 1-process world."""
+    """`trainer.engines.build_engine` exactly as `trainer.train` calls it, in a 1-process world."""
     if engine == "deepspeed" and not is_initialized():  # the torch engine needs no process group alone
         init_distributed(timeout_s=600)
     if engine == "deepspeed":  # a group made earlier in this process may have left no env behind
@@ -995,8 +995,8 @@ def run_mode(m: int, ctx: Context) -> dict:
 
 def run_mode_isolated(m: int, ctx: Context) -> dict:
     """`run_mode` in a fresh (spawned) process: every mode starts from the same state, whatever ran
-    before it. (On an H100, mode 4 run after modes 1-2 in one process measured ~10% slower than run
-    alone; it still did in its own process, so the cause is not the process state: see README.)"""
+    before it, so the mode order cannot be the cause of a gap between modes (README.md's
+    Performance section discusses the order effect that remains)."""
     with mp.get_context("spawn").Pool(1) as pool:
         return pool.apply(run_mode, (m, ctx))
 

@@ -17,7 +17,7 @@ import torch
 
 from common.runtime import discover_layout, first_host
 from trainer.config import TrainConfig, replace
-from trainer.engine import build_ds_config, warmup_cosine
+from trainer.engines import build_ds_config, warmup_cosine
 
 
 def _cfg(model_path="", **optim) -> TrainConfig:
@@ -94,7 +94,7 @@ def dist1():
 def test_engine_step_two_lr_groups_and_nan_skip(tiny_lm_dir, stage1_ckpts, dist1):
     from models.prefix_lm import build_prefix_lm
     from models.stage1 import load_stage1_encoder
-    from trainer.engine import build_engine
+    from trainer.engines import build_engine
 
     torch.manual_seed(0)
     enc = load_stage1_encoder(stage1_ckpts[0])
@@ -172,7 +172,7 @@ def _trainable(engine) -> dict[str, torch.Tensor]:
 
 def test_torch_engine_makes_the_deepspeed_updates(tiny_lm_dir, stage1_ckpts, dist1):
     """3 optimizer steps of 2 micro-batches each, clipping active, two LR groups, weight decay."""
-    from trainer.engine import DeepSpeedEngine, TorchEngine, build_engine
+    from trainer.engines import DeepSpeedEngine, TorchEngine, build_engine
 
     cfg = _tail_cfg(tiny_lm_dir, gradient_accumulation_steps=2, max_grad_norm=0.05, weight_decay=0.01)
     engines, norms, losses = {}, {}, {}
@@ -209,7 +209,7 @@ def test_flat_lora_trains_exactly_as_separate_lora_tensors(tiny_lm_dir, stage1_c
     from safetensors.torch import load_file
 
     from models.prefix_lm import save_adapter
-    from trainer.engine import build_engine
+    from trainer.engines import build_engine
 
     base = _tail_cfg(tiny_lm_dir, gradient_accumulation_steps=2, max_grad_norm=0.05)
     runs = {}
@@ -307,7 +307,7 @@ def _optimizer_state(engine) -> list[torch.Tensor]:
 def test_torch_engine_skips_a_nan_step_and_goes_on(tiny_lm_dir, stage1_ckpts):
     """A NaN step changes nothing (weights, AdamW moments and step count, LR schedule) and needs no
     host sync (step() returns a device bool); the run then equals one that never saw the NaN."""
-    from trainer.engine import build_engine
+    from trainer.engines import build_engine
 
     cfg = replace(_tail_cfg(tiny_lm_dir, max_grad_norm=1.0), engine="torch")
     model, batches = _model(cfg, stage1_ckpts)
@@ -336,7 +336,7 @@ def test_torch_engine_skips_a_nan_step_and_goes_on(tiny_lm_dir, stage1_ckpts):
 
 
 def test_torch_engine_save_load_round_trip(tiny_lm_dir, stage1_ckpts, tmp_path):
-    from trainer.engine import TORCH_ENGINE_STATE, build_engine
+    from trainer.engines import TORCH_ENGINE_STATE, build_engine
 
     cfg = replace(_tail_cfg(tiny_lm_dir, gradient_accumulation_steps=2), engine="torch")
     model, batches = _model(cfg, stage1_ckpts)
@@ -385,7 +385,7 @@ def launcher_env(monkeypatch):
 @pytest.mark.slow
 def test_two_process_torch_engine_run_learns_and_checkpoints(shard_dir, tiny_lm_dir, tmp_path, launcher_env):
     from tests.test_train_e2e import base_flags, run_train, train_records
-    from trainer.engine import TORCH_ENGINE_STATE
+    from trainer.engines import TORCH_ENGINE_STATE
 
     out = tmp_path / "run"
     run_train(base_flags(shard_dir, tiny_lm_dir, out, **{"engine": "torch", "max-steps": 8, "save-steps": 4,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from trainer.train import RankTimeWarnings, diagnose_rank_times
+from trainer.metrics import RankTimeWarnings, diagnose_rank_times
 
 
 def window(data, fwd_bwd, step=None, other=None):

@@ -1,0 +1,37 @@
+"""What the training loop sees of an engine, whichever backend runs it."""
+
+from __future__ import annotations
+
+import torch
+
+
+class Engine:
+    """What the training loop sees of an engine (both backends)."""
+
+    device: torch.device
+    dtype: torch.dtype  # compute dtype of the weights and of the float inputs
+    flat_lora = None  # models.flat_lora.FlatLora when build_engine packed the LoRA weights
+
+    @property
+    def module(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def train(self) -> None:
+        self.module.train()
+
+    def eval(self) -> None:
+        self.module.eval()
+
+    def to_device(self, batch: dict) -> dict:
+        """Tensors to the device (floats to the compute dtype); other entries pass through."""
+        out = {}
+        for k, v in batch.items():
+            if isinstance(v, torch.Tensor):
+                v = v.to(self.device, non_blocking=True)
+                if v.is_floating_point():
+                    v = v.to(self.dtype)
+            out[k] = v
+        return out
+
+    def forward(self, batch: dict):
+        return self.module(self.to_device(batch))

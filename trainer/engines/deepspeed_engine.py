@@ -1,0 +1,144 @@
+"""`--engine deepspeed`: DeepSpeed ZeRO (stage 1 or 2) from a ds_configs/ JSON, the spec's default.
+
+What `build_ds_config` decides so that the JSON can say "auto":
+- `train_micro_batch_size_per_gpu` = 1: one micro-batch is ONE packed row holding the batch's
+  examples (models/collate.py), so DeepSpeed's notion of a "sample" is a packed row.
+- AdamW: PyTorch's implementation (`torch_adam`), so no DeepSpeed op is JIT-built, and its fused
+  kernel (one launch over the fp32 partition).
+- The warm-up + cosine schedule is a torch `LambdaLR` handed to `deepspeed.initialize`, so its
+  state is in DeepSpeed's checkpoints (exact resume); DeepSpeed does not step it on a skipped update.
+- `bf16.enabled` from `--precision` (auto: bf16 on CUDA, fp32 on CPU), clipping from `--max-grad-norm`.
+ZeRO checks the gradient norm before every update and, when it is inf/NaN, zeroes the gradients and
+skips the update and the LR step (on all ranks alike, since the check is all-reduced).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from trainer.config import TrainConfig, resolve_ds_config_path
+from trainer.engines.base import Engine
+from trainer.engines.optim import optimizer_groups, warmup_cosine
+
+
+def _fill(section: dict, key: str, value: Any) -> None:
+    """Set `key` when it is missing or "auto"; an explicit value in the JSON wins."""
+    if section.get(key, "auto") == "auto":
+        section[key] = value
+
+
+def build_ds_config(cfg: TrainConfig, precision: str) -> dict:
+    """The DeepSpeed config dict: the JSON file with its "auto" fields filled from `cfg`."""
+    path = resolve_ds_config_path(cfg.deepspeed)
+    try:
+        ds = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"--deepspeed {path}: cannot read the DeepSpeed config ({e})") from e
+    ds = copy.deepcopy(ds)
+    o = cfg.optim
+    _fill(ds, "train_micro_batch_size_per_gpu", 1)  # one packed row of --batch-size examples
+    _fill(ds, "gradient_accumulation_steps", o.gradient_accumulation_steps)
+    _fill(ds, "gradient_clipping", o.max_grad_norm)
+    ds.pop("train_batch_size", None)  # derived by DeepSpeed from the two above and the world size
+    bf16 = ds.setdefault("bf16", {})
+    _fill(bf16, "enabled", precision == "bf16")
+    if precision == "bf16" and bf16["enabled"] is not True:
+        raise ValueError(f"{path}: bf16.enabled is false but --precision resolved to bf16")
+    ds.pop("fp16", None)  # fp16 loss scaling is not supported here: bf16 or fp32
+    opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    params = opt.setdefault("params", {})
+    _fill(params, "lr", o.lr)
+    _fill(params, "betas", [o.adam_beta1, o.adam_beta2])
+    _fill(params, "eps", o.adam_eps)
+    _fill(params, "weight_decay", o.weight_decay)
+    params.setdefault("torch_adam", True)
+    # PyTorch's fused AdamW: one kernel over the fp32 partition instead of foreach's several (DeepSpeed
+    # passes params it does not know through to torch.optim.AdamW); the torch engine uses it too.
+    params.setdefault("fused", True)
+    ds.pop("scheduler", None)  # ours is passed to deepspeed.initialize (exact-resumable LambdaLR)
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (1, 2):
+        raise ValueError(f"{path}: zero_optimization.stage must be 1 or 2 (got {stage}); "
+                         "the non-finite-step skip relies on ZeRO's gradient-norm check")
+    return ds
+
+
+class DeepSpeedEngine(Engine):
+    """A DeepSpeed engine seen through the methods the training loop needs."""
+
+    def __init__(self, ds_engine, device: torch.device, dtype: torch.dtype):
+        self.ds = ds_engine
+        self.device = device
+        self.dtype = dtype
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.ds.module
+
+    def train(self) -> None:
+        self.ds.train()
+
+    def eval(self) -> None:
+        self.ds.eval()
+
+    def forward(self, batch: dict):
+        return self.ds(self.to_device(batch))
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss)  # divides the loss by gradient_accumulation_steps
+
+    def is_boundary(self) -> bool:
+        """True when the next `step()` applies an update (end of gradient accumulation)."""
+        return self.ds.is_gradient_accumulation_boundary()
+
+    def step(self) -> bool:
+        """Optimizer + LR step at an accumulation boundary. False when ZeRO skipped a non-finite update."""
+        boundary = self.is_boundary()
+        self.ds.step()
+        return (not boundary) or bool(getattr(self.ds, "_step_applied", True))
+
+    @property
+    def skipped_steps(self) -> int:
+        return int(self.ds.skipped_steps)
+
+    def lr(self) -> dict[str, float]:
+        return {g.get("name", str(i)): float(g["lr"]) for i, g in enumerate(self.ds.optimizer.param_groups)}
+
+    def grad_norm(self) -> Optional[float]:
+        norm = self.ds.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def save(self, save_dir: str | Path, tag: str, client_state: dict | None = None) -> None:
+        """Collective: every rank writes its optimizer partition. Frozen base weights are not saved."""
+        self.ds.save_checkpoint(str(save_dir), tag=tag, client_state=client_state or {},
+                                save_latest=False, exclude_frozen_parameters=True)
+
+    def load(self, load_dir: str | Path, tag: str) -> dict:
+        """Collective: restores trainable weights, optimizer, LR schedule; returns the client state."""
+        path, client_state = self.ds.load_checkpoint(str(load_dir), tag=tag, load_module_strict=False,
+                                                     load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"DeepSpeed checkpoint {Path(load_dir) / tag} could not be loaded "
+                                    f"(written by --engine torch? then resume with --engine torch)")
+        return client_state or {}
+
+
+def build_deepspeed_engine(model: torch.nn.Module, cfg: TrainConfig, total_steps: int, device: torch.device,
+                           precision: str, dtype: torch.dtype) -> DeepSpeedEngine:
+    """Wrap `model` in DeepSpeed ZeRO (ds_configs/ JSON with its "auto" fields filled from `cfg`)."""
+    import deepspeed
+
+    ds_config = build_ds_config(cfg, precision)
+    factor = warmup_cosine(total_steps, cfg.optim.warmup_ratio, cfg.optim.min_lr_ratio)
+    ds_engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=optimizer_groups(model, cfg),
+        config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
+    )
+    return DeepSpeedEngine(ds_engine, device, dtype)
