@@ -995,8 +995,8 @@ def run_mode(m: int, ctx: Context) -> dict:
 
 def run_mode_isolated(m: int, ctx: Context) -> dict:
     """`run_mode` in a fresh (spawned) process: every mode starts from the same state, whatever ran
-    before it, so the mode order cannot be the cause of a gap between modes (README.md's
-    Performance section discusses the order effect that remains)."""
+    before it, so leftover process state (allocator, caches, compiled kernels) cannot explain a gap
+    between modes (README.md's Performance section discusses an order effect that remains even so)."""
     with mp.get_context("spawn").Pool(1) as pool:
         return pool.apply(run_mode, (m, ctx))
 

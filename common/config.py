@@ -71,7 +71,7 @@ def build_parser(cls, description: str | None = None, parser: argparse.ArgumentP
         help_ = f.metadata.get("help", "")
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        # argparse %-formats help strings: a literal '%' ("~30% slower") must be doubled
+        # argparse %-formats help strings: a literal '%' ("85% of") must be doubled, here, once
         kw: dict[str, Any] = dict(dest=name, default=argparse.SUPPRESS,
                                   help=f"{help_} (default: {default!r})".replace("%", "%%"))
         origin = get_origin(tp)

@@ -124,7 +124,7 @@ class BuildConfig:
     split_seed: int = field(default=0, metadata={"help": "seed of the case-id hash that assigns splits"})
     keep_images: bool = field(default=False, metadata={"help": "also store the raw GIF bytes in each sample"})
     num_nodes: Optional[int] = field(default=None, metadata={"help": "nodes sharing the build (default: SLURM_ARRAY_TASK_COUNT x SLURM_NTASKS, else 1)"})
-    node_rank: Optional[int] = field(default=None, metadata={"help": "this node's rank; builds shards i with i %% num_nodes == rank (default: from SLURM, else 0)"})
+    node_rank: Optional[int] = field(default=None, metadata={"help": "this node's rank; builds shards i with i % num_nodes == rank (default: from SLURM, else 0)"})
     finalize_only: bool = field(default=False, metadata={"help": "build nothing; write the manifest once all shards exist (fails naming missing ones)"})
     cond_map: str = field(default="", metadata={"help": "cond_name_to_id.json to use ('' = the fixed 20-class map)"})
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from common.io import atomic_write_json
 
-# 18 ingredient parameters, the surface-observation map and the radar composite (FACTS.md).
+# 18 ingredient parameters, the surface-observation map and the radar composite.
 COND_NAMES: tuple[str, ...] = (
     "shr6", "scp", "tadv", "lclh", "epvl", "laps", "mcsm", "rgnlrad", "mcon", "ttd",
     "thea", "swbt", "stor", "lllr", "srh1", "bigsfc", "effh", "sbcp", "fzlv", "pchg",

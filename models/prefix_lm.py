@@ -32,13 +32,12 @@ from common.io import atomic_path, atomic_write_json
 from common.runtime import resolve_device, resolve_dtype
 from models import attention as attn
 from models import kernels, lora_fused
-from models.stage1 import Stage1Tail
+from models.stage1 import TAIL_FILENAME, Stage1Tail
 from models.tasks import TASKS
 
 PREFIX_WEIGHTS = "stage2_prefix_modules.safetensors"
 PREFIX_CONFIG = "prefix_config.json"
 SEED_PREFIX_WEIGHTS = "stage2_prefix_modules.pt"
-TAIL_WEIGHTS = "stage1_encoder_finetuned.safetensors"
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FUSED_CHOICES = ("auto", "none", "chunked", "liger")
 # E[gelu(z)^2] for z ~ N(0, 1): sets the output projection's init so the prefix matches the
@@ -61,7 +60,7 @@ class ModelConfig:
                                            "stock HF (dense mask for packed rows). auto: CUDA -> varlen > flash_attn > flex, "
                                            "CPU -> packed_sdpa"})
     precision: Literal["auto", "bf16", "fp32"] = field(default="auto", metadata={"help": "LM weight dtype; auto = bf16 on GPU, fp32 on CPU"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute decoder layers in backward (less memory, ~30% slower)"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute decoder layers in backward (less activation memory, at the cost of a second forward of each layer)"})
     gradient_checkpointing_layers: int = field(default=-1, metadata={
         "help": "with --gradient-checkpointing: recompute only the first N decoder layers (-1 = all); "
                 "trades memory for speed in steps of one layer's activations"})
@@ -148,7 +147,7 @@ class Stage2Prefix(nn.Module):
             save_file(state, str(tmp), metadata={"format": "pt"})
         atomic_write_json(out_dir / PREFIX_CONFIG, self.config_dict())
         if self.tail is not None:
-            self.tail.save(out_dir / TAIL_WEIGHTS)
+            self.tail.save(out_dir / TAIL_FILENAME)
 
     @classmethod
     def load(cls, ckpt_dir: str | Path, map_location="cpu") -> "Stage2Prefix":
@@ -170,9 +169,9 @@ class Stage2Prefix(nn.Module):
             raise ValueError(f"{cfg_path}: unreadable prefix config ({e!r})") from e
         tail = None
         if cfg.get("has_tail"):
-            if not (ckpt_dir / TAIL_WEIGHTS).exists():
-                raise FileNotFoundError(f"{cfg_path} says has_tail but {ckpt_dir / TAIL_WEIGHTS} is missing")
-            tail = Stage1Tail.load(ckpt_dir / TAIL_WEIGHTS)
+            if not (ckpt_dir / TAIL_FILENAME).exists():
+                raise FileNotFoundError(f"{cfg_path} says has_tail but {ckpt_dir / TAIL_FILENAME} is missing")
+            tail = Stage1Tail.load(ckpt_dir / TAIL_FILENAME)
         prefix = cls(tail=tail, **kwargs)
         state = load_file(str(ckpt_dir / PREFIX_WEIGHTS), device=str(map_location))
         _load_strict(prefix, state, ckpt_dir / PREFIX_WEIGHTS, skip_prefix="tail.")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Sequence
 
-from common.config import load_config, parse_config
+from common.config import _flatten, _leaf_fields, _load_file, from_dict, load_config, parse_config
 from models.prefix_lm import ModelConfig
 from models.stage1 import Stage1Settings
 from trainer.data import DataConfig
@@ -78,10 +78,10 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     engine: Literal["deepspeed", "torch"] = field(default="deepspeed", metadata={
-        "help": "training engine (trainer/engine.py); same updates either way: deepspeed = DeepSpeed ZeRO-2 per "
+        "help": "training engine (trainer/engines/); same updates either way: deepspeed = DeepSpeed ZeRO-2 per "
                 "--deepspeed (ds_configs/), the spec's default; torch = a lean data-parallel engine for LoRA "
-                "(flat fp32 master weights, one all-reduce, fused AdamW, no per-step host sync), measured "
-                "faster on an H100 (ZeRO's sharding buys nothing for LoRA's small optimizer state)"})
+                "(flat fp32 master weights, one all-reduce, fused AdamW, no per-step host sync): less host work "
+                "per step, and ZeRO's sharding buys nothing for LoRA's small optimizer state (README.md, Performance)"})
     deepspeed: str = field(default=DEFAULT_DS_CONFIG, metadata={"help": "DeepSpeed JSON config (--engine deepspeed); its 'auto' fields are filled from this config"})
     seed: int = field(default=42, metadata={"help": "seed of the data order, task sampling, init and dropout"})
     max_steps: int = field(default=-1, metadata={"help": "stop after this many optimizer steps (-1 = run all epochs); the LR schedule spans the capped run"})
@@ -92,9 +92,10 @@ class TrainConfig:
     cpu_affinity: Literal["off", "auto", "gpu"] = field(default="off", metadata={
         "help": "pin each rank and its data workers to its share of the CPUs next to its GPU (whole physical "
                 "cores, split among the ranks sharing them): auto = unless a launcher restricted the CPUs already "
-                "(srun --cpu-bind, numactl, a cgroup), gpu = always, off = leave it to the OS. Off by default: on "
-                "the 2x H100 VM of the README's Multi-GPU section (one NUMA node) binding made each rank issue its "
-                "forward + backward 4 per cent slower; try auto on multi-socket nodes whose GPUs hang off different sockets"})
+                "(srun --cpu-bind, numactl, a cgroup), gpu = always, off = leave it to the OS. Off by default: where "
+                "all GPUs share one NUMA node there is no remote memory to avoid, and confining each rank's host "
+                "thread to fewer CPUs slowed its kernel issue (README.md, Multi-GPU); try auto on multi-socket "
+                "nodes whose GPUs hang off different sockets"})
     dist_timeout_s: int = field(default=1800, metadata={"help": "collective timeout: a dead rank makes the others fail after this many seconds instead of hanging"})
     # Accepted for compatibility with the seed's command lines; the launcher decides the layout.
     distributed: bool = field(default=False, metadata={"help": "accepted for compatibility; no effect (the launcher's environment decides)"})
@@ -170,9 +171,19 @@ def parse_train_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     return parse_config(TrainConfig, _normalise_launcher_args(argv))
 
 
-def load_train_config(path: str | Path) -> TrainConfig:
-    """A saved `train_config.json` (e.g. from a checkpoint) back as a TrainConfig; unknown fields are an error."""
-    return load_config(TrainConfig, path)
+def load_train_config(path: str | Path, ignore_unknown: bool = False) -> TrainConfig:
+    """A saved `train_config.json` (e.g. from a checkpoint) back as a TrainConfig; unknown fields are an error.
+
+    With `ignore_unknown`, fields TrainConfig does not have are dropped instead: for readers of
+    checkpoints (eval), whose train_config.json may come from another version of the trainer or hold
+    extra keys. Not validated either way (a checkpoint's config need not name reachable shards).
+    """
+    if not ignore_unknown:
+        return load_config(TrainConfig, path)
+    # The same reading as load_config (flat or nested files), less the unknown names.
+    known = {p[-1] for p, _, _ in _leaf_fields(TrainConfig)}
+    values = _flatten(_load_file(str(path)), TrainConfig)
+    return from_dict(TrainConfig, {k: v for k, v in values.items() if k in known}, source=str(path))
 
 
 def replace(cfg: TrainConfig, **groups) -> TrainConfig:

@@ -72,7 +72,7 @@ class DataError(RuntimeError):
 class DataConfig:
     shard_dir: str = field(default="", metadata={"help": "directory built by python -m data_prep.build_shards (shards, cases.jsonl, manifest.json)"})
     batch_size: int = field(default=0, metadata={"help": "examples per micro-batch per GPU, fixed (packed into one row by default); 0 = derived from --batch-tokens for each schedule phase"})
-    batch_tokens: int = field(default=4096, metadata={"help": "token budget of a micro-batch per GPU (image prefixes included), used when --batch-size is 0: each schedule phase gets the number of examples per micro-batch whose mean length, measured on the first train samples with this tokenizer, fills the budget, and --balance-window evens the tokens across batches. 4096 tokens of the 7B shape train in ~38 GiB on an H100 (benchmarks/README.md)"})
+    batch_tokens: int = field(default=4096, metadata={"help": "token budget of a micro-batch per GPU (image prefixes included), used when --batch-size is 0: each schedule phase gets the number of examples per micro-batch whose mean length, measured on the first train samples with this tokenizer, fills the budget, and --balance-window evens the tokens across batches. Peak memory grows with the budget (README.md's Performance section has measured figures)"})
     num_workers: int = field(default=2, metadata={"help": "data-loader worker processes per GPU (0 = load in the training process)"})
     shuffle_buffer: int = field(default=1000, metadata={"help": "samples each worker holds in its shuffle buffer (<= 1 = no shuffling inside a worker)"})
     max_seq_len: int = field(default=256, metadata={"help": "max positions per example, image prefix included; longer ones are truncated (counted per task)"})

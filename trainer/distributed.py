@@ -13,7 +13,8 @@ CPU affinity (`--cpu-affinity auto|gpu`, off by default): each rank's host threa
 kernel of a host-bound step; pinned, with its data workers, to its own share of the CPUs next to its
 GPU (sysfs `local_cpulist`, split by physical core among the ranks whose GPUs share those CPUs), it
 is not moved across sockets. `auto` leaves processes that a launcher bound already (srun --cpu-bind,
-numactl, a cgroup) alone. Off by default because on a one-NUMA-node VM it measured slower (README).
+numactl, a cgroup) alone. Off by default: on a one-NUMA-node machine there is no remote memory to
+avoid, and fewer CPUs per rank only slow its host thread (README.md, Multi-GPU).
 """
 
 from __future__ import annotations
@@ -197,8 +198,8 @@ def disable_shm_allreduce_op() -> None:
     We never use it (CPU runs reduce through gloo; it serves DeepSpeed's inference all-reduce), and
     it costs: every machine JIT-compiles it on first use, under a file lock that a killed compile
     leaves behind (every later run then waits on it forever), and when the launcher sets LOCAL_SIZE
-    each rank maps a ~66 MB /dev/shm segment that DeepSpeed never unlinks, so runs leak RAM until
-    the machine runs out (a test suite of launcher runs left 21 GB). DeepSpeed keeps its op
+    each rank maps a /dev/shm segment that DeepSpeed never unlinks, so repeated launcher runs (a
+    test suite) leak RAM until the machine runs out. DeepSpeed keeps its op
     compatibility table in one module-level dict that it reads when the backend starts.
     """
     import deepspeed.ops

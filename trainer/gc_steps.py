@@ -1,7 +1,7 @@
 """Python's garbage collector, run at the same optimizer steps on every rank.
 
 Automatic collections start whenever a rank's allocation counters say so: at a random step, one
-rank pauses (tens of ms for a full collection with a 7B model's Python objects alive) and every
+rank pauses (a full collection scans every live Python object, many with a 7B model loaded) and every
 other rank waits for it at the next gradient all-reduce, so each rank's pauses cost all of them.
 Collecting only at every `interval`-th step, on all ranks at once, turns N ranks' scattered pauses
 into one shared pause (the approach of torchtitan and Megatron-LM). Objects alive at start-up (the
