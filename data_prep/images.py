@@ -16,17 +16,14 @@ from __future__ import annotations
 
 import io
 import os
-from functools import lru_cache
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
-# ImageNet statistics: the fallback until/unless models.stage1 defines IMAGE_MEAN / IMAGE_STD.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from models.image_norm import IMAGE_MEAN, IMAGE_STD
+
 RESAMPLE = Image.Resampling.BICUBIC
 REDUCING_GAP = 3.0
 DECODE_REASONS = ("missing", "empty", "not_an_image", "corrupt", "bad_frame")
@@ -46,20 +43,8 @@ class ImageDecodeError(ValueError):
         return type(self), (self.path, self.reason, self.detail)
 
 
-@lru_cache(maxsize=1)
 def normalization() -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) per RGB channel: models.stage1's IMAGE_MEAN/IMAGE_STD, else ImageNet's.
-
-    Imported lazily so decoding workers that never touch Stage1 do not pay for importing it.
-    Only a *missing* models.stage1 falls back; a broken one raises (silently normalising
-    differently from Stage1 would corrupt every cached latent).
-    """
-    try:
-        from models.stage1 import IMAGE_MEAN, IMAGE_STD
-    except ModuleNotFoundError as e:
-        if e.name not in ("models.stage1", "trainer"):
-            raise
-        return IMAGENET_MEAN, IMAGENET_STD
+    """(mean, std) per RGB channel: the Stage1 encoder's (models.stage1), recorded in every manifest."""
     return tuple(float(x) for x in IMAGE_MEAN), tuple(float(x) for x in IMAGE_STD)
 
 
@@ -125,7 +110,7 @@ def normalize_coefficients(mean: Stats = None, std: Stats = None) -> tuple[np.nd
     """(scale, shift), float32 per channel, with normalised = uint8_pixel * scale + shift.
 
     /255 and the mean/std are folded into one multiply-add, so the same formula gives the same
-    float32 values in numpy (`preprocess`) and in torch on the builder's GPU (`normalize_pixels`).
+    float32 values in numpy (`preprocess`) and in torch on the builder's GPU (build_shards' `normalize_pixels`).
     """
     if mean is None or std is None:
         default_mean, default_std = normalization()
@@ -139,22 +124,12 @@ def normalize_coefficients(mean: Stats = None, std: Stats = None) -> tuple[np.nd
 def preprocess(img: Image.Image, image_size: int, mean: Stats = None, std: Stats = None) -> np.ndarray:
     """RGB image -> float32 [3, image_size, image_size]: bicubic resize, [0, 1], mean/std.
 
-    `mean`/`std` default to `normalization()`; passing them explicitly (e.g. from the manifest)
-    spares a worker process the import of models.stage1 (torch + transformers, seconds).
+    `mean`/`std` default to `normalization()` (the Stage1 encoder's); the builder passes the
+    manifest's explicitly.
     """
     chw = resize_rgb(img, image_size)
     scale, shift = normalize_coefficients(mean, std)
     return chw.astype(np.float32) * scale[:, None, None] + shift[:, None, None]
-
-
-def normalize_pixels(pixels, mean: Stats = None, std: Stats = None):
-    """torch uint8 [..., 3, H, W] -> float32, exactly `preprocess`'s formula (on any device).
-
-    The shard builder's workers ship uint8 pixels (4x less through shared memory, pinning and the
-    host-to-device copy than float32) and normalise here, on the GPU.
-    """
-    scale, shift = (torch.from_numpy(a).to(pixels.device).view(3, 1, 1) for a in normalize_coefficients(mean, std))
-    return pixels.float() * scale + shift
 
 
 def decode_image(path: ImageSource, image_size: int, frame: int = 0, mean: Stats = None,

@@ -54,10 +54,9 @@ from transformers.models.vit_mae.modeling_vit_mae import ViTMAELayer
 from common.io import atomic_path
 
 # ImageNet statistics: both Stage1 models were trained on images normalised this way.
-IMAGE_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGE_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 NUM_STAGE1_CLASSES = 20
+# The fine-tuned tail (K > 0) in a Stage2 checkpoint, next to the prefix files (models.prefix_lm).
 TAIL_FILENAME = "stage1_encoder_finetuned.safetensors"
 Pooling = Literal["mean", "cls"]
 

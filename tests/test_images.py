@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data_prep.build_shards import normalize_pixels
 from data_prep.images import (
     ImageDecodeError,
     decode_image,
     decode_image_uint8,
     load_gif,
     normalization,
-    normalize_pixels,
     preprocess,
 )
 
