@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from common.io import read_jsonl
+from common.runtime import free_port
 from trainer.config import parse_train_config
-from trainer.distributed import free_port, shm_allreduce_path
+from trainer.distributed import shm_allreduce_path
 
 REPO = Path(__file__).resolve().parents[1]
 
