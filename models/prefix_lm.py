@@ -359,8 +359,42 @@ def resolve_fused_kernels(name: str, device: torch.device) -> str:
     return name
 
 
+# What a local Hugging Face model directory holds. Checked before transformers reads it, which
+# otherwise reports a missing tokenizer as "install sentencepiece" and a missing config.json as a hub lookup.
+MODEL_CONFIG_FILE = "config.json"
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+MODEL_DIR_EXPECTED = (f"a local Hugging Face model directory with {MODEL_CONFIG_FILE}, the weights "
+                      f"(*.safetensors or *.bin) and the tokenizer files ({', '.join(TOKENIZER_FILES)})")
+
+
+class ModelDirError(FileNotFoundError):
+    """A model (or tokenizer) directory that does not exist or lacks the files transformers needs."""
+
+
+def _model_dir_problem(path: Path, parts: tuple[str, ...]) -> str | None:
+    """Why `path` is no directory holding `parts` ("config", "weights", "tokenizer"): a phrase such as
+    "does not exist" or "has no config.json; no tokenizer files (...)", or None when it is fine."""
+    if not path.exists():
+        return "does not exist"
+    if not path.is_dir():
+        return "is not a directory"
+    missing = []
+    if "config" in parts and not (path / MODEL_CONFIG_FILE).is_file():
+        missing.append(f"no {MODEL_CONFIG_FILE}")
+    if "weights" in parts and not any(f.is_file() for pattern in WEIGHT_PATTERNS for f in path.glob(pattern)):
+        missing.append("no weights (*.safetensors, *.bin or an *.index.json of them)")
+    if "tokenizer" in parts and not any((path / f).is_file() for f in TOKENIZER_FILES):
+        missing.append(f"no tokenizer files ({', '.join(TOKENIZER_FILES[:-1])} or {TOKENIZER_FILES[-1]})")
+    return "has " + "; ".join(missing) if missing else None
+
+
 def load_tokenizer(model_path: str | Path):
     """The base model's tokenizer with a pad token (Mistral has none: use <unk>, else EOS)."""
+    problem = _model_dir_problem(Path(model_path), ("tokenizer",))
+    if problem:
+        raise ModelDirError(f"tokenizer directory {str(model_path)!r} {problem}; expected a local directory "
+                            f"with the tokenizer files ({', '.join(TOKENIZER_FILES)})")
     tok = AutoTokenizer.from_pretrained(str(model_path))
     if tok.pad_token_id is None:
         tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
@@ -369,13 +403,27 @@ def load_tokenizer(model_path: str | Path):
 
 def build_prefix_lm(cfg: ModelConfig, latent_dim: int, num_classes: int = 20, tail: nn.Module | None = None,
                     device=None) -> tuple[PrefixLM, object]:
-    """Load the base LM + tokenizer from `cfg.model_path`, set attention/kernels, add LoRA and the prefix."""
-    if not cfg.model_path or not Path(cfg.model_path).is_dir():
-        raise FileNotFoundError(f"model_path {cfg.model_path!r} is not a local model directory")
+    """Load the base LM + tokenizer from `cfg.model_path`, set attention/kernels, add LoRA and the prefix.
+
+    The directory is checked first: a ModelDirError names the path and everything it lacks. Missing
+    weights alone are reported when `from_pretrained` then fails, since a caller may patch it to build
+    random weights from config.json (the 7B-shape throughput benchmark has no 7B weights).
+    """
+    if not cfg.model_path:
+        raise ModelDirError(f"model_path is empty; expected {MODEL_DIR_EXPECTED}")
+    path = Path(cfg.model_path)
+    problem = _model_dir_problem(path, ("config", "weights", "tokenizer"))
+    if problem and _model_dir_problem(path, ("config", "tokenizer")):
+        raise ModelDirError(f"model directory {cfg.model_path!r} {problem}; expected {MODEL_DIR_EXPECTED}")
     device = resolve_device(device)
     tokenizer = load_tokenizer(cfg.model_path)
-    lm = AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=resolve_dtype(cfg.precision, device),
-                                              attn_implementation="sdpa")
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=resolve_dtype(cfg.precision, device),
+                                                  attn_implementation="sdpa")
+    except OSError as e:
+        if problem is None:  # the files are there: not a missing-file problem
+            raise
+        raise ModelDirError(f"model directory {cfg.model_path!r} {problem}; expected {MODEL_DIR_EXPECTED}") from e
     if lm.config.pad_token_id is None:
         lm.config.pad_token_id = tokenizer.pad_token_id
     return wrap_lm(lm, cfg, latent_dim, num_classes, tail, device), tokenizer

@@ -354,3 +354,54 @@ def test_bf16_base_gets_bf16_adapters_and_standard_peft_files(lm_dir, tmp_path):
         base = AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.bfloat16)
         plain = PeftModel.from_pretrained(base, tmp_path, autocast_adapter_dtype=False).eval()
         torch.testing.assert_close(plain(input_ids=ids).logits, ours, atol=2e-2, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# --model-path: the directory is checked first, the error names what is missing
+
+def _model_dir_without(lm_dir: Path, out: Path, *patterns: str) -> Path:
+    import shutil
+
+    shutil.copytree(lm_dir, out)
+    for pattern in patterns:
+        for f in out.glob(pattern):
+            f.unlink()
+    return out
+
+
+@pytest.mark.parametrize("removed,missing", [
+    (("tokenizer*",), "has no tokenizer files (tokenizer.json, tokenizer.model or tokenizer_config.json)"),
+    (("config.json",), "has no config.json"),
+    (("*.safetensors",), "has no weights (*.safetensors, *.bin or an *.index.json of them)"),
+])
+def test_a_model_dir_lacking_a_part_says_which(lm_dir, tmp_path, removed, missing):
+    from models.prefix_lm import ModelDirError
+
+    bad = _model_dir_without(lm_dir, tmp_path / "model", *removed)
+    with pytest.raises(ModelDirError) as info:
+        build_prefix_lm(ModelConfig(model_path=str(bad)), latent_dim=LATENT_DIM, device="cpu")
+    assert f"model directory {str(bad)!r} {missing}; expected a local Hugging Face model directory" in str(info.value)
+    assert isinstance(info.value, FileNotFoundError)
+
+
+def test_a_missing_empty_or_wrong_model_path_is_named(tmp_path):
+    cases = [(tmp_path / "nowhere", "does not exist"), (tmp_path / "file.txt", "is not a directory"),
+             (tmp_path / "empty", "has no config.json; no weights (*.safetensors, *.bin or an *.index.json of "
+                                  "them); no tokenizer files (tokenizer.json, tokenizer.model or tokenizer_config.json)")]
+    (tmp_path / "file.txt").write_text("x")
+    (tmp_path / "empty").mkdir()
+    for path, problem in cases:
+        with pytest.raises(FileNotFoundError, match="expected a local Hugging Face model directory") as info:
+            build_prefix_lm(ModelConfig(model_path=str(path)), latent_dim=LATENT_DIM, device="cpu")
+        assert f"model directory {str(path)!r} {problem};" in str(info.value)
+
+
+def test_load_tokenizer_checks_for_tokenizer_files_only(lm_dir, tmp_path):
+    from models.prefix_lm import ModelDirError, load_tokenizer
+
+    # A checkpoint dir holds the tokenizer but no LM: enough for load_tokenizer.
+    tok_only = _model_dir_without(lm_dir, tmp_path / "ckpt", "config.json", "*.safetensors")
+    assert load_tokenizer(tok_only).pad_token_id is not None
+    bare = _model_dir_without(lm_dir, tmp_path / "bare", "tokenizer*", "special_tokens_map.json")
+    with pytest.raises(ModelDirError, match=f"tokenizer directory '{bare}' has no tokenizer files"):
+        load_tokenizer(bare)
