@@ -21,6 +21,18 @@ What it does, in order:
 4. Finalize when every planned shard is present: `cases.jsonl` (task D), `skip_report.json`,
    `cond_name_to_id.json`, `build_config.json`, and `manifest.json` last.
 
+Checks that fail the build (one message naming the inputs, counts and top skip reasons; exit 1, no
+traceback from the CLI):
+- Sample-key collisions, before anything is written: two case ids that differ only in characters
+  the sample key replaces (`2018.md0101`, `2018_md0101`) would give one WebDataset key to two samples.
+- Too much skipped: if more than `--max-skipped-fraction` (default 0.5) of the input elements (the
+  JSON's elements, valid or not) are not in the shards, or none is, finalize writes
+  `skip_report.json` but no `manifest.json`. Checked over the whole build (a node without shards is
+  fine), and once early, from the JSON alone, so an all-invalid JSON fails before Stage1 runs.
+  Finished shards stay; rerunning with fixed inputs resumes (a shard whose skipped images now
+  resolve elsewhere, e.g. after fixing `--image-root`, or were missing and now exist, is rebuilt),
+  and `--max-skipped-fraction 1.0` accepts any build, even an empty one.
+
 Resuming: rerun the same command. Shards whose sidecar matches the plan and whose bytes match the
 recorded sha256 are kept; missing, truncated or stale ones are rebuilt. A killed build resumes to
 the same shards and manifest as a clean one.
@@ -72,7 +84,7 @@ from data_prep.manifest import (
     Stage1Record,
     save_manifest,
 )
-from data_prep.shard_format import CASES_FILENAME, MANIFEST_FILENAME, ElementSample, encode_sample
+from data_prep.shard_format import CASES_FILENAME, MANIFEST_FILENAME, ElementSample, encode_sample, sample_key
 from models.cond_names import COND_MAP_FILENAME, default_cond_name_to_id, load_cond_map, save_cond_map
 from models.stage1 import Stage1Settings, load_stage1_classifier, load_stage1_encoder
 
@@ -82,8 +94,19 @@ BUILD_DIR = ".build"  # per-shard sidecars and per-node records live here, insid
 TAR_MTIME = 0  # fixed tar metadata: rebuilt shards are byte-identical
 TAR_OWNER = "stage2"
 
-# Config fields that change what is written; the others (paths of the run, layout, workers) do not.
-_LAYOUT_FIELDS = ("out", "num_workers", "device", "num_nodes", "node_rank", "finalize_only")
+# Config fields that do not change what is written (paths of the run, layout, workers, the outcome
+# check); the others do, and are recorded in the manifest and the shards' fingerprints.
+_LAYOUT_FIELDS = ("out", "num_workers", "device", "num_nodes", "node_rank", "finalize_only", "max_skipped_fraction")
+
+
+class BuildError(RuntimeError):
+    """An expected failure; its message says what is wrong and what to do. `main` prints it (no
+    traceback) and exits 1."""
+
+
+class InputError(BuildError, ValueError):
+    """Unusable inputs or flags: a missing/invalid Gemini JSON or checkpoint, a `--strict` problem,
+    a sample-key collision (also a ValueError, as such problems were before)."""
 
 
 def _accept_flat_stage1_kwargs(cls):
@@ -127,22 +150,25 @@ class BuildConfig:
     node_rank: Optional[int] = field(default=None, metadata={"help": "this node's rank; builds shards i with i % num_nodes == rank (default: from SLURM, else 0)"})
     finalize_only: bool = field(default=False, metadata={"help": "build nothing; write the manifest once all shards exist (fails naming missing ones)"})
     cond_map: str = field(default="", metadata={"help": "cond_name_to_id.json to use ('' = the fixed 20-class map)"})
+    max_skipped_fraction: float = field(default=0.5, metadata={"help": "fail (exit 1, skip_report.json written, no manifest.json; finished shards kept) when more than this fraction of the input elements (valid or not) is left out of the shards; an empty build counts as 1.0, so 1.0 accepts any build, even an empty one"})
 
     def validate(self) -> None:
         if not self.gemini_json:
-            raise ValueError("--gemini-json: give at least one Gemini JSON file")
+            raise InputError("--gemini-json: give at least one Gemini JSON file")
         if not self.out:
-            raise ValueError("--out: give the shard directory to write")
+            raise InputError("--out: give the shard directory to write")
         if not self.finalize_only and not self.image_root:
-            raise ValueError("--image-root: give the folder that holds md_image/")
+            raise InputError("--image-root: give the folder that holds md_image/")
         for name in ("stage1_encoder_ckpt", "stage1_classifier_ckpt"):
             if not getattr(self.stage1, name):
-                raise ValueError(f"--{name.replace('_', '-')}: required (the shards cache Stage1 outputs)")
+                raise InputError(f"--{name.replace('_', '-')}: required (the shards cache Stage1 outputs)")
         if self.samples_per_shard < 1 or self.batch_size < 1 or self.num_workers < 0:
-            raise ValueError("--samples-per-shard and --batch-size must be >= 1, --num-workers >= 0")
+            raise InputError("--samples-per-shard and --batch-size must be >= 1, --num-workers >= 0")
+        if not 0.0 <= self.max_skipped_fraction <= 1.0:
+            raise InputError(f"--max-skipped-fraction {self.max_skipped_fraction}: must be in [0, 1]")
         num_nodes, node_rank = resolve_layout(self)
         if not 0 <= node_rank < num_nodes:
-            raise ValueError(f"--node-rank {node_rank} must be in [0, --num-nodes {num_nodes})")
+            raise InputError(f"--node-rank {node_rank} must be in [0, --num-nodes {num_nodes})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -422,12 +448,54 @@ class _Inputs:
 
 
 def _load_inputs(cfg: BuildConfig) -> _Inputs:
-    cond_map = load_cond_map(cfg.cond_map) if cfg.cond_map else default_cond_name_to_id()
-    cases, report = load_gemini_json(cfg.gemini_json, cond_map, strict=cfg.strict)
+    try:
+        cond_map = load_cond_map(cfg.cond_map) if cfg.cond_map else default_cond_name_to_id()
+        cases, report = load_gemini_json(cfg.gemini_json, cond_map, strict=cfg.strict)
+    except (FileNotFoundError, ValueError) as e:  # the message names the file (and case/field)
+        raise InputError(str(e)) from e
+    check_sample_keys(cases)
     for case in cases:
         case.split = assign_split(case.case_id, cfg.val_fraction, cfg.split_seed)
-    ckpt_sha = (sha256_file(cfg.stage1.stage1_encoder_ckpt), sha256_file(cfg.stage1.stage1_classifier_ckpt))
+    ckpt_sha = tuple(_ckpt_sha(cfg.stage1, name) for name in ("stage1_encoder_ckpt", "stage1_classifier_ckpt"))
     return _Inputs(cases, report, cond_map, make_plan(cases, cfg.samples_per_shard), ckpt_sha)
+
+
+def _ckpt_sha(settings: Stage1Settings, name: str) -> str:
+    path = getattr(settings, name)
+    try:
+        return sha256_file(path)
+    except (FileNotFoundError, IsADirectoryError):
+        raise InputError(f"--{name.replace('_', '-')} {path}: no such file") from None
+
+
+def check_sample_keys(cases: Sequence[Case]) -> None:
+    """Raise InputError if two elements would get the same sample key (`shard_format.sample_key`).
+
+    The key keeps letters, digits, '-' and '_' of the case id and replaces the rest with '_', so ids
+    such as `2018.md0101` and `2018_md0101` collide; WebDataset would then merge two samples into
+    one that the trainer cannot decode. Keys are not changed to avoid it: existing shard sets keep
+    theirs, and which of two ids to rename is the user's call.
+    """
+    owner: dict[str, Case] = {}
+    collisions: dict[tuple[int, int], tuple[Case, Case, str]] = {}  # first per pair of cases
+    for case in cases:
+        for el in case.elements:
+            key = sample_key(case.case_id, el.index)
+            first = owner.setdefault(key, case)
+            if first is not case:
+                collisions.setdefault((id(first), id(case)), (first, case, key))
+    if not collisions:
+        return
+    lines = [f"  case id {a.case_id!r} ({a.source_file}, case {a.case_index}) and case id {b.case_id!r} "
+             f"({b.source_file}, case {b.case_index}): both give sample key {key!r}"
+             for a, b, key in list(collisions.values())[:5]]
+    more = f"\n  ... and {len(collisions) - 5} more pair(s)" if len(collisions) > 5 else ""
+    raise InputError(
+        f"{len(collisions)} pair(s) of case ids collide as sample keys (a key keeps letters, digits, '-' "
+        f"and '_' of the case id and replaces every other character with '_'; one WebDataset key cannot "
+        f"hold two samples):\n" + "\n".join(lines) + more +
+        "\nGive one case of each pair another id in its Gemini JSON (e.g. a \"case_id\" field) and rerun; "
+        "no shard was written.")
 
 
 def _sample(case: Case, el: Element, latent, logits, tokens, image_bytes) -> ElementSample:
@@ -499,7 +567,7 @@ def _build_shards(cfg: BuildConfig, todo: list[PlannedShard], fingerprints: dict
                 case, el = items[pos]
                 skip = _image_skip(case, el, path, reason, detail)
                 if cfg.strict:
-                    raise ValueError(f"--strict: {skip.message()}")
+                    raise InputError(f"--strict: {skip.message()}")
                 writer.skips.append(skip)
                 num_skipped += 1
             if launched is not None:
@@ -517,6 +585,24 @@ def _build_shards(cfg: BuildConfig, todo: list[PlannedShard], fingerprints: dict
     finally:
         bar.close()
     return total, num_skipped
+
+
+def _skipped_images_may_decode_now(side: dict, shard: PlannedShard, image_root: str) -> bool:
+    """True if an image the shard left out now resolves to another path (e.g. `--image-root` was
+    fixed) or was missing and now exists: the shard is rebuilt rather than kept.
+
+    The image root is not part of the plan (the same images may be mounted elsewhere on another
+    machine), so without this a build made with a wrong root would be resumed as it was.
+    """
+    elements = {(case.source_file, case.case_index, el.index): el for case, el in shard.items}
+    for skip in side.get("skips", []):
+        el = elements.get((skip["file"], skip["case_index"], skip["element_index"]))
+        if el is None:
+            continue
+        path = resolve_image_path(image_root, el.image_rel_path)
+        if str(path) != skip["path"] or (skip["reason"] == "missing" and path.exists()):
+            return True
+    return False
 
 
 def _remove_stale_temp_files(out: Path, shards: list[PlannedShard]) -> None:
@@ -543,6 +629,8 @@ def build(cfg: BuildConfig) -> Optional[Manifest]:
     device = resolve_device(cfg.device)
     compute_dtype = resolve_precision(cfg.dtype, device)
     inputs = _load_inputs(cfg)
+    # Image skips only add to the JSON's: a build that cannot pass fails before Stage1 runs.
+    check_skipped_fraction(cfg, inputs.report, sum(len(s.items) for s in inputs.plan), before_images=True)
     fp = build_fingerprint(cfg, inputs.ckpt_sha, compute_dtype)
     fingerprints = {s.name: s.fingerprint(fp) for s in inputs.plan}
     runner = Stage1Runner(cfg.stage1, device, compute_dtype)
@@ -555,7 +643,7 @@ def build(cfg: BuildConfig) -> Optional[Manifest]:
         msg = (f"{len(missing)} of {len(inputs.plan)} shards are not built yet "
                f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
         if cfg.finalize_only:
-            raise RuntimeError(f"{out}: cannot finalize: {msg}; run the build on every node first")
+            raise BuildError(f"{out}: cannot finalize: {msg}; run the build on every node first")
         log.info("%s: the node that finishes last writes the manifest", msg)
         return None
     return finalize(cfg, inputs, fingerprints, runner, compute_dtype)
@@ -566,7 +654,8 @@ def _build_my_shards(cfg: BuildConfig, plan: list[PlannedShard], fingerprints: d
     """Build the shards of this node that are missing, broken or stale; record what was done."""
     out = Path(cfg.out)
     mine = [s for s in plan if s.index % cfg.num_nodes == cfg.node_rank]
-    todo = [s for s in mine if read_done_shard(out, s, fingerprints[s.name], full=True) is None]
+    todo = [s for s in mine if (side := read_done_shard(out, s, fingerprints[s.name], full=True)) is None
+            or _skipped_images_may_decode_now(side, s, cfg.image_root)]
     log.info("node %d/%d: %d of %d planned shards are mine, %d to build (%d already done), device %s, %s",
              cfg.node_rank, cfg.num_nodes, len(mine), len(plan), len(todo), len(mine) - len(todo),
              device, compute_dtype)
@@ -602,6 +691,7 @@ def finalize(cfg: BuildConfig, inputs: _Inputs, fingerprints: dict, runner: Stag
     for side in sidecars:
         for skip in side["skips"]:
             report.add(Skip(**skip))
+    check_skipped_fraction(cfg, report, sum(side["num_samples"] for side in sidecars), before_images=False)
     cases_per_split = _write_cases(out / CASES_FILENAME, inputs.cases, report)
 
     shards = [ShardEntry(s["name"], s["split"], s["num_samples"], s["sha256"], s["size"]) for s in sidecars]
@@ -619,6 +709,56 @@ def finalize(cfg: BuildConfig, inputs: _Inputs, fingerprints: dict, runner: Stag
     save_manifest(out, manifest)  # last: its presence means the build is complete
     _print_summary(out, manifest, report)
     return manifest
+
+
+def check_skipped_fraction(cfg: BuildConfig, report: SkipReport, num_kept: int, before_images: bool) -> None:
+    """Raise BuildError if more than `cfg.max_skipped_fraction` of the input elements is not kept.
+
+    `num_kept`: the samples in the shards (`before_images`: the elements the JSON leaves, an upper
+    bound). An empty build counts as fraction 1.0. On failure the skip report is written (every
+    skip, for the user to read) and a manifest from an earlier run is removed; shards stay.
+    """
+    num_read = report.elements_read
+    fraction = 1.0 if num_kept == 0 else (num_read - num_kept) / num_read
+    if fraction <= cfg.max_skipped_fraction:
+        return
+    out = Path(cfg.out)
+    (out / MANIFEST_FILENAME).unlink(missing_ok=True)
+    report.save(out / SKIP_REPORT_FILENAME)
+    raise BuildError(_rejection_message(cfg, report, num_kept, fraction, before_images))
+
+
+def _rejection_message(cfg: BuildConfig, report: SkipReport, num_kept: int, fraction: float,
+                       before_images: bool) -> str:
+    num_read, out = report.elements_read, Path(cfg.out)
+    counts = (f"{num_kept} of {num_read} input element(s) (from {report.cases_read} case(s)) "
+              f"{'left after validating the Gemini JSON' if before_images else 'kept'}, "
+              f"{num_read - num_kept} skipped")
+    if num_read == 0:
+        limit = "the Gemini JSON holds no case: the build would be empty"
+    elif num_kept == 0:
+        limit = "every element skipped: the build would be empty"
+    else:
+        limit = f"{fraction:.1%} skipped > --max-skipped-fraction {cfg.max_skipped_fraction:g}"
+    lines = [f"build rejected{' before decoding any image' if before_images else ''}: {counts} ({limit})",
+             f"  Gemini JSON: {', '.join(cfg.gemini_json)}; image root: {cfg.image_root or '-'}; "
+             f"GIF frame: {cfg.stage1.gif_frame}"]
+    top = report.top_reasons(3)
+    if top:
+        lines.append("  top skip reasons: " + "; ".join(
+            f"{f} {r}: {n} {'case(s)' if is_case else 'element(s)'}" for f, r, is_case, n, _ in top))
+        field_, reason, _, _, example = top[0]
+        lines.append(f"  e.g. {example.message()}")
+        if field_ == "image_rel_path" and reason == "missing":
+            lines.append(f"  hint: images are looked up under --image-root {cfg.image_root}: is it the "
+                         "folder that holds md_image/?")
+        elif field_ == "image_rel_path" and reason == "bad_frame":
+            lines.append(f"  hint: --gif-frame {cfg.stage1.gif_frame} is beyond these images' frames")
+    lines += [f"  every skip: {out / SKIP_REPORT_FILENAME}; no {MANIFEST_FILENAME} written; finished shards "
+              "stay (a rerun keeps them, and rebuilds those whose skipped images are now found)",
+              "Fix the input and rerun the same command, or accept such a build with --max-skipped-fraction "
+              "1.0 (or the largest fraction you accept)."]
+    return "\n".join(lines)
 
 
 def _write_cases(path: Path, cases: list[Case], report: SkipReport) -> Counter:
@@ -662,7 +802,9 @@ def _print_summary(out: Path, manifest: Manifest, report: SkipReport, file=None)
     file = file or sys.stdout
     counts = ", ".join(f"{split}: {c['num_samples']} samples / {c['num_cases']} cases / {c['num_shards']} shards"
                        for split, c in manifest.split_counts.items())
-    print(f"[build_shards] wrote {out / 'manifest.json'} ({counts})", file=file)
+    num_kept = sum(c["num_samples"] for c in manifest.split_counts.values())
+    print(f"[build_shards] wrote {out / 'manifest.json'} ({counts}; {num_kept} of {report.elements_read} "
+          "input elements kept)", file=file)
     if len(report):
         reasons = ", ".join(f"{r}: {n}" for r, n in report.by_reason().items())
         print(f"[build_shards] skipped {report.num_cases_skipped()} case(s) and "
@@ -682,13 +824,20 @@ CLI_DESCRIPTION = (
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    cfg = parse_config(BuildConfig, argv, description=CLI_DESCRIPTION)
-    cfg.num_nodes, cfg.node_rank = resolve_layout(cfg)
-    setup_logging("data_prep.build_shards", rank=0)
-    print_config(cfg)
-    Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    save_config(cfg, Path(cfg.out) / BUILD_DIR / f"config-node-{cfg.node_rank}.json")
-    build(cfg)
+    """The CLI. Expected failures (BuildError: bad inputs or flags, a rejected build) print one
+    message to stderr and exit 1 without a traceback; anything else is a bug and keeps its traceback."""
+    try:
+        cfg = parse_config(BuildConfig, argv, description=CLI_DESCRIPTION)
+        cfg.num_nodes, cfg.node_rank = resolve_layout(cfg)
+        setup_logging("data_prep.build_shards", rank=0)
+        print_config(cfg)
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        save_config(cfg, Path(cfg.out) / BUILD_DIR / f"config-node-{cfg.node_rank}.json")
+        build(cfg)
+    except BuildError as e:
+        sys.stdout.flush()
+        print(f"[build_shards] error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

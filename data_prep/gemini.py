@@ -99,10 +99,14 @@ class SkipReport:
     """Everything that was skipped (JSON validation and image decoding), plus non-fatal notes.
 
     `len(report)` counts skips only; notes (e.g. a renamed duplicate case id) change no data.
+    `cases_read` / `elements_read` count what the JSON held, valid or not (a case whose "elements"
+    is not a non-empty list counts as one element): the denominators of "how much was skipped".
     """
 
     skips: list[Skip] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    cases_read: int = 0
+    elements_read: int = 0
 
     def add(self, skip: Skip) -> None:
         self.skips.append(skip)
@@ -113,6 +117,8 @@ class SkipReport:
     def merge(self, other: "SkipReport") -> "SkipReport":
         self.skips.extend(other.skips)
         self.notes.extend(other.notes)
+        self.cases_read += other.cases_read
+        self.elements_read += other.elements_read
         return self
 
     def __len__(self) -> int:
@@ -133,18 +139,30 @@ class SkipReport:
     def num_elements_skipped(self) -> int:
         return sum(s.element_index is not None for s in self.skips)
 
+    def top_reasons(self, n: int = 3) -> list[tuple[str, str, bool, int, Skip]]:
+        """The `n` most frequent (field, reason, whole case?) groups, most frequent first (ties in
+        report order): (field, reason, is_case, count, first skip of the group, as an example)."""
+        groups: dict[tuple[str, str, bool], list] = {}
+        for s in self.skips:
+            group = groups.setdefault((s.field, s.reason, s.element_index is None), [0, s])
+            group[0] += 1
+        ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])  # stable: ties keep report order
+        return [(f, r, is_case, count, example) for (f, r, is_case), (count, example) in ranked[:n]]
+
     def summary(self) -> dict[str, Any]:
         """Counts only (for the manifest); `to_dict()` has every entry."""
         return {"num_skipped": len(self), "cases_skipped": self.num_cases_skipped(),
                 "elements_skipped": self.num_elements_skipped(), "by_reason": self.by_reason(),
-                "by_field": self.by_field(), "num_notes": len(self.notes)}
+                "by_field": self.by_field(), "num_notes": len(self.notes),
+                "cases_read": self.cases_read, "elements_read": self.elements_read}
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.summary(), "skipped": [asdict(s) for s in self.skips], "notes": list(self.notes)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "SkipReport":
-        return cls([Skip(**s) for s in d.get("skipped", [])], list(d.get("notes", [])))
+        return cls([Skip(**s) for s in d.get("skipped", [])], list(d.get("notes", [])),
+                   int(d.get("cases_read", 0)), int(d.get("elements_read", 0)))
 
     def save(self, path: str | Path) -> None:
         atomic_write_json(path, self.to_dict())
@@ -304,6 +322,12 @@ def _validate_element(raw: Any, index: int, file: str, case_index: int,
     return Element(index, values["image_rel_path"], values["cond_name"], cid, values["caption"])
 
 
+def _num_elements(raw: Any) -> int:
+    """How many elements a raw case holds, for the report's `elements_read` (at least 1)."""
+    elements = raw.get("elements") if isinstance(raw, dict) else None
+    return len(elements) if isinstance(elements, list) and elements else 1
+
+
 def _validate_case(raw: Any, key_id: Optional[str], file: str, case_index: int,
                    cond_map: dict[str, int], problem: _Problems) -> Optional[Case]:
     if not isinstance(raw, dict):
@@ -374,6 +398,8 @@ def load_gemini_json(paths: Sequence[str | Path] | str | Path, cond_name_to_id: 
         raw_cases = _read_cases(Path(path))
         num_raw += len(raw_cases)
         for case_index, (key_id, raw) in enumerate(raw_cases):
+            report.cases_read += 1
+            report.elements_read += _num_elements(raw)
             case = _validate_case(raw, key_id, file, case_index, cond_name_to_id, problem)
             if case is not None:
                 cases.append(case)

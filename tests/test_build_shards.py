@@ -2,12 +2,14 @@
 
 What must hold: every valid element lands in exactly one shard of its case's split, with Stage1
 outputs equal to running Stage1 directly; every bad input is a counted skip naming its path and
-reason; the build is byte-reproducible across node layouts, reruns, repairs and a SIGKILL resume.
+reason; the build is byte-reproducible across node layouts, reruns, repairs and a SIGKILL resume;
+a build that keeps (nearly) nothing, or whose case ids collide as sample keys, fails with one message.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -22,7 +24,7 @@ import pytest
 import torch
 
 from common.io import read_jsonl, sha256_file
-from data_prep.build_shards import BUILD_DIR, BuildConfig, build, make_plan
+from data_prep.build_shards import BUILD_DIR, BuildConfig, BuildError, InputError, build, main, make_plan
 from data_prep.gemini import assign_split, load_gemini_json, resolve_image_path
 from data_prep.images import decode_image
 from data_prep.manifest import ManifestMismatch, check_stage1_compatible, load_manifest
@@ -189,6 +191,141 @@ def test_manifest_refuses_other_stage1_settings(reference, stage1_ckpts):
 def test_strict_stops_at_the_first_problem(tmp_path, faulty_data, stage1_ckpts):
     with pytest.raises(ValueError, match="gemini_element_captions"):
         build(make_cfg(faulty_data, stage1_ckpts, tmp_path / "out", strict=True))
+
+
+# ----------------------------------------------------------------------------------------------
+# builds that must fail: nearly nothing kept, colliding sample keys
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """4 clean cases x 3 images in one JSON file: 12 elements."""
+    root = tmp_path_factory.mktemp("small_data")
+    return generate(root, num_cases=4, num_files=1, seed=3, elements_per_case=3), root
+
+
+def cli_args(cfg: BuildConfig) -> list[str]:
+    return ["--gemini-json", *cfg.gemini_json, "--image-root", cfg.image_root,
+            "--stage1-encoder-ckpt", cfg.stage1.stage1_encoder_ckpt,
+            "--stage1-classifier-ckpt", cfg.stage1.stage1_classifier_ckpt, "--out", cfg.out,
+            "--image-size", "32", "--samples-per-shard", str(SAMPLES_PER_SHARD), "--batch-size", str(BATCH_SIZE),
+            "--num-workers", "0", "--val-fraction", str(VAL_FRACTION), "--gif-frame", str(cfg.stage1.gif_frame)]
+
+
+def failing_cli(cfg: BuildConfig, capsys, monkeypatch) -> str:
+    """Run the CLI in-process; it must exit 1 with one message (no exception escapes): its stderr."""
+    # main() sets up logging on this test's captured stderr: undo it afterwards.
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    monkeypatch.setattr(root, "level", root.level)
+    monkeypatch.setattr(root, "_stage2_configured", False, raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        main(cli_args(cfg))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and "[build_shards] error: " in err and "Traceback" not in err, err
+    return err
+
+
+def test_wrong_image_root_fails_loudly_keeps_the_report_and_a_fixed_rerun_builds(tmp_path, small_data,
+                                                                               stage1_ckpts, capsys, monkeypatch):
+    out, wrong_root = tmp_path / "out", tmp_path / "not_the_image_root"
+    err = failing_cli(make_cfg(small_data, stage1_ckpts, out, image_root=str(wrong_root)), capsys, monkeypatch)
+    assert "0 of 12 input element(s)" in err and "12 skipped" in err and str(small_data[0][0]) in err
+    assert "image_rel_path missing: 12 element(s)" in err and str(wrong_root / "md_image") in err  # an example
+    assert "--max-skipped-fraction" in err
+    assert not (out / "manifest.json").exists()
+    report = json.loads((out / "skip_report.json").read_text())
+    assert report["num_skipped"] == 12 and {s["reason"] for s in report["skipped"]} == {"missing"}
+    assert list(out.glob("*.tar"))  # the shards written stay
+
+    # The image root is not part of the plan: the shards whose images now resolve elsewhere are redone.
+    manifest = build(make_cfg(small_data, stage1_ckpts, out))
+    assert sum(e.num_samples for e in manifest.shards) == 12 and manifest.skip_summary["num_skipped"] == 0
+    assert json.loads((out / "skip_report.json").read_text())["num_skipped"] == 0
+
+
+def test_gif_frame_beyond_every_image_fails_unless_allowed(tmp_path, small_data, stage1_ckpts):
+    out = tmp_path / "out"
+    with pytest.raises(BuildError, match="(?s)0 of 12 input.*image_rel_path bad_frame: 12 .*--gif-frame 7"):
+        build(make_cfg(small_data, stage1_ckpts, out, gif_frame=7))
+    assert not (out / "manifest.json").exists() and (out / "skip_report.json").exists()
+    before = _mtimes(out)
+    # 1.0 accepts even an empty build; the flag does not change the plan, so the shards are kept.
+    manifest = build(make_cfg(small_data, stage1_ckpts, out, gif_frame=7, max_skipped_fraction=1.0))
+    assert manifest.num_samples("train") + manifest.num_samples("val") == 0
+    assert _mtimes(out) == before and "max_skipped_fraction" not in manifest.builder
+
+
+def test_json_without_a_valid_case_fails_before_stage1_runs(tmp_path, small_data, stage1_ckpts, capsys,
+                                                           monkeypatch):
+    raw = json.loads(small_data[0][0].read_text())
+    for case in raw:
+        case["global_summary"] = " "
+    bad_json = tmp_path / "all_invalid.json"
+    bad_json.write_text(json.dumps(raw))
+    monkeypatch.setattr("data_prep.build_shards.Stage1Runner", None)  # calling it would escape main()
+    out = tmp_path / "out"
+    err = failing_cli(make_cfg(([bad_json], small_data[1]), stage1_ckpts, out), capsys, monkeypatch)
+    assert "before decoding any image" in err and "0 of 12 input element(s) (from 4 case(s))" in err
+    assert str(bad_json) in err and "global_summary empty: 4 case(s)" in err and "case 0: field 'global_summary'" in err
+    assert json.loads((out / "skip_report.json").read_text())["cases_skipped"] == 4
+    assert not list(out.glob("*.tar")) and not (out / "manifest.json").exists()
+
+    empty_json = tmp_path / "empty.json"
+    empty_json.write_text("[]")
+    with pytest.raises(BuildError, match="holds no case"):
+        build(make_cfg(([empty_json], small_data[1]), stage1_ckpts, tmp_path / "out_empty"))
+
+
+def test_more_than_the_allowed_fraction_skipped_fails_without_touching_the_shards(tmp_path, reference,
+                                                                                  faulty_data, stage1_ckpts):
+    ref_out, ref_manifest = reference
+    out = tmp_path / "copy"
+    shutil.copytree(ref_out, out)
+    before = _mtimes(out)
+    kept = sum(e.num_samples for e in ref_manifest.shards)
+    skipped = 120 - kept  # 12 cases x 10 elements; one fault of each kind, one of them a whole case
+    assert ref_manifest.skip_summary["elements_read"] == 120 and 0.1 < skipped / 120 < 0.2
+    with pytest.raises(BuildError, match=rf"{kept} of 120 input element\(s\) .*kept, {skipped} skipped .*"
+                                         r"> --max-skipped-fraction 0.1\)"):
+        build(make_cfg(faulty_data, stage1_ckpts, out, max_skipped_fraction=0.1))
+    assert not (out / "manifest.json").exists() and _mtimes(out) == before
+    build(make_cfg(faulty_data, stage1_ckpts, out, max_skipped_fraction=0.2))
+    assert dir_content(out) == dir_content(ref_out)  # the same manifest: the threshold is not recorded
+
+
+def test_a_node_without_shards_is_not_a_failure(tmp_path, small_data, stage1_ckpts):
+    out = tmp_path / "out"
+    cfg = make_cfg(small_data, stage1_ckpts, out)
+    cases, _ = load_gemini_json(cfg.gemini_json, default_cond_name_to_id())
+    for c in cases:
+        c.split = assign_split(c.case_id, VAL_FRACTION, 0)
+    num_nodes = len(make_plan(cases, SAMPLES_PER_SHARD)) + 1  # the last node has no shard
+    idle = make_cfg(small_data, stage1_ckpts, out, num_nodes=num_nodes, node_rank=num_nodes - 1)
+    assert build(idle) is None  # the others have not built yet: not a failure either
+    for rank in range(num_nodes - 1):
+        manifest = build(make_cfg(small_data, stage1_ckpts, out, num_nodes=num_nodes, node_rank=rank))
+    assert manifest is not None and sum(e.num_samples for e in manifest.shards) == 12
+    assert build(idle) == manifest  # finishing last with no shard of its own: finalizes, passes
+
+
+def test_case_ids_that_collide_as_sample_keys_fail_before_anything_is_written(tmp_path, small_data, stage1_ckpts,
+                                                                             capsys, monkeypatch):
+    raw = json.loads(small_data[0][0].read_text())
+    raw[1]["case_id"] = "2018.md0101"
+    first = tmp_path / "a.json"
+    first.write_text(json.dumps(raw[:2]))
+    raw[3]["case_id"] = "2018_md0101"
+    second = tmp_path / "b.json"
+    second.write_text(json.dumps(raw[2:]))
+    out = tmp_path / "out"
+    cfg = make_cfg(([first, second], small_data[1]), stage1_ckpts, out)
+    err = failing_cli(cfg, capsys, monkeypatch)
+    assert "case id '2018.md0101' (" + str(first) + ", case 1)" in err
+    assert "case id '2018_md0101' (" + str(second) + ", case 1)" in err and "'2018_md0101__e00'" in err
+    assert not list(out.glob("*.tar")) and not list((out / BUILD_DIR).glob("*.tar.json"))
+    with pytest.raises(InputError, match="collide as sample keys"):
+        build(cfg)
 
 
 # ----------------------------------------------------------------------------------------------

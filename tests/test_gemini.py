@@ -294,3 +294,25 @@ def test_skip_report_counts_merge_and_save(tmp_path):
     assert on_disk["skipped"][2]["path"] == "md_image/x.gif"
     assert SkipReport.load(out).to_dict() == merged.to_dict()
     assert "f.json, case 4, element 0: field 'image': corrupt (md_image/x.gif): truncated" == b.skips[0].message()
+
+
+def test_report_counts_what_was_read_and_ranks_reasons(tmp_path):
+    no_summary = make_case(2)
+    no_summary["global_summary"] = ""
+    two_bad = make_case(3)
+    two_bad["elements"][0]["caption"] = ""
+    two_bad["elements"][2]["caption"] = ""
+    path = write(tmp_path, "a.json", [make_case(1), no_summary, "not a case", two_bad, {"global_summary": "x"}])
+    cases, report = load_gemini_json([path], COND_MAP)
+    # every case read, valid or not; a case without an elements list counts as one element
+    assert (report.cases_read, report.elements_read) == (5, 3 + 3 + 1 + 3 + 1)
+    assert report.summary()["elements_read"] == 11 and report.summary()["cases_read"] == 5
+    top = report.top_reasons(2)
+    assert [(f, r, is_case, n) for f, r, is_case, n, _ in top] == [("caption", "empty", False, 2),
+                                                                  ("global_summary", "empty", True, 1)]
+    assert (top[0][4].case_index, top[0][4].element_index) == (3, 0)  # the first of its group, as an example
+
+    merged = copy.deepcopy(report).merge(report)
+    assert (merged.cases_read, merged.elements_read) == (10, 22)
+    report.save(tmp_path / "skips.json")
+    assert SkipReport.load(tmp_path / "skips.json").to_dict() == report.to_dict()
