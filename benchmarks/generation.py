@@ -109,7 +109,7 @@ def build_model(cfg: GenBenchConfig, workdir: Path) -> EvalModel:
     model = PrefixLM(lm, prefix).to(device=device, dtype=dtype).eval()
     return EvalModel(name=cfg.model_path or f"random-{cfg.shape}", lm=model.lm, tokenizer=tok, prefix_lm=model,
                      cond_map=default_cond_name_to_id(), num_image_tokens=cfg.num_image_tokens,
-                     train_config={}, source=cfg.model_path or cfg.shape)
+                     train_config=None, source=cfg.model_path or cfg.shape)
 
 
 def random_cases(n: int, latent_dim: int, seed: int) -> list[EvalCase]:

@@ -29,21 +29,18 @@ import numpy as np
 from common.config import parse_config, print_config, save_config
 from common.io import atomic_write_json, atomic_write_text
 from common.runtime import seed_everything
-from eval.generate import InputConfig, ModelConfig, load_cases, load_model, run_generation
+from eval.generate import GenerationGroups, load_cases, load_model, run_generation
 from eval.inputs import EvalCase
-from eval.modeling import PREFIX_MODES, DecodingConfig, target_losses, train_setting
+from eval.modeling import PREFIX_MODES, target_losses
 from eval.report import bootstrap_ci
 from eval.scores import EmbeddingScorer
 from models.tasks import TASKS
 
 
 @dataclass
-class AblationConfig:
+class AblationConfig(GenerationGroups):
     """Same checkpoint with true, shuffled and zero image prefixes."""
 
-    inputs: InputConfig = field(default_factory=InputConfig)
-    model_cfg: ModelConfig = field(default_factory=ModelConfig)
-    decoding: DecodingConfig = field(default_factory=DecodingConfig)
     task: Literal[TASKS] = field(default="summary", metadata={"help": "task evaluated (an image task)"})  # type: ignore[valid-type]
     variants: list[str] = field(default_factory=lambda: list(PREFIX_MODES), metadata={"help": "true shuffled zero"})
     out_dir: str = field(default="ablation_out", metadata={"help": "output directory"})
@@ -55,9 +52,7 @@ class AblationConfig:
     seed: int = field(default=0, metadata={"help": "seed of the shuffle and the bootstrap"})
 
     def validate(self) -> None:
-        self.inputs.validate()
-        self.model_cfg.validate()
-        self.decoding.validate()
+        super().validate()
         if self.model_cfg.model != "stage2":
             raise ValueError("the ablation needs a Stage2 checkpoint (--checkpoint-dir)")
         if self.task == "text_summary":
@@ -114,7 +109,7 @@ def run_ablation(cfg: AblationConfig) -> dict:
                     "variants": {}}
 
     if cfg.compute_loss:
-        max_len = cfg.max_seq_len or int(train_setting(model.train_config, "max_seq_len", 512))
+        max_len = cfg.max_seq_len or (model.train_config.data.max_seq_len if model.train_config is not None else 512)
         losses = {}
         for v in cfg.variants:
             order = [donors[v][c.key] for c in cases] if donors[v] else None

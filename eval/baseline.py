@@ -1,8 +1,8 @@
 """The pretrained text-only baseline: the base LM with no adapter and no image.
 
 It answers the task's prompt built with `with_image=False` (for task B: the image type as text,
-nothing else), as the spec's `inference_simple_pretrained.py` does. It is generated through the
-same batched path as the Stage2 models (`eval.generate`, model loading in
+nothing else): the input a Stage2 model gets, less the image. It is generated through the same
+batched path as the Stage2 models (`eval.generate`, model loading in
 `eval.modeling.load_pretrained_model`), so the only differences measured are the adapter and the
 image prefix.
 

@@ -12,7 +12,6 @@ exactly what training sees. Prints a table and writes JSON.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +23,7 @@ from transformers import AutoTokenizer
 from common.config import parse_config, print_config, save_config
 from common.io import atomic_write_json
 from eval.inputs import EvalCase, load_json_cases, load_shard_cases
-from eval.modeling import train_setting
-from models.cond_names import default_cond_name_to_id, load_cond_map
+from models.cond_names import COND_MAP_FILENAME, default_cond_name_to_id, load_cond_map
 from models.tasks import (
     TASKS,
     TaskUnavailable,
@@ -35,6 +33,8 @@ from models.tasks import (
     split_sentences,
     tokenize_prompt,
 )
+from trainer.checkpoint import TRAIN_CONFIG_FILE
+from trainer.config import TrainConfig, load_train_config
 
 PERCENTILES = (50, 90, 95, 99, 100)
 
@@ -141,10 +141,10 @@ def format_table(stats: dict) -> str:
     return "\n".join(lines)
 
 
-def _checkpoint_settings(path: Path) -> dict:
-    cfg_path = path / "train_config.json"
-    tc = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-    return {"max_seq_len": train_setting(tc, "max_seq_len"), "num_image_tokens": train_setting(tc, "num_image_tokens")}
+def _checkpoint_train_config(path: Path) -> Optional[TrainConfig]:
+    """The training config of a checkpoint directory; None for a model directory (or a seed checkpoint)."""
+    cfg_path = path / TRAIN_CONFIG_FILE
+    return load_train_config(cfg_path, ignore_unknown=True) if cfg_path.is_file() else None
 
 
 def load_cases_for_stats(cfg: CotStatsConfig, cond_map: dict) -> list[EvalCase]:
@@ -162,10 +162,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     out = Path(cfg.out_json)
     save_config(cfg, out.with_name(out.stem + ".config.json"))
     tok_path = Path(cfg.tokenizer_path)
-    ckpt = _checkpoint_settings(tok_path)
-    max_seq_len = cfg.max_seq_len or int(ckpt["max_seq_len"] or 256)
-    num_image_tokens = cfg.num_image_tokens or int(ckpt["num_image_tokens"] or 4)
-    cond_map = load_cond_map(tok_path) if (tok_path / "cond_name_to_id.json").exists() else default_cond_name_to_id()
+    tc = _checkpoint_train_config(tok_path)
+    max_seq_len = cfg.max_seq_len or (tc.data.max_seq_len if tc is not None else 256)
+    num_image_tokens = cfg.num_image_tokens or (tc.model.num_image_tokens if tc is not None else 4)
+    cond_map = load_cond_map(tok_path) if (tok_path / COND_MAP_FILENAME).exists() else default_cond_name_to_id()
     tokenizer = AutoTokenizer.from_pretrained(str(tok_path))
     stats = compute_cot_stats(load_cases_for_stats(cfg, cond_map), tokenizer, max_seq_len, num_image_tokens,
                               cfg.tasks)

@@ -34,9 +34,9 @@ from eval.modeling import (
     load_checkpoint_model,
     load_pretrained_model,
     record_key,
-    train_setting,
 )
-from models.stage1 import load_stage1_classifier, load_stage1_encoder
+from models.cond_names import COND_MAP_FILENAME
+from models.stage1 import Stage1Settings, load_stage1_classifier, load_stage1_encoder
 from models.tasks import TASKS
 
 
@@ -82,21 +82,31 @@ class ModelConfig:
 
 
 @dataclass
-class GenerateConfig:
-    """Stage2 inference: batched generation to a resumable JSONL."""
+class GenerationGroups:
+    """The groups of every program that generates with one model: its cases, the model, the decoding.
+
+    Programs extend it with their own fields (`GenerateConfig`, `eval.ablation.AblationConfig`), so
+    the groups and their checks are declared once.
+    """
 
     inputs: InputConfig = field(default_factory=InputConfig)
     model_cfg: ModelConfig = field(default_factory=ModelConfig)
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
-    task: Literal[TASKS] = field(default="summary", metadata={"help": "task whose prompt is answered"})  # type: ignore[valid-type]
-    output_path: str = field(default="generations.jsonl", metadata={"help": "JSONL output (appended, resumable)"})
-    num_print_samples: int = field(default=3, metadata={"help": "records printed at the end"})
-    seed: int = field(default=0, metadata={"help": "seed for sampling"})
 
     def validate(self) -> None:
         self.inputs.validate()
         self.model_cfg.validate()
         self.decoding.validate()
+
+
+@dataclass
+class GenerateConfig(GenerationGroups):
+    """Stage2 inference: batched generation to a resumable JSONL."""
+
+    task: Literal[TASKS] = field(default="summary", metadata={"help": "task whose prompt is answered"})  # type: ignore[valid-type]
+    output_path: str = field(default="generations.jsonl", metadata={"help": "JSONL output (appended, resumable)"})
+    num_print_samples: int = field(default=3, metadata={"help": "records printed at the end"})
+    seed: int = field(default=0, metadata={"help": "seed for sampling"})
 
 
 # ------------------------------------------------------------------------------------- loading
@@ -113,7 +123,7 @@ def check_classifier(classifier_ckpt: str, cond_map: dict[str, int]) -> None:
     clf = load_stage1_classifier(classifier_ckpt)
     n = getattr(getattr(clf, "config", None), "num_labels", None) or getattr(clf, "num_classes", None)
     if n is not None and int(n) != len(cond_map):
-        raise ValueError(f"{classifier_ckpt}: classifier has {n} classes but cond_name_to_id.json has "
+        raise ValueError(f"{classifier_ckpt}: classifier has {n} classes but {COND_MAP_FILENAME} has "
                          f"{len(cond_map)}: shards, checkpoints and the classifier must share one mapping")
 
 
@@ -132,12 +142,13 @@ def load_cases(cfg: InputConfig, model: EvalModel, max_cases: int = 0) -> list[E
         if not cfg.stage1_encoder_ckpt:
             raise ValueError("JSON input to a Stage2 model needs --stage1-encoder-ckpt to compute latents")
 
-        tc = model.train_config
-        # The Stage1 settings the checkpoint was trained with, unless given explicitly.
-        pooling = cfg.latent_pooling or train_setting(tc, "latent_pooling", "mean")
-        image_size = int(cfg.image_size or train_setting(tc, "image_size", 224))
-        frame = cfg.gif_frame if cfg.gif_frame >= 0 else int(train_setting(tc, "gif_frame", 0))
-        k = int(train_setting(tc, "stage1_trainable_blocks", 0)) if getattr(model.prefix_lm.prefix, "tail", None) else 0
+        # The Stage1 settings the checkpoint was trained with, unless given explicitly; a checkpoint
+        # without a training config (the seed's) gets the Stage1 defaults.
+        s1 = model.train_config.stage1 if model.train_config is not None else Stage1Settings()
+        pooling = cfg.latent_pooling or s1.latent_pooling
+        image_size = cfg.image_size or s1.image_size
+        frame = cfg.gif_frame if cfg.gif_frame >= 0 else s1.gif_frame
+        k = s1.stage1_trainable_blocks if getattr(model.prefix_lm.prefix, "tail", None) else 0
         encoder = load_stage1_encoder(cfg.stage1_encoder_ckpt, pooling).to(model.device).eval()
         attach_latents(cases, cfg.image_root, encoder, image_size, frame, trainable_blocks=k,
                        device=str(model.device))

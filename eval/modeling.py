@@ -33,8 +33,10 @@ from eval.inputs import EvalCase
 from models import attention as attn
 from models.collate import TrainItem, collate_generation
 from models.cond_names import default_cond_name_to_id
+from models.prefix_lm import ADAPTER_CONFIG
 from models.tasks import Prompt, TaskUnavailable, TokenizedExample, build_prompt, tokenize_prompt
-from trainer.checkpoint import load_inference_model
+from trainer.checkpoint import TRAIN_CONFIG_FILE, load_inference_model
+from trainer.config import TrainConfig
 
 PREFIX_MODES = ("true", "shuffled", "zero")
 
@@ -71,7 +73,7 @@ class EvalModel:
     prefix_lm: Any  # models.prefix_lm.PrefixLM, or None for the text-only baseline
     cond_map: dict
     num_image_tokens: int
-    train_config: dict
+    train_config: Optional[TrainConfig]  # the checkpoint's; None for the baseline and seed checkpoints
     source: str = ""
 
     @property
@@ -91,26 +93,15 @@ class EvalModel:
 PRETRAINED_NAME = "pretrained"
 
 
-def train_setting(train_config: dict, key: str, default=None):
-    """A value of the checkpoint's train_config.json, at the top level or in one of its sections."""
-    if train_config.get(key) not in (None, ""):
-        return train_config[key]
-    for section in train_config.values():
-        if isinstance(section, dict) and section.get(key) not in (None, ""):
-            return section[key]
-    return default
-
-
-def _num_image_tokens(prefix_lm, train_config: dict) -> int:
+def _num_image_tokens(prefix_lm, train_config: Optional[TrainConfig]) -> int:
     prefix = getattr(prefix_lm, "prefix", None)
     for holder in (prefix, getattr(prefix, "config", None)):
         n = getattr(holder, "num_image_tokens", None)
         if isinstance(n, int):
             return n
-    n = train_setting(train_config, "num_image_tokens")
-    if n is not None:
-        return int(n)
-    raise ValueError("cannot tell num_image_tokens from the checkpoint's prefix config or train_config.json")
+    if train_config is not None:
+        return train_config.model.num_image_tokens
+    raise ValueError(f"cannot tell num_image_tokens from the checkpoint's prefix config or {TRAIN_CONFIG_FILE}")
 
 
 def load_pretrained_model(model_path: str, device: str = "auto", dtype: str = "auto",
@@ -120,16 +111,16 @@ def load_pretrained_model(model_path: str, device: str = "auto", dtype: str = "a
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path / 'config.json'}: missing; --base-model-path must be a local "
                                 "HF model directory (config, weights, tokenizer)")
-    if (path / "adapter_config.json").exists():
+    if (path / ADAPTER_CONFIG).exists():
         raise ValueError(f"{path}: holds a PEFT adapter; the pretrained baseline needs the base model "
-                         f"(see base_model_name_or_path in {path / 'adapter_config.json'})")
+                         f"(see base_model_name_or_path in {path / ADAPTER_CONFIG})")
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
     return EvalModel(name=name, lm=lm, tokenizer=tokenizer, prefix_lm=None,
                      cond_map=default_cond_name_to_id(), num_image_tokens=0,
-                     train_config={"base_model_path": str(path)}, source=str(path))
+                     train_config=None, source=str(path))
 
 
 def load_checkpoint_model(ckpt_dir: str, base_model_path: Optional[str] = None, device: str = "auto",
@@ -149,7 +140,7 @@ def load_checkpoint_model(ckpt_dir: str, base_model_path: Optional[str] = None, 
     default_name = path.parent.name if path.name in ("final",) or path.name.startswith("checkpoint-") else path.name
     return EvalModel(name=name or default_name, lm=prefix_lm.lm, tokenizer=tokenizer, prefix_lm=prefix_lm,
                      cond_map=cond_map, num_image_tokens=_num_image_tokens(prefix_lm, train_config),
-                     train_config=train_config or {}, source=str(path))
+                     train_config=train_config, source=str(path))
 
 
 # ------------------------------------------------------------------------------------ requests

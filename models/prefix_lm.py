@@ -35,6 +35,7 @@ from models import kernels, lora_fused
 from models.stage1 import TAIL_FILENAME, Stage1Tail
 from models.tasks import TASKS
 
+ADAPTER_CONFIG = "adapter_config.json"  # PEFT's name, written by save_adapter
 PREFIX_WEIGHTS = "stage2_prefix_modules.safetensors"
 PREFIX_CONFIG = "prefix_config.json"
 SEED_PREFIX_WEIGHTS = "stage2_prefix_modules.pt"
@@ -495,8 +496,8 @@ def save_adapter(model: PrefixLM, out_dir: str | Path) -> None:
 def load_adapter_into(model: PrefixLM, ckpt_dir: str | Path) -> None:
     """Load a saved PEFT adapter into the model's existing (same-shaped) adapter, in place."""
     ckpt_dir = Path(ckpt_dir)
-    if not (ckpt_dir / "adapter_config.json").exists():
-        raise FileNotFoundError(f"{ckpt_dir}: no adapter_config.json")
+    if not (ckpt_dir / ADAPTER_CONFIG).exists():
+        raise FileNotFoundError(f"{ckpt_dir}: no {ADAPTER_CONFIG}")
     weights = load_peft_weights(str(ckpt_dir), device="cpu")
     result = set_peft_model_state_dict(model.lm, weights)
     unexpected = list(getattr(result, "unexpected_keys", []) or [])

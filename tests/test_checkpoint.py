@@ -85,7 +85,7 @@ def test_adapter_loads_in_plain_peft_with_same_logits(trained, tiny_lm_dir):
 def test_load_inference_model_gives_the_same_loss(trained):
     model, tok, ckpt = trained
     loaded, tok2, cond_map, train_cfg = load_inference_model(ckpt)
-    assert cond_map == COND_MAP and train_cfg["model"]["lora_r"] == 32
+    assert cond_map == COND_MAP and isinstance(train_cfg, TrainConfig) and train_cfg.model.lora_r == 32
     batch = _batch(tok, 32)
     with torch.no_grad():
         assert torch.allclose(model(batch).loss, loaded(batch).loss, atol=1e-5)
@@ -105,10 +105,26 @@ def test_seed_file_names_are_accepted(trained, tmp_path):
     (seed / "adapter_model.safetensors").unlink()
     torch.save(load_file(str(seed / "stage2_prefix_modules.safetensors")), seed / "stage2_prefix_modules.pt")
     (seed / "stage2_prefix_modules.safetensors").unlink()
-    loaded, _, _, _ = load_inference_model(seed)
+    loaded, _, _, train_cfg = load_inference_model(seed)
+    assert train_cfg is None  # the seed wrote no train_config.json
     batch = _batch(tok, 32)
     with torch.no_grad():
         assert torch.allclose(model(batch).loss, loaded(batch).loss, atol=1e-5)
+
+
+def test_unknown_train_config_fields_are_ignored_on_load(trained, tmp_path):
+    """A train_config.json with fields this TrainConfig lacks (another trainer version) still loads."""
+    import shutil
+
+    _, _, ckpt = trained
+    other = tmp_path / "other_version"
+    shutil.copytree(ckpt, other)
+    saved = json.loads((other / "train_config.json").read_text())
+    saved["model"]["a_removed_option"] = 1
+    saved["a_removed_group"] = {"x": 2}
+    (other / "train_config.json").write_text(json.dumps(saved))
+    _, _, _, train_cfg = load_inference_model(other)
+    assert train_cfg.model.lora_r == 32 and train_cfg.data.max_seq_len == saved["data"]["max_seq_len"]
 
 
 @pytest.mark.parametrize("missing", ["adapter_model.safetensors", "stage2_prefix_modules.safetensors",

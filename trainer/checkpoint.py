@@ -42,17 +42,27 @@ from transformers import AutoConfig
 
 from common.config import config_to_dict
 from common.io import atomic_write_json, atomic_write_text
-from models.prefix_lm import ModelConfig, Stage2Prefix, build_prefix_lm, load_adapter_into, load_tokenizer, save_adapter
+from models.cond_names import COND_MAP_FILENAME
+from models.prefix_lm import (
+    ADAPTER_CONFIG,
+    PREFIX_WEIGHTS,
+    SEED_PREFIX_WEIGHTS,
+    ModelConfig,
+    Stage2Prefix,
+    build_prefix_lm,
+    load_adapter_into,
+    load_tokenizer,
+    save_adapter,
+)
+from trainer.config import TrainConfig, load_train_config
 
 RESUME_DIRNAME = "resume"
 LATEST_FILE = "latest"
 STATE_FILE = "trainer_state.json"
+# Inference-checkpoint files. The model library names the files its modules write (adapter config
+# and prefix: models.prefix_lm; Stage1 tail: models.stage1; cond map: models.cond_names); these are the rest.
 TRAIN_CONFIG_FILE = "train_config.json"
-COND_MAP_FILE = "cond_name_to_id.json"
-ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # ours, then the seed's
-PREFIX_WEIGHTS = ("stage2_prefix_modules.safetensors", "stage2_prefix_modules.pt")
-TAIL_WEIGHTS = "stage1_encoder_finetuned.safetensors"
 
 
 class CheckpointError(ValueError):
@@ -193,7 +203,7 @@ def save_inference_checkpoint(model, tokenizer, cond_map: dict, train_config, ou
             model.lm.save_pretrained(str(tmp), safe_serialization=True)
         model.prefix.save(tmp)
         tokenizer.save_pretrained(str(tmp))
-        atomic_write_json(tmp / COND_MAP_FILE, dict(cond_map))
+        atomic_write_json(tmp / COND_MAP_FILENAME, dict(cond_map))
         cfg_dict = config_to_dict(train_config) if dataclasses.is_dataclass(train_config) else dict(train_config)
         atomic_write_json(tmp / TRAIN_CONFIG_FILE, cfg_dict)
         if out_dir.exists():  # e.g. `final/` of an earlier, resumed run
@@ -244,13 +254,16 @@ def _check_adapter_fits(ckpt_dir: Path, adapter_cfg: dict, base: str, base_confi
 
 def load_inference_model(ckpt_dir: str | Path, base_model_path: Optional[str] = None, device: str = "cpu",
                          dtype: Optional[torch.dtype] = None):
-    """(PrefixLM in eval mode, tokenizer, cond_name_to_id, train config dict) from an inference checkpoint.
+    """(PrefixLM in eval mode, tokenizer, cond_name_to_id, TrainConfig or None) from an inference checkpoint.
 
     The model is built like in training (`build_prefix_lm`: same attention backend and loss
     kernels), then the saved adapter, prefix and Stage1 tail are loaded into it. A `--no-use-lora`
     run's checkpoint holds the whole fine-tuned LM instead of an adapter, and is loaded as the LM.
     `base_model_path` defaults to the model path recorded at training time. Also reads the seed's
     `adapter_model.bin` / `stage2_prefix_modules.pt` (no train_config.json needed).
+
+    The training config comes back typed, or None when the checkpoint has no train_config.json (the
+    seed's); fields TrainConfig does not have (e.g. from another trainer version) are ignored.
     """
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
@@ -259,12 +272,12 @@ def load_inference_model(ckpt_dir: str | Path, base_model_path: Optional[str] = 
     if not full_lm:
         adapter_cfg_path = _first_existing(ckpt_dir, (ADAPTER_CONFIG,), "the PEFT adapter config")
         _first_existing(ckpt_dir, ADAPTER_WEIGHTS, "the LoRA adapter weights")
-    _first_existing(ckpt_dir, PREFIX_WEIGHTS, "the Stage2 prefix weights")
-    cond_map_path = _first_existing(ckpt_dir, (COND_MAP_FILE,), "the cond_name -> id map")
-    train_cfg = json.loads((ckpt_dir / TRAIN_CONFIG_FILE).read_text()) if (ckpt_dir / TRAIN_CONFIG_FILE).is_file() else {}
-    saved_model_cfg = train_cfg.get("model", {})
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    mcfg = ModelConfig(**{k: v for k, v in saved_model_cfg.items() if k in known})
+    _first_existing(ckpt_dir, (PREFIX_WEIGHTS, SEED_PREFIX_WEIGHTS), "the Stage2 prefix weights")
+    cond_map_path = _first_existing(ckpt_dir, (COND_MAP_FILENAME,), "the cond_name -> id map")
+    train_cfg: Optional[TrainConfig] = None
+    if (ckpt_dir / TRAIN_CONFIG_FILE).is_file():
+        train_cfg = load_train_config(ckpt_dir / TRAIN_CONFIG_FILE, ignore_unknown=True)
+    mcfg = train_cfg.model if train_cfg is not None else ModelConfig()
     precision = {None: mcfg.precision, torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, mcfg.precision)
     prefix = Stage2Prefix.load(ckpt_dir, map_location="cpu")
 
@@ -274,7 +287,7 @@ def load_inference_model(ckpt_dir: str | Path, base_model_path: Optional[str] = 
                                    gradient_checkpointing=False)
     else:
         adapter_cfg = json.loads(adapter_cfg_path.read_text())
-        base = base_model_path or saved_model_cfg.get("model_path") or adapter_cfg.get("base_model_name_or_path")
+        base = base_model_path or mcfg.model_path or adapter_cfg.get("base_model_name_or_path")
         if not base or not Path(base).is_dir():
             raise CheckpointError(f"{ckpt_dir}: base model {base!r} is not a local directory; pass base_model_path")
         _check_adapter_fits(ckpt_dir, adapter_cfg, base, AutoConfig.from_pretrained(base))

@@ -182,7 +182,7 @@ def load_train_config(path: str | Path, ignore_unknown: bool = False) -> TrainCo
         return load_config(TrainConfig, path)
     # The same reading as load_config (flat or nested files), less the unknown names.
     known = {p[-1] for p, _, _ in _leaf_fields(TrainConfig)}
-    values = _flatten(_load_file(str(path)), TrainConfig)
+    values = _flatten(_load_file(str(path)), TrainConfig, str(path))
     return from_dict(TrainConfig, {k: v for k, v in values.items() if k in known}, source=str(path))
 
 
