@@ -69,6 +69,7 @@ import torch
 import webdataset as wds
 from tqdm.auto import tqdm
 
+from common.cli import UserError, cli_main
 from common.config import config_to_dict, parse_config, print_config, save_config
 from common.io import atomic_write_json, atomic_write_text, sha256_file
 from common.log import setup_logging
@@ -99,7 +100,7 @@ TAR_OWNER = "stage2"
 _LAYOUT_FIELDS = ("out", "num_workers", "device", "num_nodes", "node_rank", "finalize_only", "max_skipped_fraction")
 
 
-class BuildError(RuntimeError):
+class BuildError(UserError, RuntimeError):
     """An expected failure; its message says what is wrong and what to do. `main` prints it (no
     traceback) and exits 1."""
 
@@ -823,6 +824,7 @@ CLI_DESCRIPTION = (
     "manifest.json. Where the nodes' view of --out may lag, run --finalize-only once all have finished.")
 
 
+@cli_main
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """The CLI. Expected failures (BuildError: bad inputs or flags, a rejected build) print one
     message to stderr and exit 1 without a traceback; anything else is a bug and keeps its traceback."""

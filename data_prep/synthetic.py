@@ -46,6 +46,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from common.cli import cli_main
 from common.config import parse_config, print_config
 from common.io import atomic_write_json
 from models.cond_names import COND_DESCRIPTIONS, COND_NAMES
@@ -533,6 +534,7 @@ class SyntheticConfig:
             raise ValueError("--out is required")
 
 
+@cli_main
 def main(argv: Optional[list[str]] = None) -> list[Path]:
     cfg = parse_config(SyntheticConfig, argv)
     print_config(cfg)

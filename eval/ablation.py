@@ -26,6 +26,7 @@ from typing import Literal, Optional, Sequence
 
 import numpy as np
 
+from common.cli import cli_main
 from common.config import parse_config, print_config, save_config
 from common.io import atomic_write_json, atomic_write_text
 from common.runtime import seed_everything
@@ -157,6 +158,7 @@ def format_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+@cli_main
 def main(argv: Optional[Sequence[str]] = None) -> None:
     cfg = parse_config(AblationConfig, argv)
     print_config(cfg)

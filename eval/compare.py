@@ -19,6 +19,7 @@ from typing import Literal, Optional, Sequence
 
 import torch
 
+from common.cli import cli_main
 from common.config import parse_config, print_config, save_config
 from common.runtime import seed_everything
 from eval.generate import InputConfig, ModelConfig, load_cases, load_model, run_generation
@@ -97,6 +98,7 @@ def run_compare(cfg: CompareConfig) -> dict[str, Path]:
     return paths
 
 
+@cli_main
 def main(argv: Optional[Sequence[str]] = None) -> None:
     cfg = parse_config(CompareConfig, argv)
     print_config(cfg)

@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 import numpy as np
 from transformers import AutoTokenizer
 
+from common.cli import cli_main
 from common.config import parse_config, print_config, save_config
 from common.io import atomic_write_json
 from eval.inputs import EvalCase, load_json_cases, load_shard_cases
@@ -156,6 +157,7 @@ def load_cases_for_stats(cfg: CotStatsConfig, cond_map: dict) -> list[EvalCase]:
     return load_json_cases(cfg.json_path, cond_map, max_cases=cfg.max_cases)
 
 
+@cli_main
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     cfg = parse_config(CotStatsConfig, argv)
     print_config(cfg)

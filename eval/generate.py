@@ -21,6 +21,7 @@ from typing import Literal, Optional, Sequence
 
 from tqdm import tqdm
 
+from common.cli import cli_main
 from common.config import parse_config, print_config, save_config
 from common.io import append_jsonl, read_jsonl
 from common.runtime import seed_everything
@@ -206,6 +207,7 @@ def print_samples(records: Sequence[dict], n: int, width: int = 400) -> None:
         print(f"REFERENCE:  {r['reference'][:width]}")
 
 
+@cli_main
 def main(argv: Optional[Sequence[str]] = None) -> None:
     cfg = parse_config(GenerateConfig, argv)
     print_config(cfg)

@@ -22,6 +22,7 @@ from typing import Literal, Optional, Sequence
 
 import numpy as np
 
+from common.cli import cli_main
 from common.config import parse_config, print_config, save_config
 from common.io import atomic_path, atomic_write_text, read_jsonl
 from eval.judge import JudgeCache, LocalHFJudge, OpenAIJudge, judge_all
@@ -292,6 +293,7 @@ def run_report(cfg: ReportConfig) -> dict:
     return {"rows": rows, "skips": skips, "failures": failures, "paths": paths}
 
 
+@cli_main
 def main(argv: Optional[Sequence[str]] = None) -> None:
     cfg = parse_config(ReportConfig, argv)
     print_config(cfg)

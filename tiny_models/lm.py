@@ -31,6 +31,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from tqdm import tqdm
 from transformers import MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
 
+from common.cli import cli_main
 from models.cond_names import COND_NAMES
 from models.tasks import TASKS, TaskUnavailable, build_prompt
 from tiny_models.stage1 import save_tiny_stage1
@@ -265,6 +266,7 @@ def _portable_tokenizer_class(config_path: Path) -> None:
     config_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
+@cli_main
 def main(argv: Optional[list[str]] = None) -> Path:
     parser = argparse.ArgumentParser(description="Write a tiny Mistral + tokenizer, both trained on the given texts")
     parser.add_argument("--out", required=True, help="model directory to write")

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import torch
 
+from common.cli import UserError
 from trainer.checkpoint import TrainerState
 
 log = logging.getLogger("trainer")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     pass
 
 

@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from common.cli import cli_main
 from common.config import print_config, save_config
 from common.io import sha256_file, stable_hash
 from common.log import setup_logging
@@ -171,6 +172,7 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainerState:
     return state
 
 
+@cli_main
 def main(argv: Optional[Sequence[str]] = None) -> None:
     cfg = parse_train_config(argv)
     dist = init_distributed(cfg)
