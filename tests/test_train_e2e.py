@@ -116,6 +116,9 @@ def test_two_process_zero2_run_writes_checkpoints_and_learns(schedule, shard_dir
     vals = train_records(out, "val")
     assert [v["step"] for v in (vals[0], vals[-1])] == [0, 8], vals
     assert vals[-1]["val_loss"] < vals[0]["val_loss"], vals
+    for v in vals:  # the image-use gap at every validation, pooled over both ranks' held-out batches
+        assert v["image_gap_batches"] >= 2 and v["image_gap_seconds"] > 0, v
+        assert v["image_gap_ci_low"] <= v["image_gap"] <= v["image_gap_ci_high"], v
     assert all(r["tokens_per_s"] > 0 and sum(r["task_mix"].values()) > 0 for r in recs)
     for r in recs:  # each rank's time per step, by loop phase, adds up to the window's wall time
         times = r["rank_ms_per_step"]
@@ -235,3 +238,5 @@ def test_the_image_is_used(shard_dir, tiny_lm_dir, tmp_path):
     true_loss = _heldout_loss(model, stream, False)
     shuffled = [_heldout_loss(model, stream, True, seed) for seed in range(3)]
     assert all(s > true_loss + 0.002 for s in shuffled), (true_loss, shuffled)
+    # The trainer's own gap at its last validation (its batches, rotation within a batch) saw it too.
+    assert train_records(out, "val")[-1]["image_gap"] > 0

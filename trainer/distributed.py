@@ -241,6 +241,15 @@ def all_gather_rows(row: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows)
 
 
+def all_gather_objects(obj) -> list:
+    """Every rank's picklable `obj`, in rank order, on every rank (a host sync)."""
+    if not is_initialized():
+        return [obj]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_object(obj, src: int = 0):
     """Rank `src`'s Python object on every rank."""
     if not is_initialized():

@@ -117,14 +117,14 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainerState:
                          dist.rank, dist.world_size, cfg.seed)
     plan = StepPlan.of(stream, phases, cfg)
     engine = build_engine(model, cfg, plan.total_steps, dist.device)
-    checkpointer = Checkpointer(cfg, dist, engine, tokenizer, manifest.cond_name_to_id)
+    checkpointer = Checkpointer(cfg, dist, engine, tokenizer, manifest.cond_name_to_id, stage1=manifest.stage1)
     state = checkpointer.resume()
     runlog = RunLog(cfg, dist)
     runlog.write("start", state.step, {"total_steps": plan.total_steps, "steps_per_epoch": plan.steps_per_epoch,
                                        "batches_per_epoch": plan.batches_per_epoch,
                                        "batch_size_per_phase": stream.phase_batch_sizes, "world_size": dist.world_size})
     skips = SkippedSteps(state, cfg.checkpoint.max_nan_steps, checkpointer.out_dir)
-    validator = Validator(cfg, engine, stream, runlog)
+    validator = Validator(cfg, engine, stream, runlog, plan.total_steps)
     samples = SampleLogger(cfg, dist, engine, tokenizer, stream, runlog)
     validator.at_start(state)
 
