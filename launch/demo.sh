@@ -11,7 +11,8 @@
 #      summary-centric recipe and a phased one (captions first: docs/examples/captions_first.yaml),
 #      each writing a resume checkpoint and an inference checkpoint
 #   5. CoT stats, the comparison (pretrained vs uniform vs summary-centric vs phased), the report with
-#      scores + plot, and the "does the image matter" ablation (on the phased checkpoint)
+#      scores + plot, the "does the image matter" ablation (on the phased checkpoint) and the training
+#      curves of the three runs (curves.png)
 #
 # Every step is resumable: rerunning the script skips finished shards and resumes training.
 set -euo pipefail
@@ -87,8 +88,11 @@ step "5/5 evaluation"
   --checkpoint-dir "$CKPT/phased/final" --task caption --max-new-tokens 48 \
   --out-dir "$EVAL/ablation"
 
+"$PYTHON" -m eval.plot_run "$CKPT/uniform" "$CKPT/summary_centric" "$CKPT/phased" --out "$EVAL/curves.png"
+
 step "done"
 echo "data:        $DATA"
 echo "shards:      $SHARDS/manifest.json"
 echo "checkpoints: $CKPT/{uniform,summary_centric,phased}/final   (resume state in .../resume)"
-echo "eval:        $EVAL/report/summary.md, $EVAL/report/scores.png, $EVAL/ablation, $EVAL/cot_stats.json"
+echo "eval:        $EVAL/report/summary.md, $EVAL/report/scores.png, $EVAL/ablation, $EVAL/cot_stats.json,"
+echo "             $EVAL/curves.png (training curves)"
