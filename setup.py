@@ -41,6 +41,7 @@ setup(
             "stage2-compare=eval.compare:main",
             "stage2-eval=eval.report:main",
             "stage2-cot-stats=eval.cot_stats:main",
+            "stage2-export=eval.export:main",
         ]
     },
 )
