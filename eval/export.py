@@ -52,9 +52,10 @@ EXPORT_FORMAT_VERSION = 1
 class ExportConfig:
     """Export a Stage2 checkpoint as a merged Hugging Face LM + prefix modules + tokenizer, ready for use."""
 
-    checkpoint_dir: str = field(default="", metadata={"help": "Stage2 inference checkpoint (<output_dir>/final or checkpoint-<step>)"})
+    checkpoint_dir: str = field(default="", metadata={
+        "help": "Stage2 inference checkpoint (<output_dir>/final or checkpoint-<step>)"})
     base_model_path: Optional[str] = field(default=None, metadata={
-        "help": "local base LM directory (default: the one recorded at training time)"})
+        "help": "local base LM directory; unset: the one recorded at training time"})
     out: str = field(default="exported", metadata={"help": "export directory to create"})
     force: bool = field(default=False, metadata={"help": "replace an existing --out"})
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = field(default="auto", metadata={
@@ -103,7 +104,8 @@ def stored_dtype(model_dir: Path) -> torch.dtype:
 
 # ----------------------------------------------------------------------------------- stage1
 def _checkpoint_stage1_file(ckpt_dir: Path) -> Optional[tuple[Path, dict]]:
-    """The checkpoint's Stage1 JSON (the manifest's stage1 section, `*stage1*.json`), if it has one."""
+    """The checkpoint's Stage1 JSON, if it has one: the training shards' manifest stage1 section, which
+    trainer.checkpoint writes as `stage1_identity.json` (any `*stage1*.json` is taken, for other versions)."""
     found = []
     for path in sorted(ckpt_dir.glob("*stage1*.json")):
         try:

@@ -77,7 +77,7 @@ def test_lora_export_generates_like_the_checkpoint(tiny_lm_dir, stage1_ckpts, sh
     lm_dir = Path(tiny_lm_dir)
     ckpt = _make_checkpoint(tmp_path / "run" / "final", lm_dir, stage1_ckpts[0], use_lora=True, tail_blocks=1)
     manifest_stage1 = json.loads((shard_dir_k1 / "manifest.json").read_text())["stage1"]
-    (ckpt / "stage1.json").write_text(json.dumps(manifest_stage1))  # the checkpoint's Stage1 identity
+    (ckpt / "stage1_identity.json").write_text(json.dumps(manifest_stage1))  # trainer.checkpoint STAGE1_IDENTITY_FILE
     out = tmp_path / "exported"
     export_main(["--checkpoint-dir", str(ckpt), "--out", str(out), "--dtype", "fp32"])
 
@@ -90,7 +90,8 @@ def test_lora_export_generates_like_the_checkpoint(tiny_lm_dir, stage1_ckpts, sh
         "prefix_config.json", "stage1_encoder_finetuned.safetensors", "stage2_prefix_modules.safetensors"]
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
     stage1 = json.loads((out / EXPORT_STAGE1_FILE).read_text())
-    assert stage1["encoder_sha256"] == manifest_stage1["encoder_sha256"] and stage1["source"].startswith("stage1.json")
+    assert stage1["source"].startswith("stage1_identity.json")
+    assert stage1["encoder_sha256"] == manifest_stage1["encoder_sha256"] and stage1["image_size"] == 32
     assert json.loads((out / EXPORT_INFO_FILE).read_text())["lora_merged"] is True
     assert not list(tmp_path.glob(".tmp-*"))
 
@@ -100,7 +101,8 @@ def test_lora_export_generates_like_the_checkpoint(tiny_lm_dir, stage1_ckpts, sh
     code = re.search(r"```python\n(.*?)```", (out / "README.md").read_text(), re.S).group(1)
     gif = next(Path(synthetic_data[1]).rglob("*.gif"))
     code = (code.replace('"exported"', repr(str(out))).replace('"stage1_mae_encoder.pt"', repr(str(stage1_ckpts[0])))
-            .replace('"map.gif"', repr(str(gif))).replace("print(generate_from_latent(", "text = (generate_from_latent("))
+            .replace('"map.gif"', repr(str(gif)))
+            .replace("print(generate_from_latent(", "text = (generate_from_latent("))
     namespace: dict = {}
     exec(compile(code, "README snippet", "exec"), namespace)
     assert isinstance(namespace["text"], str)
