@@ -12,8 +12,9 @@ import hashlib
 import json
 import os
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 
 @contextlib.contextmanager
@@ -74,19 +75,69 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Read a JSONL file, ignoring a torn last line left by a killed writer."""
-    records = []
-    p = Path(path)
-    if not p.exists():
-        return records
-    lines = p.read_text(encoding="utf-8").splitlines()
-    for i, line in enumerate(lines):
-        if not line.strip():
+    """Read a JSONL file, ignoring a torn last line left by a killed writer; a missing file is empty.
+
+    A malformed line before the last is a ValueError naming the file and line. Callers that must
+    say what was dropped use `read_jsonl_checked`.
+    """
+    if not Path(path).exists():
+        return []
+    return read_jsonl_checked(path).records
+
+
+@dataclass
+class JsonlContents:
+    """What `read_jsonl_checked` read from a JSONL file, and what it dropped."""
+
+    records: list = field(default_factory=list)
+    line_numbers: list[int] = field(default_factory=list)  # 1-based line of each record
+    torn_line: Optional[int] = None  # 1-based line of a torn last line (dropped), else None
+    torn_offset: Optional[int] = None  # byte offset where that line starts
+    ends_with_newline: bool = True  # False: the last complete line lacks its "\n" (or the file is torn)
+
+
+def read_jsonl_checked(path: str | os.PathLike) -> JsonlContents:
+    """Read a JSONL file (lines end at "\n"; blank lines are skipped) and report what was dropped.
+
+    The last non-blank line, if it is not valid JSON (or not UTF-8), is a torn record of a writer
+    killed mid-line: it is dropped and its number returned in `torn_line`. Any other malformed line
+    is a ValueError naming the file and the line. A missing file is a FileNotFoundError.
+    """
+    data = Path(path).read_bytes()
+    out = JsonlContents(ends_with_newline=not data or data.endswith(b"\n"))
+    lines = data.split(b"\n")
+    last = max((i for i, raw in enumerate(lines) if raw.strip()), default=-1)
+    offset = 0
+    for i, raw in enumerate(lines):
+        start, offset = offset, offset + len(raw) + 1
+        if not raw.strip():
             continue
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break  # torn tail from a killed writer
-            raise ValueError(f"{path}: line {i + 1} is not valid JSON")
-    return records
+            record = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            if i == last:
+                out.torn_line, out.torn_offset = i + 1, start
+                break
+            what = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else f"not valid JSON ({e.msg})"
+            raise ValueError(f"{path}: line {i + 1} is {what}") from None
+        out.records.append(record)
+        out.line_numbers.append(i + 1)
+    return out
+
+
+def repair_jsonl_tail(path: str | os.PathLike) -> Optional[int]:
+    """Make a JSONL file that a killed writer left behind safe to append to.
+
+    A torn last line is cut off (the records before it stay; its 1-based line number is returned),
+    and a complete last line that lacks its newline gets one, so the next `append_jsonl` starts on
+    a fresh line instead of gluing its record to the torn one. A missing file is left alone.
+    """
+    if not Path(path).exists():
+        return None
+    contents = read_jsonl_checked(path)
+    if contents.torn_line is not None:
+        os.truncate(path, contents.torn_offset)
+    elif not contents.ends_with_newline:
+        with open(path, "ab") as f:
+            f.write(b"\n")
+    return contents.torn_line

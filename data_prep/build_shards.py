@@ -518,6 +518,10 @@ def _image_skip(case: Case, el: Element, path: str, reason: str, detail: str) ->
                 detail=_OBJECT_ADDRESS.sub("", detail))
 
 
+# Public name of the helper above: eval.inputs records its JSON input's image skips with it.
+image_skip = _image_skip
+
+
 def _build_shards(cfg: BuildConfig, todo: list[PlannedShard], fingerprints: dict, runner: Stage1Runner,
                   device: torch.device) -> tuple[int, int]:
     """Decode, encode and write the `todo` shards; returns (images processed, images skipped)."""

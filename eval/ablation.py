@@ -102,7 +102,7 @@ def run_ablation(cfg: AblationConfig) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     model = load_model(cfg.model_cfg)
-    cases = load_cases(cfg.inputs, model)
+    cases = load_cases(cfg.inputs, model, skip_report_path=out_dir / "skips.json")
     donors = {"true": None, "zero": None}
     if "shuffled" in cfg.variants:
         donors["shuffled"] = shuffled_donors(cases, cfg.seed)

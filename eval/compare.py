@@ -88,7 +88,7 @@ def run_compare(cfg: CompareConfig) -> dict[str, Path]:
     for mcfg in model_configs(cfg):
         seed_everything(cfg.seed)
         model = load_model(mcfg)
-        cases = load_cases(cfg.inputs, model)
+        cases = load_cases(cfg.inputs, model, skip_report_path=out_dir / "skips.json")
         paths[model.name] = out_dir / f"{model.name}.jsonl"
         run_generation(model, cases, cfg.task, cfg.decoding, paths[model.name])
         del model, cases

@@ -8,11 +8,20 @@
 
 One JSONL record per (case, element, task): case_id, element, cond_name, model, task, prompt,
 generation, reference. Records are appended batch by batch and flushed, so a killed run keeps what
-it generated; a rerun with the same output path skips the records already there.
+it generated; a rerun with the same output path skips the records already there (an incomplete last
+line left by the killed run is removed first, with a warning, and generated again).
+
+Inputs are checked before anything is generated. The Stage1 that made the latents (the shards'
+manifest; for JSON input --stage1-encoder-ckpt and --stage1-classifier-ckpt) must be the one the
+checkpoint was trained with (its stage1_identity.json; older checkpoints without it get a warning).
+JSON input is read like the shard builder reads it: an element with a bad field or an unreadable
+image is skipped, the skips are summarised by reason and saved to `<output stem>.skips.json`, and a
+run in which no element is usable fails.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,9 +32,11 @@ from tqdm import tqdm
 
 from common.cli import cli_main
 from common.config import parse_config, print_config, save_config
-from common.io import append_jsonl, read_jsonl
+from common.io import append_jsonl, read_jsonl, repair_jsonl_tail, sha256_file
 from common.runtime import seed_everything
-from eval.inputs import EvalCase, attach_latents, load_json_cases, load_shard_cases, select_cases
+from data_prep.manifest import Manifest, ManifestMismatch, check_stage1_compatible, load_manifest
+from data_prep.shard_format import MANIFEST_FILENAME
+from eval.inputs import EvalCase, json_skip_summary, load_json_inputs, load_shard_cases, select_cases
 from eval.modeling import (
     DecodingConfig,
     EvalModel,
@@ -39,6 +50,7 @@ from eval.modeling import (
 from models.cond_names import COND_MAP_FILENAME
 from models.stage1 import Stage1Settings, load_stage1_classifier, load_stage1_encoder
 from models.tasks import TASKS
+from trainer.checkpoint import STAGE1_IDENTITY_FILE
 
 
 @dataclass
@@ -128,31 +140,115 @@ def check_classifier(classifier_ckpt: str, cond_map: dict[str, int]) -> None:
                          f"{len(cond_map)}: shards, checkpoints and the classifier must share one mapping")
 
 
-def load_cases(cfg: InputConfig, model: EvalModel, max_cases: int = 0) -> list[EvalCase]:
-    """The selected cases with latents, checked against the model's cond map."""
+class Stage1IdentityError(ValueError):
+    """Evaluation inputs made with another Stage1 than the checkpoint was trained with."""
+
+
+def json_stage1_settings(cfg: InputConfig, model: EvalModel) -> Stage1Settings:
+    """The Stage1 settings JSON input is decoded and encoded with: the flags, else the checkpoint's
+    training config; a checkpoint without one (the seed's) and the baseline get the Stage1 defaults."""
+    s1 = model.train_config.stage1 if model.train_config is not None else Stage1Settings()
+    tail = getattr(getattr(model.prefix_lm, "prefix", None), "tail", None)
+    return Stage1Settings(stage1_encoder_ckpt=cfg.stage1_encoder_ckpt or "",
+                          stage1_classifier_ckpt=cfg.stage1_classifier_ckpt or "",
+                          image_size=cfg.image_size or s1.image_size,
+                          stage1_trainable_blocks=s1.stage1_trainable_blocks if tail is not None else 0,
+                          latent_pooling=cfg.latent_pooling or s1.latent_pooling,
+                          gif_frame=cfg.gif_frame if cfg.gif_frame >= 0 else s1.gif_frame)
+
+
+def _sha256_of(flag: str, path: str) -> str:
+    try:
+        return sha256_file(path)
+    except (FileNotFoundError, IsADirectoryError):
+        raise FileNotFoundError(f"{flag} {path}: no such file") from None
+
+
+def check_stage1_identity(cfg: InputConfig, model: EvalModel) -> None:
+    """Refuse inputs made with another Stage1 than the one the checkpoint was trained with.
+
+    The checkpoint's identity (trainer.checkpoint.STAGE1_IDENTITY_FILE: the training shards'
+    manifest `stage1` section) is compared by `data_prep.manifest.check_stage1_compatible`, the
+    trainer's own check: with --shard-dir against the shards' manifest (encoder and classifier
+    sha256, image size, pooling, frame, and K when the checkpoint trained Stage1 blocks: a K = 0
+    checkpoint reads only latents, which do not depend on K); with --json-path against the sha256
+    of --stage1-encoder-ckpt (and of --stage1-classifier-ckpt when given) and the settings the
+    images are encoded with. A checkpoint without the file (older ones, the seed's) is warned about.
+    """
+    if not model.uses_image:
+        return
+    ident = Path(model.source) / STAGE1_IDENTITY_FILE
+    rec = model.stage1
+    if rec is None:
+        given = (f"the shards in {cfg.shard_dir}" if cfg.shard_dir
+                 else f"--stage1-encoder-ckpt {cfg.stage1_encoder_ckpt}")
+        print(f"[generate] warning: {model.source} has no {STAGE1_IDENTITY_FILE} (a checkpoint from before it "
+              f"was written, or the seed's): cannot check that the Stage1 of {given} is the one training used",
+              file=sys.stderr, flush=True)
+        return
+    if cfg.shard_dir:
+        shards = load_manifest(cfg.shard_dir)
+        trained = Stage1Settings(image_size=rec.image_size, latent_pooling=rec.pooling, gif_frame=rec.frame,
+                                 stage1_trainable_blocks=rec.trainable_blocks or shards.stage1.trainable_blocks)
+        try:
+            check_stage1_compatible(shards, trained, rec.encoder_sha256, rec.classifier_sha256)
+        except ManifestMismatch as e:
+            manifest_path = Path(shards.shard_dir) / MANIFEST_FILENAME
+            lines = [f"  {name}: {ident} has {ckpt!r}, {manifest_path} has {built!r}"
+                     for name, (built, ckpt) in e.differences.items()]
+            raise Stage1IdentityError(
+                f"{model.source} was trained on latents of another Stage1 than the shards in {cfg.shard_dir} "
+                "were built with:\n" + "\n".join(lines) + "\nEvaluate on shards built with the checkpoint's "
+                "Stage1 checkpoints and settings (python -m data_prep.build_shards), or with --json-path.") from None
+        return
+    used = json_stage1_settings(cfg, model)
+    given = {"stage1_encoder_ckpt (sha256)": cfg.stage1_encoder_ckpt}
+    encoder_sha = _sha256_of("--stage1-encoder-ckpt", cfg.stage1_encoder_ckpt)
+    classifier_sha = None
+    if cfg.stage1_classifier_ckpt:
+        classifier_sha = _sha256_of("--stage1-classifier-ckpt", cfg.stage1_classifier_ckpt)
+        given["stage1_classifier_ckpt (sha256)"] = cfg.stage1_classifier_ckpt
+    # The checkpoint's identity in the role of the "shards" the trainer's check compares against.
+    trained = Manifest(shards=[], split_counts={}, stage1=rec, cond_name_to_id={})
+    try:
+        check_stage1_compatible(trained, used, encoder_sha, classifier_sha)
+    except ManifestMismatch as e:
+        lines = [f"  {name}: {ident} has {ckpt!r}, {given.get(name, 'this run')} has {now!r}"
+                 for name, (ckpt, now) in e.differences.items()]
+        raise Stage1IdentityError(
+            f"{model.source} was trained with another Stage1 than this run gives it:\n" + "\n".join(lines)
+            + "\nPass the Stage1 checkpoints (and settings) the checkpoint was trained with, or leave "
+              "--image-size/--latent-pooling/--gif-frame unset to use the checkpoint's.") from None
+
+
+def load_cases(cfg: InputConfig, model: EvalModel, max_cases: int = 0,
+               skip_report_path: Optional[str | Path] = None) -> list[EvalCase]:
+    """The selected cases with latents, checked against the model's cond map and Stage1 identity.
+
+    JSON input is read and checked like the shard builder reads it (eval.inputs.load_json_inputs), for
+    every model alike (the baseline's images are decoded too, so that every model gets the same
+    cases); the skipped elements are summarised, saved to `skip_report_path` when given, and a run
+    in which nothing is usable fails.
+    """
+    if model.uses_image and cfg.json_path and not cfg.stage1_encoder_ckpt:
+        raise ValueError("JSON input to a Stage2 model needs --stage1-encoder-ckpt to compute latents")
+    check_stage1_identity(cfg, model)
     if cfg.stage1_classifier_ckpt:
         check_classifier(cfg.stage1_classifier_ckpt, model.cond_map)
-    # Read enough cases for the selection (a summary eval needs only the first element of each).
-    limit = cfg.num_samples if (cfg.num_samples and cfg.elements_per_case) else 0
     if cfg.shard_dir:
+        # Read enough cases for the selection (a summary eval needs only the first element of each).
+        limit = cfg.num_samples if (cfg.num_samples and cfg.elements_per_case) else 0
         cases = load_shard_cases(cfg.shard_dir, cfg.split, model.cond_map, max_cases=max_cases or limit)
         return select_cases(cases, cfg.num_samples, cfg.elements_per_case)
-    cases = select_cases(load_json_cases(cfg.json_path, model.cond_map, max_cases=max_cases or limit),
-                         cfg.num_samples, cfg.elements_per_case)
+    s1 = json_stage1_settings(cfg, model)
+    encoder = None
     if model.uses_image:
-        if not cfg.stage1_encoder_ckpt:
-            raise ValueError("JSON input to a Stage2 model needs --stage1-encoder-ckpt to compute latents")
-
-        # The Stage1 settings the checkpoint was trained with, unless given explicitly; a checkpoint
-        # without a training config (the seed's) gets the Stage1 defaults.
-        s1 = model.train_config.stage1 if model.train_config is not None else Stage1Settings()
-        pooling = cfg.latent_pooling or s1.latent_pooling
-        image_size = cfg.image_size or s1.image_size
-        frame = cfg.gif_frame if cfg.gif_frame >= 0 else s1.gif_frame
-        k = s1.stage1_trainable_blocks if getattr(model.prefix_lm.prefix, "tail", None) else 0
-        encoder = load_stage1_encoder(cfg.stage1_encoder_ckpt, pooling).to(model.device).eval()
-        attach_latents(cases, cfg.image_root, encoder, image_size, frame, trainable_blocks=k,
-                       device=str(model.device))
+        encoder = load_stage1_encoder(cfg.stage1_encoder_ckpt, s1.latent_pooling).to(model.device).eval()
+    cases, report = load_json_inputs(cfg.json_path, model.cond_map, cfg.image_root, s1.image_size, s1.gif_frame,
+                                     encoder=encoder, trainable_blocks=s1.stage1_trainable_blocks,
+                                     num_samples=cfg.num_samples, elements_per_case=cfg.elements_per_case,
+                                     max_cases=max_cases, device=str(model.device))
+    json_skip_summary(report, len(cases), cfg.json_path, cfg.image_root, skip_report_path)
     return cases
 
 
@@ -176,6 +272,10 @@ def run_generation(model: EvalModel, cases: Sequence[EvalCase], task: str, decod
     name = record_name or model.name
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
+    torn = repair_jsonl_tail(output_path)  # else the first new record would be glued to the torn line
+    if torn is not None:
+        print(f"[generate] warning: {output_path}: line {torn} was an incomplete record (a killed run?); "
+              "removed, it is generated again", file=sys.stderr, flush=True)
     existing = [r for r in read_jsonl(output_path) if r.get("model") == name and r.get("task") == task]
     done = {record_key(r["case_id"], r["element"], r["task"]) for r in existing}
     requests, skips = build_requests(cases, task, model, decoding.max_prompt_len)
@@ -200,6 +300,12 @@ def run_generation(model: EvalModel, cases: Sequence[EvalCase], task: str, decod
     return records, skips
 
 
+def skip_report_path(output_path: str | Path) -> Path:
+    """Where the skipped input elements of JSON input are reported: `<output stem>.skips.json`."""
+    out = Path(output_path)
+    return out.with_name(out.stem + ".skips.json")
+
+
 def print_samples(records: Sequence[dict], n: int, width: int = 400) -> None:
     for r in list(records)[:n]:
         print(f"--- {r['model']} | case {r['case_id']} element {r['element']} ({r['cond_name']}) | {r['task']}")
@@ -215,7 +321,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     save_config(cfg, out.with_name(out.stem + ".config.json"))
     seed_everything(cfg.seed)
     model = load_model(cfg.model_cfg)
-    cases = load_cases(cfg.inputs, model)
+    cases = load_cases(cfg.inputs, model, skip_report_path=skip_report_path(out))
     t0 = time.perf_counter()
     records, _ = run_generation(model, cases, cfg.task, cfg.decoding, out)
     print(f"[generate] {len(records)} record(s) in {out} ({time.perf_counter() - t0:.1f}s this run)")

@@ -6,11 +6,16 @@ and the Stage1 latent the image prefix is computed from. Two sources:
 
 * shards (`--shard-dir --split val`): latents were cached by the shard builder with the Stage1
   model named in `manifest.json`; nothing has to be encoded again.
-* Gemini JSON + GIFs (`--json-path --image-root`): latents are computed here with the Stage1
-  encoder, exactly as the shard builder does (same decode, same image size, same pooling).
+* Gemini JSON + GIFs (`--json-path --image-root`): elements are read and checked exactly as the
+  shard builder does (`load_gemini_json`; every image decoded with `decode_image_uint8`, normalised
+  with `normalize_pixels`), and latents computed here with the Stage1 encoder (same image size,
+  frame and pooling). A bad element (JSON field or image) is skipped and recorded as the builder
+  records it, in a `SkipReport` (`json_skip_summary` prints it, writes it, and fails when nothing
+  is usable).
 
 Selection is deterministic (file order, then element order) so that compare/ablation runs and a
-resumed run all see the same cases.
+resumed run all see the same cases; with JSON input it counts usable elements only, and every model
+(the text-only baseline too) gets the same ones.
 """
 
 from __future__ import annotations
@@ -26,8 +31,9 @@ import torch
 from tqdm import tqdm
 
 from common.io import read_jsonl
-from data_prep.gemini import load_gemini_json, resolve_image_path
-from data_prep.images import decode_image
+from data_prep.build_shards import InputError, image_skip, normalize_pixels
+from data_prep.gemini import Case, Element, SkipReport, load_gemini_json, resolve_image_path
+from data_prep.images import ImageDecodeError, decode_image_uint8
 from data_prep.shard_format import CASES_FILENAME, MANIFEST_FILENAME, decode_sample
 from models.cond_names import check_same_cond_map
 
@@ -134,7 +140,8 @@ def _read_case_captions(path: Path) -> dict[str, list[str]]:
 
 # ------------------------------------------------------------------------------- JSON + images
 def load_json_cases(json_paths: Sequence[str], cond_map: dict[str, int], max_cases: int = 0) -> list[EvalCase]:
-    """Elements of the Gemini JSON files (no latents yet: see `attach_latents`)."""
+    """Elements of the Gemini JSON files, JSON validation only (no image check, no latents): for
+    text statistics (eval.cot_stats). Generation reads JSON input with `load_json_inputs`."""
     cases, report = load_gemini_json(list(json_paths), cond_map, strict=False)
     if len(report):
         print(f"[inputs] skipped while reading {list(json_paths)}: {report.by_reason()}")
@@ -153,28 +160,112 @@ def load_json_cases(json_paths: Sequence[str], cond_map: dict[str, int], max_cas
     return out
 
 
-def attach_latents(cases: list[EvalCase], image_root: str | Path, encoder, image_size: int,
-                   frame: int = 0, trainable_blocks: int = 0, batch_size: int = 16,
-                   device: str = "cpu") -> list[EvalCase]:
-    """Compute the Stage1 latent (and, for K = `trainable_blocks` > 0, the block tokens that the
-    checkpoint's fine-tuned Stage1 tail consumes) of every case.
+def load_json_inputs(json_paths: Sequence[str], cond_map: dict[str, int], image_root: str | Path,
+                     image_size: int, frame: int = 0, encoder=None, trainable_blocks: int = 0,
+                     num_samples: int = 0, elements_per_case: int = 0, max_cases: int = 0,
+                     batch_size: int = 16, device: str = "cpu") -> tuple[list[EvalCase], SkipReport]:
+    """The selected elements of Gemini JSON files, read as the shard builder reads them, with their
+    Stage1 latents (and, for K = `trainable_blocks` > 0, the block tokens the checkpoint's Stage1 tail
+    consumes) when `encoder` (a `models.stage1.Stage1Encoder`) is given; plus the skip report.
 
-    `encoder` is a `models.stage1.Stage1Encoder`; images are decoded with the shard builder's
-    `decode_image`, so the latents match the cached ones of a shard build with the same settings.
+    Reading and validation are `load_gemini_json`'s; every element of a case that is looked at has
+    its image decoded like the builder's workers do (`decode_image_uint8`, normalised on the encoder's
+    device with `normalize_pixels`), and one that cannot be decoded is skipped and recorded with the
+    builder's `image_skip`, next to the JSON's own skips. A case's captions (task text_summary) are
+    those of its usable elements, as in the shards' cases.jsonl. Selection follows `select_cases`
+    over usable elements only: the first `elements_per_case` of each case (0 = all), at most
+    `num_samples` elements (0 = all) from at most `max_cases` cases (0 = all).
     """
+    cases, report = load_gemini_json(list(json_paths), cond_map, strict=False)
     image_root = Path(image_root)
-    for start in tqdm(range(0, len(cases), batch_size), desc="stage1 latents", unit="batch"):
-        chunk = cases[start:start + batch_size]
-        pixels = []
-        for c in chunk:
-            path = resolve_image_path(image_root, c.image_rel_path)
-            if not path.exists():
-                raise FileNotFoundError(f"{path}: image of case {c.case_id} element {c.element_index} "
-                                        "not found; check --image-root")
-            pixels.append(torch.as_tensor(np.asarray(decode_image(path, image_size, frame=frame))))
-        with torch.no_grad():
-            latent, tokens = encoder.encode(torch.stack(pixels).float().to(device), trainable_blocks=trainable_blocks)
-        for i, c in enumerate(chunk):
-            c.latent = latent[i].float().cpu().numpy()
-            c.block_tokens = None if tokens is None else tokens[i].float().cpu().numpy()
-    return cases
+    out: list[EvalCase] = []
+    pending: list[tuple[EvalCase, np.ndarray]] = []  # selected, waiting for the encoder
+    num_cases = 0
+    bar = tqdm(total=num_samples or None, desc="JSON elements" + (" + stage1 latents" if encoder else ""),
+               unit="element")
+    for case in cases:
+        if (num_samples and len(out) >= num_samples) or (max_cases and num_cases >= max_cases):
+            break
+        usable = _decode_case_images(case, image_root, image_size, frame, report)
+        if not usable:
+            continue
+        num_cases += 1
+        captions = [el.caption for el, _ in usable]
+        for el, pixels in usable[:elements_per_case or None]:
+            if num_samples and len(out) >= num_samples:
+                break
+            c = EvalCase(case_id=str(case.case_id), element_index=el.index, cond_name=el.cond_name,
+                         cond_id=el.cond_id, caption=el.caption or "", global_summary=case.global_summary or "",
+                         case_captions=captions, image_rel_path=el.image_rel_path)
+            out.append(c)
+            bar.update(1)
+            if encoder is not None:
+                pending.append((c, pixels))
+                if len(pending) >= batch_size:
+                    _encode(pending, encoder, trainable_blocks, device)
+                    pending = []
+    if pending:
+        _encode(pending, encoder, trainable_blocks, device)
+    bar.close()
+    return out, report
+
+
+def _decode_case_images(case: Case, image_root: Path, image_size: int, frame: int,
+                        report: SkipReport) -> list[tuple[Element, np.ndarray]]:
+    """(element, uint8 pixels) of the case's elements whose image decodes; the others go to `report`."""
+    usable = []
+    for el in case.elements:
+        try:
+            pixels = decode_image_uint8(resolve_image_path(image_root, el.image_rel_path), image_size, frame)
+        except ImageDecodeError as e:
+            report.add(image_skip(case, el, e.path, e.reason, e.detail))
+            continue
+        usable.append((el, pixels))
+    return usable
+
+
+def _encode(pending: list[tuple[EvalCase, np.ndarray]], encoder, trainable_blocks: int, device: str) -> None:
+    pixels = normalize_pixels(torch.from_numpy(np.stack([p for _, p in pending])).to(device))
+    with torch.no_grad():
+        latent, tokens = encoder.encode(pixels, trainable_blocks=trainable_blocks)
+    for i, (c, _) in enumerate(pending):
+        c.latent = latent[i].float().cpu().numpy()
+        c.block_tokens = None if tokens is None else tokens[i].float().cpu().numpy()
+
+
+def json_skip_summary(report: SkipReport, num_used: int, json_paths: Sequence[str], image_root: str | Path,
+                      report_path: Optional[str | Path] = None) -> None:
+    """Print what was skipped (counts by reason, where the details are), save the report to
+    `report_path` when given, and fail, as the shard builder does, when no element is usable."""
+    if report_path is not None:
+        report.save(report_path)
+    if num_used == 0:
+        raise InputError(_nothing_usable_message(report, json_paths, image_root, report_path))
+    where = f"; details in {report_path}" if report_path is not None else ""
+    if len(report):
+        reasons = ", ".join(f"{r}: {n}" for r, n in report.by_reason().items())
+        print(f"[inputs] {num_used} element(s) used; skipped {report.num_cases_skipped()} case(s) and "
+              f"{report.num_elements_skipped()} element(s) ({reasons}){where}", flush=True)
+    else:
+        print(f"[inputs] {num_used} element(s) used; nothing skipped", flush=True)
+
+
+def _nothing_usable_message(report: SkipReport, json_paths: Sequence[str], image_root: str | Path,
+                            report_path: Optional[str | Path]) -> str:
+    lines = [f"no usable element in the Gemini JSON ({', '.join(map(str, json_paths))}): "
+             + (f"all {report.elements_read} element(s) of {report.cases_read} case(s) skipped"
+                if report.elements_read else "it holds no case")]
+    top = report.top_reasons(3)
+    if top:
+        lines.append("  top skip reasons: " + "; ".join(
+            f"{f} {r}: {n} {'case(s)' if is_case else 'element(s)'}" for f, r, is_case, n, _ in top))
+        field_, reason, _, _, example = top[0]
+        lines.append(f"  e.g. {example.message()}")
+        if field_ == "image_rel_path" and reason == "missing":
+            lines.append(f"  hint: images are looked up under --image-root {image_root}: is it the folder that "
+                         "holds md_image/?")
+        elif field_ == "image_rel_path" and reason == "bad_frame":
+            lines.append("  hint: --gif-frame (or the checkpoint's) is beyond these images' frames")
+    if report_path is not None:
+        lines.append(f"  every skip: {report_path}")
+    return "\n".join(lines)

@@ -1,7 +1,9 @@
 """LLM-as-judge: a 1-10 score with a short reason for a generation against its reference.
 
 Backends: any OpenAI-compatible `/v1/chat/completions` server (`--judge-base-url --judge-model`,
-the key read from the env var named by `--judge-api-key-env`, never logged or saved), or a local
+the key read from the env var named by `--judge-api-key-env`, never logged or saved: whatever the
+server sends back, e.g. an error body echoing the request headers, passes `redact` before it is
+printed, raised or cached, which replaces the key and Authorization values with `***`), or a local
 HF causal LM (`--judge-model-path`). The rubric is fixed and versioned; a change to it bumps
 `RUBRIC_VERSION`, which is part of the cache key.
 
@@ -18,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import threading
 import time
 import urllib.error
@@ -31,7 +34,8 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common.io import append_jsonl, read_jsonl
+from common.cli import UserError
+from common.io import append_jsonl, read_jsonl, repair_jsonl_tail
 
 RUBRIC_VERSION = "v1"
 RUBRIC = """You grade a forecaster-style weather summary (CANDIDATE) against the SPC Mesoscale
@@ -79,6 +83,19 @@ def parse_judge_reply(text: str) -> tuple[Optional[float], str]:
     return None, ""
 
 
+REDACTED = "***"
+# The value of an Authorization header echoed back by a server, e.g. `"Authorization": "Bearer x"`.
+_AUTH_VALUE = re.compile(r"""(authorization["']?\s*[:=]\s*["']?)(?:(bearer|basic)\s+)?[^\s"',}]+""", re.IGNORECASE)
+
+
+def redact(text: str, secrets: Sequence[str] = ()) -> str:
+    """`text` with every secret (the API key) and every Authorization header value replaced by ***."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, REDACTED)
+    return _AUTH_VALUE.sub(lambda m: m.group(1) + (f"{m.group(2)} " if m.group(2) else "") + REDACTED, text)
+
+
 @dataclass
 class JudgeResult:
     score: Optional[float]
@@ -93,6 +110,10 @@ class JudgeCache:
     def __init__(self, path: Optional[str | Path]):
         self.path = Path(path) if path else None
         self._lock = threading.Lock()
+        # A run killed mid-append leaves a torn line: cut it off, or the next entry is glued to it.
+        if self.path and (torn := repair_jsonl_tail(self.path)) is not None:
+            print(f"[judge] warning: {self.path}: line {torn} was an incomplete cache entry; removed",
+                  file=sys.stderr, flush=True)
         self._data = {r["key"]: r for r in read_jsonl(self.path)} if self.path else {}
 
     @staticmethod
@@ -118,6 +139,11 @@ class JudgeCache:
         return len(self._data)
 
 
+class JudgeRequestError(UserError, RuntimeError):
+    """The judge server refused a request (HTTP 4xx other than 429: wrong key, model, URL); the
+    message holds its (redacted) answer."""
+
+
 class RetryableError(Exception):
     def __init__(self, kind: str):
         super().__init__(kind)
@@ -133,7 +159,7 @@ class OpenAIJudge:
         self.url = base_url.rstrip("/") + ("" if base_url.rstrip("/").endswith("/chat/completions")
                                            else "/chat/completions")
         self.model = model
-        self._api_key = os.environ.get(api_key_env, "")  # kept private: never printed or saved
+        self._api_key = os.environ.get(api_key_env, "")  # kept private: never printed or saved (see redact)
         self.timeout_s, self.max_retries, self.backoff_s = timeout_s, max_retries, backoff_s
         self.deadline = time.monotonic() + max_total_s
         self.cache = cache if cache is not None else JudgeCache(None)
@@ -157,14 +183,20 @@ class OpenAIJudge:
         except urllib.error.HTTPError as e:
             if e.code == 429 or e.code >= 500:
                 raise RetryableError(f"http_{e.code}") from None
-            raise RuntimeError(f"judge {self.url} answered HTTP {e.code}: {e.read()[:200]!r}") from None
+            # The body may echo the request (headers included): redact before cutting it short, so
+            # that no prefix of the key survives the cut.
+            body = self._redact(e.read().decode("utf-8", errors="replace"))
+            raise JudgeRequestError(f"judge {self._redact(self.url)} answered HTTP {e.code}: {body[:300]!r}") from None
         except (TimeoutError, OSError) as e:  # socket timeouts, refused connections, DNS
             is_timeout = isinstance(e, TimeoutError) or "timed out" in str(e)
             raise RetryableError("timeout" if is_timeout else "unreachable") from None
         try:
-            return payload["choices"][0]["message"]["content"] or ""
+            return self._redact(payload["choices"][0]["message"]["content"] or "")
         except (KeyError, IndexError, TypeError):
             return ""
+
+    def _redact(self, text: str) -> str:
+        return redact(text, (self._api_key,))
 
     def judge(self, reference: str, candidate: str) -> JudgeResult:
         key = JudgeCache.key(self.name, reference, candidate)
@@ -226,8 +258,8 @@ class LocalHFJudge:
         return result
 
 
-class JudgeUnreachable(RuntimeError):
-    pass
+class JudgeUnreachable(UserError, RuntimeError):
+    """The judge server cannot be reached (an expected failure: one message, exit 1)."""
 
 
 def judge_all(judge, references: Sequence[str], candidates: Sequence[str], num_threads: int = 4,
@@ -256,7 +288,7 @@ def judge_all(judge, references: Sequence[str], candidates: Sequence[str], num_t
             if unreachable_streak[1] and unreachable_streak[0] >= fail_fast_after:
                 for g in futures:
                     g.cancel()
-                url = getattr(judge, "url", judge.name)
+                url = redact(getattr(judge, "url", judge.name), (getattr(judge, "_api_key", ""),))
                 raise JudgeUnreachable(f"judge at {url} is unreachable ({unreachable_streak[0]} calls failed); "
                                        "check --judge-base-url, or run with --metric embedding")
     for r in results:

@@ -29,13 +29,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common.runtime import resolve_device, resolve_dtype
+from data_prep.manifest import Stage1Record
 from eval.inputs import EvalCase
 from models import attention as attn
 from models.collate import TrainItem, collate_generation
 from models.cond_names import default_cond_name_to_id
 from models.prefix_lm import ADAPTER_CONFIG
 from models.tasks import Prompt, TaskUnavailable, TokenizedExample, build_prompt, tokenize_prompt
-from trainer.checkpoint import TRAIN_CONFIG_FILE, load_inference_model
+from trainer.checkpoint import TRAIN_CONFIG_FILE, load_inference_model, load_stage1_identity
 from trainer.config import TrainConfig
 
 PREFIX_MODES = ("true", "shuffled", "zero")
@@ -75,6 +76,9 @@ class EvalModel:
     num_image_tokens: int
     train_config: Optional[TrainConfig]  # the checkpoint's; None for the baseline and seed checkpoints
     source: str = ""
+    # The Stage1 identity the checkpoint was trained with (trainer.checkpoint.STAGE1_IDENTITY_FILE);
+    # None for the baseline and for checkpoints written before that file existed (the seed's).
+    stage1: Optional[Stage1Record] = None
 
     @property
     def uses_image(self) -> bool:
@@ -140,7 +144,7 @@ def load_checkpoint_model(ckpt_dir: str, base_model_path: Optional[str] = None, 
     default_name = path.parent.name if path.name in ("final",) or path.name.startswith("checkpoint-") else path.name
     return EvalModel(name=name or default_name, lm=prefix_lm.lm, tokenizer=tokenizer, prefix_lm=prefix_lm,
                      cond_map=cond_map, num_image_tokens=_num_image_tokens(prefix_lm, train_config),
-                     train_config=train_config, source=str(path))
+                     train_config=train_config, source=str(path), stage1=load_stage1_identity(path))
 
 
 # ------------------------------------------------------------------------------------ requests

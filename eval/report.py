@@ -5,7 +5,10 @@
 
 Models are the `model` field of the records (a file may hold several). Only samples that every
 model answered are compared (paired by case, element and task), so means and win rates are over
-the same cases. Writes into --out-dir: `scores.jsonl` (one line per model x sample), `summary.md`
+the same cases. Every file must hold records: an empty or unreadable file is an error naming it
+(never a model silently left out); a torn last line (a generation run killed mid-write) is skipped
+with a warning naming file and line, and listed in the output; a malformed line before the last is
+an error naming file and line. Writes into --out-dir: `scores.jsonl` (one line per model x sample), `summary.md`
 and `summary.csv` (mean, median, 95% bootstrap CI of the mean, pairwise win rates), the plot, and
 the config.
 """
@@ -16,6 +19,7 @@ import csv
 import io
 import itertools
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Sequence
@@ -24,7 +28,7 @@ import numpy as np
 
 from common.cli import cli_main
 from common.config import parse_config, print_config, save_config
-from common.io import atomic_path, atomic_write_text, read_jsonl
+from common.io import atomic_path, atomic_write_text, read_jsonl_checked
 from eval.judge import JudgeCache, LocalHFJudge, OpenAIJudge, judge_all
 from eval.scores import EmbeddingScorer
 
@@ -110,15 +114,32 @@ def win_rates(scores: dict[str, list[float]]) -> dict[tuple[str, str], float]:
 
 
 # ----------------------------------------------------------------------------------------- data
-def load_generations(paths: Sequence[str]) -> dict[str, dict[tuple, dict]]:
-    """{model: {(case_id, element, task): record}}; a model appearing in two files is an error."""
+def load_generations(paths: Sequence[str], dropped: Optional[dict[str, int]] = None) -> dict[str, dict[tuple, dict]]:
+    """{model: {(case_id, element, task): record}}; a model appearing in two files is an error.
+
+    A file without records (empty, or only a torn line) is an error naming it. A torn last line is
+    skipped with a warning on stderr and recorded in `dropped` ({path: line number}); any other
+    malformed line is an error naming file and line.
+    """
     by_model: dict[str, dict[tuple, dict]] = {}
     origin: dict[str, str] = {}
     for p in paths:
-        for i, r in enumerate(read_jsonl(p)):
+        contents = read_jsonl_checked(p)
+        if contents.torn_line is not None:
+            print(f"[report] warning: {p}: line {contents.torn_line} is an incomplete record (a generation "
+                  "run killed mid-write?); skipped", file=sys.stderr, flush=True)
+            if dropped is not None:
+                dropped[str(p)] = contents.torn_line
+        if not contents.records:
+            what = "only an incomplete line" if contents.torn_line is not None else "an empty file"
+            raise ValueError(f"{p}: no generation records ({what}); regenerate it (python -m eval.generate "
+                             "resumes) or leave it out of --generations")
+        for line, r in zip(contents.line_numbers, contents.records):
+            if not isinstance(r, dict):
+                raise ValueError(f"{p}: line {line} is not a JSON object")
             missing = [k for k in ("case_id", "element", "task", "generation", "reference") if k not in r]
             if missing:
-                raise ValueError(f"{p}: record {i + 1} lacks field(s) {missing}")
+                raise ValueError(f"{p}: line {line} lacks field(s) {missing}")
             name = r.get("model") or Path(p).stem
             if name in origin and origin[name] != p:
                 raise ValueError(f"model {name!r} appears in {origin[name]} and {p}; rename one (--model-name)")
@@ -174,8 +195,8 @@ def _fmt(x: float) -> str:
     return "nan" if x != x else f"{x:.4f}"
 
 
-def summary_tables(results: dict[str, dict[str, list[float]]], num_bootstrap: int, seed: int,
-                   skips: dict, failures: dict) -> tuple[str, str, list[dict]]:
+def summary_tables(results: dict[str, dict[str, list[float]]], num_bootstrap: int, seed: int, skips: dict,
+                   failures: dict, dropped: Optional[dict[str, int]] = None) -> tuple[str, str, list[dict]]:
     """(markdown, csv, rows) for every metric: summary rows plus the pairwise win-rate matrix."""
     md = ["# Evaluation summary", ""]
     rows_all = []
@@ -196,7 +217,11 @@ def summary_tables(results: dict[str, dict[str, list[float]]], num_bootstrap: in
         if failures.get(metric):
             md += ["", f"Judge failures (not scored): {failures[metric]}"]
         md.append("")
-    md += [f"Skipped samples: {skips}", "", "Win rate: share of paired samples where the row model "
+    md += [f"Skipped samples: {skips}", ""]
+    if dropped:
+        md += ["Incomplete last lines skipped (a generation run killed mid-write): "
+               + "; ".join(f"{p} line {n}" for p, n in dropped.items()), ""]
+    md += ["Win rate: share of paired samples where the row model "
            "scores higher than the column model (ties count half). CI: percentile bootstrap of the mean.", ""]
     fields = ["metric", "model", "n", "mean", "median", "ci_low", "ci_high"]
     fields += sorted({k for r in rows_all for k in r if k.startswith("win_vs_")})
@@ -260,14 +285,16 @@ def print_side_by_side(by_model, keys, n: int, width: int = 300) -> None:
 
 
 def run_report(cfg: ReportConfig) -> dict:
-    """Score, tabulate and plot; returns {"rows", "skips", "failures", "paths"}."""
+    """Score, tabulate and plot; returns {"rows", "skips", "dropped_lines", "failures", "paths"}."""
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    by_model = load_generations(cfg.generations)
+    dropped: dict[str, int] = {}
+    by_model = load_generations(cfg.generations, dropped)
     keys, skips = paired_keys(by_model, cfg.max_samples)
     if not keys:
         raise ValueError(f"no sample is present in every model's generations ({list(by_model)}); skips: {skips}")
-    print(f"[report] {len(by_model)} model(s) x {len(keys)} paired sample(s); skipped {skips}")
+    print(f"[report] {len(by_model)} model(s) x {len(keys)} paired sample(s); skipped {skips}"
+          + (f"; {len(dropped)} incomplete last line(s) skipped: {dropped}" if dropped else ""))
     print_side_by_side(by_model, keys, cfg.num_print_samples)
     results: dict[str, dict[str, list[float]]] = {}
     failures: dict[str, dict] = {}
@@ -279,7 +306,7 @@ def run_report(cfg: ReportConfig) -> dict:
         ok = [i for i in range(len(keys)) if all(raw[m][i] is not None for m in raw)]
         results["judge"] = {m: [raw[m][i] for i in ok] for m in raw}
         failures["judge"] = {m: f for m, f in fails.items() if f}
-    md, csv_text, rows = summary_tables(results, cfg.num_bootstrap, cfg.seed, skips, failures)
+    md, csv_text, rows = summary_tables(results, cfg.num_bootstrap, cfg.seed, skips, failures, dropped)
     paths = {"md": out_dir / "summary.md", "csv": out_dir / "summary.csv", "scores": out_dir / "scores.jsonl",
              "plot": Path(cfg.plot_path) if cfg.plot_path else out_dir / "eval_plot.png"}
     atomic_write_text(paths["md"], md)
@@ -290,7 +317,7 @@ def run_report(cfg: ReportConfig) -> dict:
         write_scores_jsonl(paths["scores"], by_model, keys, {k: v for k, v in results.items() if k != "judge"})
     plot_scores(results, paths["plot"])
     print(md)
-    return {"rows": rows, "skips": skips, "failures": failures, "paths": paths}
+    return {"rows": rows, "skips": skips, "dropped_lines": dropped, "failures": failures, "paths": paths}
 
 
 @cli_main

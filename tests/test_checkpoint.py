@@ -174,3 +174,53 @@ def test_rng_state_round_trip_through_json():
 def test_trainer_state_defaults():
     s = TrainerState(world_size=2, seed=3)
     assert (s.step, s.epoch, s.batches_in_epoch, s.consecutive_nan) == (0, 0, 0, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Stage1 identity
+# --------------------------------------------------------------------------------------------
+
+STAGE1 = {"encoder_sha256": "e" * 64, "classifier_sha256": "c" * 64, "image_size": 32, "trainable_blocks": 0,
+          "pooling": "mean", "latent_dim": 32, "frame": 0,
+          "normalization": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}, "num_tokens": 0}
+
+
+def test_stage1_identity_is_written_with_the_checkpoint_and_read_back(trained, tmp_path):
+    from data_prep.manifest import Stage1Record
+    from trainer.checkpoint import STAGE1_IDENTITY_FILE, load_stage1_identity
+
+    model, tok, old = trained
+    out = save_inference_checkpoint(model, tok, COND_MAP, TrainConfig(), tmp_path / "final",
+                                    stage1=Stage1Record(**STAGE1))
+    assert json.loads((out / STAGE1_IDENTITY_FILE).read_text()) == STAGE1  # the manifest's stage1 section
+    assert load_stage1_identity(out) == Stage1Record(**STAGE1)
+    assert load_stage1_identity(old) is None  # written without one (older checkpoints, the seed's)
+
+    (out / STAGE1_IDENTITY_FILE).write_text('{"encoder_sha256": "e"}')
+    with pytest.raises(CheckpointError, match=f"{STAGE1_IDENTITY_FILE}: missing field"):
+        load_inference_model(out)
+    (out / STAGE1_IDENTITY_FILE).write_text("{")
+    with pytest.raises(CheckpointError, match=f"{STAGE1_IDENTITY_FILE}: not valid JSON"):
+        load_stage1_identity(out)
+
+
+def test_checkpointer_stores_the_stage1_identity_in_every_inference_checkpoint(trained, tmp_path, monkeypatch):
+    """The trainer's checkpoint component passes the manifest's stage1 section on to every save."""
+    from types import SimpleNamespace
+
+    from data_prep.manifest import Stage1Record
+    from trainer import checkpointer as checkpointer_mod
+    from trainer.checkpoint import load_stage1_identity
+    from trainer.distributed import DistInfo
+
+    model, tok, _ = trained
+    monkeypatch.setattr(checkpointer_mod, "save_resume_checkpoint", lambda *a, **k: None)  # engine state: not here
+    cfg = replace(TrainConfig(), checkpoint={"output_dir": str(tmp_path / "run"), "save_steps": 2})
+    dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), is_main=True)
+    ckpt = checkpointer_mod.Checkpointer(cfg, dist, SimpleNamespace(module=model), tok, COND_MAP,
+                                         stage1=Stage1Record(**STAGE1))
+    skips = SimpleNamespace(check=lambda: None)
+    ckpt.maybe_save(TrainerState(step=2), total_steps=4, skips=skips)
+    ckpt.save(TrainerState(step=4), "final", skips)
+    for tag in ("checkpoint-2", "final"):
+        assert load_stage1_identity(tmp_path / "run" / tag) == Stage1Record(**STAGE1)

@@ -9,12 +9,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from eval.judge import JudgeCache, JudgeUnreachable, OpenAIJudge, judge_all, parse_judge_reply
+from common.io import read_jsonl_checked
+from eval.judge import JudgeCache, JudgeResult, JudgeUnreachable, OpenAIJudge, judge_all, parse_judge_reply
 
 
 class FakeJudgeServer:
     """Replies per candidate text: 'ok:N' -> score N, 'slow' -> sleeps past the timeout once,
-    'flaky' -> 429 the first time then a score, 'garbage' -> unparsable text, '500' -> always 500."""
+    'flaky' -> 429 the first time then a score, 'garbage' -> unparsable text, '500' -> always 500,
+    'echo:<code>' -> the request headers echoed back (HTTP <code>; with 200 inside the judge's reason)."""
 
     def __init__(self):
         self.calls: list[dict] = []
@@ -36,6 +38,14 @@ class FakeJudgeServer:
                     return self._send(429, {"error": "rate limited"})
                 if cand == "500":
                     return self._send(500, {"error": "boom"})
+                if cand.startswith("echo:"):  # a careless server: the request headers in the reply
+                    headers = dict(self.headers.items())
+                    code = int(cand[5:])
+                    if code != 200:
+                        return self._send(code, {"error": f"invalid key {headers.get('Authorization')}",
+                                                 "request_headers": headers})
+                    content = json.dumps({"score": 5, "reason": f"got Authorization: {headers.get('Authorization')}"})
+                    return self._send(200, {"choices": [{"message": {"role": "assistant", "content": content}}]})
                 if cand == "garbage":
                     content = "I cannot decide, sorry."
                 elif cand.startswith("ok:"):
@@ -124,3 +134,64 @@ def test_total_time_budget_bounds_the_run(server):
     r = judge.judge("ref", "500")
     assert r.score is None and r.error in ("http_500", "deadline")
     assert time.monotonic() - t0 < 2.0
+
+
+def test_api_key_is_redacted_from_everything_printed_raised_or_saved(server, tmp_path, monkeypatch, capsys):
+    """A server echoing the request headers (key included) in 4xx/5xx bodies and in a reply: the key
+    appears in no console output, no raised message and no written file."""
+    from eval.report import main as report_main
+
+    key = "sk-test-SECRET-0123456789abcdef"
+    monkeypatch.setenv("MY_JUDGE_KEY", key)
+
+    def write(path, candidates):
+        with open(path, "w") as f:
+            for i, cand in enumerate(candidates):
+                f.write(json.dumps({"case_id": f"c{i}", "element": 0, "task": "summary", "model": path.stem,
+                                    "generation": cand, "reference": f"ref {i}"}) + "\n")
+
+    out = tmp_path / "out"
+    common = ["--metric", "judge", "--judge-base-url", server.url, "--judge-api-key-env", "MY_JUDGE_KEY",
+              "--judge-max-retries", "0", "--judge-threads", "1", "--num-bootstrap", "50", "--out-dir", str(out)]
+    # 200 with the key in the judge's reason (cached and reported) and a 500 echoing the headers.
+    write(tmp_path / "a.jsonl", ["echo:200", "echo:500", "ok:7"])
+    write(tmp_path / "b.jsonl", ["ok:4", "ok:5", "ok:6"])
+    report_main(["--generations", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), *common])
+    # 401 echoing the headers: the run stops with the server's answer, redacted.
+    write(tmp_path / "c.jsonl", ["echo:401"])
+    with pytest.raises(SystemExit) as exc:
+        report_main(["--generations", str(tmp_path / "c.jsonl"), *common])
+    assert exc.value.code == 1
+
+    assert all(c["auth"] == f"Bearer {key}" for c in server.calls)  # the key was really sent (and echoed)
+    captured = capsys.readouterr()
+    assert "HTTP 401" in captured.err and "Authorization" in captured.err and "***" in captured.err
+    assert key not in captured.out and key not in captured.err
+    assert key[:12] not in captured.out + captured.err  # no prefix of it either (bodies are cut short)
+    cache = (out / "judge_cache.jsonl").read_text()
+    assert "got Authorization: Bearer ***" in cache
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(written) > 5
+    for p in written:
+        assert key.encode() not in p.read_bytes(), p
+
+
+def test_redact_replaces_the_key_and_authorization_values():
+    from eval.judge import redact
+
+    text = '{"Authorization": "Bearer sk-abc", "x": "sk-abc"} authorization=Basic dXNlcg== no authorization here'
+    assert redact(text, ["sk-abc"]) == ('{"Authorization": "Bearer ***", "x": "***"} authorization=Basic *** '
+                                        "no authorization here")
+    assert redact("nothing secret", [""]) == "nothing secret"
+
+
+def test_torn_cache_line_is_cut_before_appending(tmp_path, capsys):
+    path = tmp_path / "cache.jsonl"
+    cache = JudgeCache(path)
+    cache.put("k1", JudgeResult(8.0))
+    path.write_text(path.read_text() + '{"key": "k2", "sco')  # a run killed mid-append
+    cache = JudgeCache(path)
+    assert "line 2" in capsys.readouterr().err and len(cache) == 1
+    cache.put("k3", JudgeResult(6.0))
+    assert [r["key"] for r in read_jsonl_checked(path).records] == ["k1", "k3"]
+    assert read_jsonl_checked(path).torn_line is None

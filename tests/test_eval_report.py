@@ -8,7 +8,9 @@ import json
 import numpy as np
 import pytest
 
+from common.io import read_jsonl, read_jsonl_checked, repair_jsonl_tail
 from eval.report import ReportConfig, bootstrap_ci, run_report, summarize, win_rate
+from eval.report import main as report_main
 from eval.scores import EmbeddingScorer, default_embedding_model_path
 
 
@@ -103,3 +105,79 @@ def test_report_with_judge_against_local_server(tmp_path, scorer):
     assert judge_rows["a"]["n"] == 2 and judge_rows["a"]["mean"] == pytest.approx(7.0)
     assert judge_rows["a"]["win_vs_b"] == pytest.approx((1 + 0.5) / 2)
     assert (tmp_path / "out" / "judge_cache.jsonl").exists()
+
+
+# ------------------------------------------------------------------------ damaged generation files
+@pytest.fixture
+def judge_server():
+    from tests.test_eval_judge import FakeJudgeServer
+
+    server = FakeJudgeServer()
+    yield server
+    server.close()
+
+
+def _judge_args(server, out_dir) -> list[str]:
+    return ["--metric", "judge", "--judge-base-url", server.url, "--judge-max-retries", "0",
+            "--num-bootstrap", "50", "--num-print-samples", "0", "--out-dir", str(out_dir)]
+
+
+@pytest.mark.parametrize("content,what", [("", "an empty file"), ("\n\n", "an empty file"),
+                                          ('{"case_id": "c0", "elem', "only an incomplete line")])
+def test_generations_file_without_records_is_an_error_naming_it(tmp_path, judge_server, capsys, content, what):
+    _write(tmp_path / "a.jsonl", "a", ["ok:8", "ok:6"], ["r1", "r2"])
+    _write(tmp_path / "b.jsonl", "b", ["ok:5", "ok:6"], ["r1", "r2"])
+    (tmp_path / "empty.jsonl").write_text(content)
+    with pytest.raises(SystemExit) as exc:
+        report_main(["--generations", str(tmp_path / "a.jsonl"), str(tmp_path / "empty.jsonl"),
+                     str(tmp_path / "b.jsonl"), *_judge_args(judge_server, tmp_path / "out")])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'empty.jsonl'}: no generation records ({what})" in err
+    assert not (tmp_path / "out" / "summary.md").exists()
+
+
+def test_torn_last_line_is_skipped_with_a_warning_and_counted(tmp_path, judge_server, capsys):
+    _write(tmp_path / "a.jsonl", "a", ["ok:8", "ok:6", "ok:7"], ["r1", "r2", "r3"])
+    _write(tmp_path / "b.jsonl", "b", ["ok:5", "ok:6", "ok:2"], ["r1", "r2", "r3"])
+    torn = tmp_path / "b.jsonl"
+    torn.write_text(torn.read_text() + '{"case_id": "c3", "element": 0, "task": "summ')  # writer killed
+    cfg = ReportConfig(generations=[str(tmp_path / "a.jsonl"), str(torn)], metric="judge",
+                       out_dir=str(tmp_path / "out"), num_bootstrap=50, num_print_samples=0)
+    cfg.judge.judge_base_url = judge_server.url
+    cfg.judge.judge_max_retries = 0
+    out = run_report(cfg)
+    captured = capsys.readouterr()
+    assert f"{torn}: line 4 is an incomplete record" in captured.err
+    assert out["dropped_lines"] == {str(torn): 4}
+    assert "1 incomplete last line(s) skipped" in captured.out
+    assert f"{torn} line 4" in (tmp_path / "out" / "summary.md").read_text()
+    assert {r["model"]: r["n"] for r in out["rows"]} == {"a": 3, "b": 3}
+
+
+@pytest.mark.parametrize("bad,message", [("{not json", "line 2 is not valid JSON"),
+                                         ("[1, 2]", "line 2 is not a JSON object"),
+                                         ('{"case_id": "x"}', "line 2 lacks field(s)")])
+def test_malformed_line_in_the_middle_is_an_error_naming_file_and_line(tmp_path, bad, message):
+    _write(tmp_path / "a.jsonl", "a", ["g1", "g2"], ["r1", "r2"])
+    lines = (tmp_path / "a.jsonl").read_text().splitlines()
+    (tmp_path / "a.jsonl").write_text("\n".join([lines[0], bad, lines[1]]) + "\n")
+    cfg = ReportConfig(generations=[str(tmp_path / "a.jsonl")], out_dir=str(tmp_path / "out"))
+    with pytest.raises(ValueError) as exc:
+        run_report(cfg)
+    assert str(exc.value).startswith(f"{tmp_path / 'a.jsonl'}: {message}")
+
+
+def test_jsonl_readers_torn_tail_and_repair(tmp_path):
+    path = tmp_path / "x.jsonl"
+    assert read_jsonl(path) == []  # a missing file is empty for read_jsonl (its default behaviour)
+    path.write_bytes(b'{"a": 1}\n\n{"b": 2}\n{"c": "\xc3')  # torn inside a UTF-8 character
+    assert read_jsonl(path) == [{"a": 1}, {"b": 2}]
+    got = read_jsonl_checked(path)
+    assert (got.records, got.line_numbers, got.torn_line) == ([{"a": 1}, {"b": 2}], [1, 3], 4)
+    assert repair_jsonl_tail(path) == 4 and path.read_bytes() == b'{"a": 1}\n\n{"b": 2}\n'
+    path.write_bytes(b'{"a": 1}\n{"b": 2}')  # complete, but killed before its newline
+    assert repair_jsonl_tail(path) is None and path.read_bytes() == b'{"a": 1}\n{"b": 2}\n'
+    path.write_bytes(b'{"a": 1}\n\xff\n{"b": 2}\n')
+    with pytest.raises(ValueError, match=r"x.jsonl: line 2 is not UTF-8 text"):
+        read_jsonl(path)

@@ -19,6 +19,9 @@ needs next to the base model, built in a temp dir and renamed into place:
     stage2_prefix_modules.safetensors + prefix_config.json
     stage1_encoder_finetuned.safetensors              only when Stage1 blocks were trained (K > 0)
     tokenizer files, cond_name_to_id.json, train_config.json
+    stage1_identity.json      the `stage1` section of the training shards' manifest (sha256 of the
+                              Stage1 encoder and classifier + the settings the latents were made
+                              with): eval refuses inputs made with another Stage1
 
 ZeRO-2 keeps the full (unpartitioned) weights on every rank, so rank 0 alone writes it.
 `load_inference_model` reads it back (and the seed's older file names).
@@ -42,6 +45,7 @@ from transformers import AutoConfig
 
 from common.config import config_to_dict
 from common.io import atomic_write_json, atomic_write_text
+from data_prep.manifest import Stage1Record
 from models.cond_names import COND_MAP_FILENAME
 from models.prefix_lm import (
     ADAPTER_CONFIG,
@@ -62,6 +66,7 @@ STATE_FILE = "trainer_state.json"
 # Inference-checkpoint files. The model library names the files its modules write (adapter config
 # and prefix: models.prefix_lm; Stage1 tail: models.stage1; cond map: models.cond_names); these are the rest.
 TRAIN_CONFIG_FILE = "train_config.json"
+STAGE1_IDENTITY_FILE = "stage1_identity.json"  # the training shards' manifest `stage1` section
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # ours, then the seed's
 
 
@@ -185,9 +190,12 @@ def load_resume_checkpoint(engine, output_dir: str | Path, rank: int, world_size
 # Inference checkpoints
 # --------------------------------------------------------------------------------------------
 
-def save_inference_checkpoint(model, tokenizer, cond_map: dict, train_config, out_dir: str | Path) -> Path:
+def save_inference_checkpoint(model, tokenizer, cond_map: dict, train_config, out_dir: str | Path,
+                              stage1: Optional[Stage1Record | dict] = None) -> Path:
     """Write the adapter, prefix (+ tail), tokenizer, cond map and config into `out_dir` atomically.
 
+    `stage1` is the Stage1 identity of the training data (the shards' manifest `stage1` section:
+    checkpoint hashes and settings), written to STAGE1_IDENTITY_FILE; the trainer always gives it.
     With LoRA the LM part is the PEFT adapter; a run with `--no-use-lora` trained the whole LM, so
     its checkpoint holds the whole LM instead (Hugging Face format: `config.json` + safetensors).
     Call on rank 0 only (ZeRO-2 holds full weights everywhere). An existing `out_dir` is replaced.
@@ -206,6 +214,9 @@ def save_inference_checkpoint(model, tokenizer, cond_map: dict, train_config, ou
         atomic_write_json(tmp / COND_MAP_FILENAME, dict(cond_map))
         cfg_dict = config_to_dict(train_config) if dataclasses.is_dataclass(train_config) else dict(train_config)
         atomic_write_json(tmp / TRAIN_CONFIG_FILE, cfg_dict)
+        if stage1 is not None:
+            atomic_write_json(tmp / STAGE1_IDENTITY_FILE,
+                              dataclasses.asdict(stage1) if dataclasses.is_dataclass(stage1) else dict(stage1))
         if out_dir.exists():  # e.g. `final/` of an earlier, resumed run
             old = out_dir.parent / f".old-{out_dir.name}-{os.getpid()}"
             os.replace(out_dir, old)
@@ -217,6 +228,27 @@ def save_inference_checkpoint(model, tokenizer, cond_map: dict, train_config, ou
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def load_stage1_identity(ckpt_dir: str | Path) -> Optional[Stage1Record]:
+    """The Stage1 identity the checkpoint was trained with (STAGE1_IDENTITY_FILE), or None for
+    checkpoints written before it existed (and the seed's)."""
+    path = Path(ckpt_dir) / STAGE1_IDENTITY_FILE
+    if not path.is_file():
+        return None
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    names = [f.name for f in dataclasses.fields(Stage1Record)]
+    required = [f.name for f in dataclasses.fields(Stage1Record) if f.default is dataclasses.MISSING]
+    missing = [k for k in required if not isinstance(d, dict) or k not in d]
+    if missing:
+        raise CheckpointError(f"{path}: missing field(s) {missing} (expected a shard manifest's stage1 section)")
+    for key in ("encoder_sha256", "classifier_sha256"):
+        if not isinstance(d[key], str):
+            raise CheckpointError(f"{path}: field {key!r} must be a string, got {d[key]!r}")
+    return Stage1Record(**{k: d[k] for k in names if k in d})
 
 
 def _first_existing(ckpt_dir: Path, names: tuple[str, ...], what: str) -> Path:
@@ -263,7 +295,8 @@ def load_inference_model(ckpt_dir: str | Path, base_model_path: Optional[str] = 
     `adapter_model.bin` / `stage2_prefix_modules.pt` (no train_config.json needed).
 
     The training config comes back typed, or None when the checkpoint has no train_config.json (the
-    seed's); fields TrainConfig does not have (e.g. from another trainer version) are ignored.
+    seed's); fields TrainConfig does not have (e.g. from another trainer version) are ignored. The
+    Stage1 identity is read by `load_stage1_identity` (checked here only for being readable).
     """
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
@@ -274,6 +307,7 @@ def load_inference_model(ckpt_dir: str | Path, base_model_path: Optional[str] = 
         _first_existing(ckpt_dir, ADAPTER_WEIGHTS, "the LoRA adapter weights")
     _first_existing(ckpt_dir, (PREFIX_WEIGHTS, SEED_PREFIX_WEIGHTS), "the Stage2 prefix weights")
     cond_map_path = _first_existing(ckpt_dir, (COND_MAP_FILENAME,), "the cond_name -> id map")
+    load_stage1_identity(ckpt_dir)  # a damaged identity file fails here, before the model is built
     train_cfg: Optional[TrainConfig] = None
     if (ckpt_dir / TRAIN_CONFIG_FILE).is_file():
         train_cfg = load_train_config(ckpt_dir / TRAIN_CONFIG_FILE, ignore_unknown=True)

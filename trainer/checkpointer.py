@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Optional
 
+from data_prep.manifest import Stage1Record
 from trainer.checkpoint import TrainerState, load_resume_checkpoint, save_inference_checkpoint, save_resume_checkpoint
 from trainer.config import TrainConfig
 from trainer.distributed import DistInfo, barrier
@@ -15,8 +17,12 @@ log = logging.getLogger("trainer")
 
 
 class Checkpointer:
-    def __init__(self, cfg: TrainConfig, dist: DistInfo, engine, tokenizer, cond_map: dict):
+    def __init__(self, cfg: TrainConfig, dist: DistInfo, engine, tokenizer, cond_map: dict,
+                 stage1: Optional[Stage1Record] = None):
+        """`stage1`: the training shards' manifest `stage1` section, stored in every inference
+        checkpoint so that eval can refuse latents made with another Stage1."""
         self.cfg, self.dist, self.engine, self.tokenizer, self.cond_map = cfg, dist, engine, tokenizer, cond_map
+        self.stage1 = stage1
         self.out_dir = Path(cfg.checkpoint.output_dir)
         self.every = cfg.checkpoint.save_steps
 
@@ -24,7 +30,9 @@ class Checkpointer:
         """The saved state with --resume and a complete checkpoint (engine and RNGs restored), else a fresh one."""
         state = TrainerState(world_size=self.dist.world_size, seed=self.cfg.seed)
         if self.cfg.checkpoint.resume:
-            state = load_resume_checkpoint(self.engine, self.out_dir, self.dist.rank, self.dist.world_size) or state
+            # the newest complete, intact checkpoint (resume/latest is a hint); what was passed over is a warning
+            state = load_resume_checkpoint(self.engine, self.out_dir, self.dist.rank, self.dist.world_size,
+                                           warn=log.warning) or state
             log.info("resuming at step %d (epoch %d, batch %d)", state.step, state.epoch, state.batches_in_epoch)
         return state
 
@@ -38,5 +46,6 @@ class Checkpointer:
         save_resume_checkpoint(self.engine, self.out_dir, state, self.dist.is_main,
                                keep=self.cfg.checkpoint.save_total_limit)
         if self.dist.is_main:
-            save_inference_checkpoint(self.engine.module, self.tokenizer, self.cond_map, self.cfg, self.out_dir / tag)
+            save_inference_checkpoint(self.engine.module, self.tokenizer, self.cond_map, self.cfg, self.out_dir / tag,
+                                      stage1=self.stage1)
         barrier()
