@@ -18,7 +18,8 @@ and the same step, `trainer.engines.build_engine` (DeepSpeed ZeRO-2 from ds_conf
 bf16 compute weights with fp32 master weights in the optimizer, gradient clipping, LR schedule) in
 a 1-process world; `--step-engine torch` runs the trainer's `--engine torch` instead (the lean
 data-parallel engine: flat bf16 weights + fp32 masters, fused AdamW, no per-step host sync). The 7B shape is Mistral-7B's
-(`benchmarks.make_random_model.mistral_7b_shape_config`) with random bf16 weights (values don't change speed).
+(`benchmarks.make_random_model.mistral_7b_shape_config`) with random bf16 weights (values don't change speed);
+`--shape llama3-8b` / `--shape qwen2.5-7b` are Llama-3-8B's and Qwen2.5-7B's (`SHAPE_CONFIGS` there).
 
 Throughput counts real (non-pad) tokens only. Model FLOPs per step (printed with the results):
     linear:    4 N per real token (forward 2N + activation gradients 2N; frozen base weights get
@@ -32,6 +33,8 @@ work is not counted: it is waste, not model work.
 
     python -m benchmarks.train_throughput --shape tiny --steps 2 --out /tmp/tp.json      # CPU smoke
     python -m benchmarks.train_throughput --shape 7b --out $OUT/throughput.json         # one H100
+    python -m benchmarks.train_throughput --shape llama3-8b --out $OUT/throughput_llama3_8b.json
+    python -m benchmarks.train_throughput --shape qwen2.5-7b --out $OUT/throughput_qwen2_5_7b.json
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ from torch.profiler import ProfilerActivity, profile
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from benchmarks.make_random_model import mistral_7b_shape_config
+from benchmarks.make_random_model import Shape, shape_config
 from common.config import parse_config, print_config
 from common.io import atomic_write_json, atomic_write_text
 from common.log import setup_logging
@@ -73,6 +76,7 @@ from data_prep.synthetic import generate
 from models.attention import resolve_attn_implementation
 from models.collate import TrainItem, batch_to_device, collate_train
 from models.cond_names import default_cond_name_to_id
+from models.kernels import liger_patch_function
 from models.prefix_lm import ModelConfig, build_prefix_lm, load_tokenizer, resolve_fused_kernels
 from models.tasks import (
     IMAGE_TASKS,
@@ -104,8 +108,9 @@ IGNORE_INDEX = -100
 class BenchConfig:
     """Training-throughput benchmark of the full prefix-LM step (see the module docstring)."""
 
-    shape: Literal["tiny", "7b"] = field(default="tiny", metadata={
-        "help": "model shape: 'tiny' (CPU smoke runs) or '7b' (Mistral-7B shape, random bf16 weights)"})
+    shape: Shape = field(default="tiny", metadata={
+        "help": "model shape: 'tiny' (CPU smoke runs), or random bf16 weights of a real shape: '7b' (Mistral-7B), "
+                "'llama3-8b' (Llama-3-8B), 'qwen2.5-7b' (Qwen2.5-7B)"})
     modes: list[int] = field(default_factory=lambda: [1, 2, 3, 4], metadata={
         "help": "modes to run: 1 seed-like, 2 padded SDPA, 3 packed off-the-shelf, 4 project"})
     steps: int = field(default=10, metadata={"help": "timed steps per mode"})
@@ -340,8 +345,8 @@ def pack_groups(stream: list[Example], count: int, num_image_tokens: int, token_
 # ---------------------------------------------------------------------------------------------
 
 def lm_config(shape: str, model_dir: Path):
-    if shape == "7b":
-        return mistral_7b_shape_config()
+    if shape != "tiny":
+        return shape_config(shape)
     return AutoConfig.from_pretrained(model_dir)
 
 
@@ -400,11 +405,9 @@ class BaselinePrefixLM(nn.Module):
 
 def build_baseline(cfg: BenchConfig, hf_config, attn: str, device: torch.device, dtype: torch.dtype,
                    liger: bool) -> BaselinePrefixLM:
-    if liger:
-        from liger_kernel.transformers import apply_liger_kernel_to_mistral
-
-        apply_liger_kernel_to_mistral(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                      fused_linear_cross_entropy=True)
+    if liger:  # the shape's architecture's patch (class-level: the model built below gets it)
+        liger_patch_function(hf_config.model_type)(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                                   fused_linear_cross_entropy=True)
     torch.manual_seed(cfg.seed)
     with torch.device(device):
         lm = AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn, dtype=dtype)
@@ -894,14 +897,14 @@ MODES: dict[int, Callable[[Context], dict]] = {1: mode_seed_like, 2: mode_padded
 # ---------------------------------------------------------------------------------------------
 
 def prepare_model_dir(cfg: BenchConfig, workdir: Path, corpus_json: Sequence[str]) -> Path:
-    """A model dir `build_prefix_lm` can read: the tiny LM + its tokenizer; for 7b, the same dir
-    with the 7B-shape config.json (weights are then built randomly by `random_weights`)."""
+    """A model dir `build_prefix_lm` can read: the tiny LM + its tokenizer; for a real shape, the same
+    dir with that shape's config.json (weights are then built randomly by `random_weights`)."""
     model_dir = make_tiny_lm(workdir / "lm", corpus_json=list(corpus_json) or None,
                              corpus_texts=None if corpus_json else ["The image is a map."], seed=cfg.seed)
-    if cfg.shape == "7b":
+    if cfg.shape != "tiny":
         for f in model_dir.glob("*.safetensors"):
             f.unlink()  # never read: random_weights builds from the config
-        mistral_7b_shape_config().save_pretrained(model_dir)
+        shape_config(cfg.shape).save_pretrained(model_dir)
     return Path(model_dir)
 
 

@@ -19,7 +19,17 @@ stock names HF would detect packing from `position_ids` (a host sync) and materi
 | `sdpa` / `eager`                       | stock HF (dense mask built by HF for packed rows)           | any    |
 
 `auto` resolves with `resolve_attn_implementation`: CUDA -> varlen if available, else flash_attn,
-else flex; CPU -> packed_sdpa.
+else flex; CPU -> packed_sdpa. An architecture without fused kernels (`models.kernels.LIGER_PATCHES`:
+llama, mistral, qwen2) takes the portable path: `auto` -> packed_sdpa on every device.
+
+Which models they reach: a backend registered here is called by every model whose attention goes
+through `ALL_ATTENTION_FUNCTIONS` (`PreTrainedModel._supports_attention_backend`; Llama, Qwen2,
+Mistral, GPT-NeoX, Phi, ...), with the decoder's extra keyword arguments (`cu_seq_lens_q`, ...).
+`check_model_supported` refuses the packed backends for any other model (they would never be
+called). The kernels implement causal softmax attention with an optional sliding window; an
+architecture that asks for more (logit soft-capping, attention sinks, a position bias, non-causal
+attention) or dropout from a kernel without it gets a NotImplementedError, never a silently
+different attention.
 
 Without `cu_seq_lens_q` (padded training rows) the packed backends run plain causal SDPA, which
 is exact for right-padded rows. They do not support a KV cache: `PrefixLM.generate` switches the
@@ -86,11 +96,14 @@ def backend_available(name: str, device: torch.device | str | None = None) -> bo
     raise ValueError(f"unknown attention implementation {name!r}; choices: {ATTN_CHOICES}")
 
 
-def resolve_attn_implementation(name: str, device: torch.device | str | None = None) -> str:
-    """Map "auto" to the fastest backend that works here; check that an explicit one does."""
+def resolve_attn_implementation(name: str, device: torch.device | str | None = None, portable: bool = False) -> str:
+    """Map "auto" to the fastest backend that works here (`portable`: packed_sdpa, the exact
+    reference, for architectures without fused kernels); check that an explicit one does."""
     if name not in ATTN_CHOICES:
         raise ValueError(f"attn_implementation={name!r}; choices: {ATTN_CHOICES}")
     cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+    if name == "auto" and portable:
+        return "packed_sdpa"
     if name == "auto":
         order = ("varlen", "flash_attn", "flex") if cuda else ("packed_sdpa",)
         return next(n for n in order + ("packed_sdpa",) if backend_available(n, device))
@@ -112,6 +125,20 @@ def is_packed_backend(hf_name: str) -> bool:
     return hf_name.startswith(_REGISTERED_PREFIX)
 
 
+def check_model_supported(model, name: str) -> None:
+    """Raise unless `model` (an HF PreTrainedModel) calls the attention backend `name` (resolved).
+
+    The packed backends are registered with transformers' AttentionInterface; only models whose
+    attention looks its function up there (`_supports_attention_backend`) would ever call them.
+    """
+    if name not in PACKED_BACKENDS or getattr(model, "_supports_attention_backend", False):
+        return
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    raise ValueError(f"{model_type} ({type(model).__name__}) does not route its attention through transformers' "
+                     f"AttentionInterface, so the packed attention backend {name!r} cannot reach it; train it "
+                     f"with padded rows and stock attention: --no-packed --attn-implementation sdpa")
+
+
 # ---------------------------------------------------------------------------------------------
 # Kernels. HF calls fn(module, q, k, v, attention_mask, dropout=, scaling=, sliding_window=, **kw)
 # with q [B, Hq, L, D], k/v [B, Hkv, L, D]; it expects (out [B, L, Hq, D], attn_weights | None).
@@ -121,6 +148,25 @@ def _check_no_cache(query: torch.Tensor, key: torch.Tensor) -> None:
     if query.shape[2] != key.shape[2]:
         raise RuntimeError("packed attention backends do not support a KV cache; generate with "
                            "PrefixLM.generate (it switches to 'sdpa')")
+
+
+# Keyword arguments with which some architectures change the attention's math (Gemma 2 logit
+# soft-capping, gpt-oss attention sinks, T5-style position bias): not implemented here.
+_UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks", "position_bias")
+
+
+def _check_supported(module, kwargs: dict, backend: str, dropout: float = 0.0, has_dropout: bool = True) -> None:
+    """Refuse what the backend does not implement instead of silently computing other attention."""
+    bad = [k for k in _UNSUPPORTED_KWARGS if kwargs.get(k) is not None]
+    if kwargs.get("is_causal") is False or getattr(module, "is_causal", True) is False:
+        bad.append("non-causal attention")
+    if bad:
+        raise NotImplementedError(f"{type(module).__name__} asks attention backend {backend!r} for "
+                                  f"{', '.join(bad)}, which the packed backends do not implement; use "
+                                  f"attn_implementation 'eager' (stock HF)")
+    if dropout and not has_dropout:
+        raise NotImplementedError(f"attention backend {backend!r} has no attention dropout (the model asks for "
+                                  f"{dropout}); use attn_implementation 'packed_sdpa'")
 
 
 def _window(sliding_window: int | None, max_len: int) -> int | None:
@@ -161,6 +207,7 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
                           sliding_window=None, cu_seq_lens_q=None, max_length_q=None, **kwargs):
     """Reference backend: SDPA with a block-diagonal causal mask built from `cu_seq_lens_q`."""
     _check_no_cache(query, key)
+    _check_supported(module, kwargs, "packed_sdpa")
     if cu_seq_lens_q is None:
         return _causal_sdpa(query, key, value, scaling, dropout, sliding_window), None
     L = query.shape[2]
@@ -187,6 +234,7 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
                      max_length_k=None, **kwargs):
     """FlashAttention over `cu_seqlens` via PyTorch's `varlen_attn` (no padding, no mask)."""
     _check_no_cache(query, key)
+    _check_supported(module, kwargs, "varlen", dropout, has_dropout=cu_seq_lens_q is None)
     if cu_seq_lens_q is None:
         return _causal_sdpa(query, key, value, scaling, dropout, sliding_window), None
     fn, params = _varlen_fn(), _varlen_params()
@@ -215,9 +263,12 @@ def flash_attn_attention(module, query, key, value, attention_mask, dropout=0.0,
                          max_length_k=None, **kwargs):
     """flash-attn's `flash_attn_varlen_func` (FA4 CuTe if installed, else FA2)."""
     _check_no_cache(query, key)
+    fn = _flash_attn_fn() if cu_seq_lens_q is not None else None
+    # the FA2 branch below passes dropout_p; the other (FA4) has none
+    _check_supported(module, kwargs, "flash_attn", dropout,
+                     has_dropout=not dropout or fn is None or "max_seqlen_q" in inspect.signature(fn).parameters)
     if cu_seq_lens_q is None:
         return _causal_sdpa(query, key, value, scaling, dropout, sliding_window), None
-    fn = _flash_attn_fn()
     q, k, v = _flat(query), _flat(key), _flat(value)
     cu_k = cu_seq_lens_k if cu_seq_lens_k is not None else cu_seq_lens_q
     max_k = max_length_k if max_length_k is not None else max_length_q
@@ -272,6 +323,7 @@ def flex_attention_packed(module, query, key, value, attention_mask, dropout=0.0
                           sliding_window=None, cu_seq_lens_q=None, **kwargs):
     """flex_attention with a document-causal block mask (sparse: skips cross-document blocks)."""
     _check_no_cache(query, key)
+    _check_supported(module, kwargs, "flex", dropout, has_dropout=cu_seq_lens_q is None)
     if cu_seq_lens_q is None:
         return _causal_sdpa(query, key, value, scaling, dropout, sliding_window), None
     L = query.shape[2]

@@ -11,6 +11,11 @@ at target positions, and never needs all of them at once:
   fp32 as HF does).
 - Liger's fused linear cross-entropy (`liger_kernel`, Triton, CUDA only) when installed; see
   `liger_linear_cross_entropy`. `models.prefix_lm.ModelConfig.fused_kernels` chooses.
+
+Liger's RoPE / RMSNorm / SwiGLU patches are per architecture: `LIGER_PATCHES` maps a config's
+`model_type` to the Liger function that patches it (`apply_liger_kernels`). Any other architecture
+gets no patch and runs the portable path (`has_fused_kernels` is False; `models.prefix_lm.wrap_lm`
+says so in one log line).
 """
 
 from __future__ import annotations
@@ -130,14 +135,41 @@ def liger_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     return loss.float()
 
 
-def apply_liger_to_mistral(model) -> None:
-    """Swap Mistral's RoPE, RMSNorm and SwiGLU MLP for Liger's Triton kernels, in place.
+# model_type -> Liger's in-place patch for it (liger_kernel.transformers). All three share one
+# signature: (rope, cross_entropy, fused_linear_cross_entropy, rms_norm, swiglu, model).
+LIGER_PATCHES = {
+    "llama": "apply_liger_kernel_to_llama",      # Llama 2 / 3.x (LlamaForCausalLM)
+    "mistral": "apply_liger_kernel_to_mistral",  # Mistral 7B (MistralForCausalLM)
+    "qwen2": "apply_liger_kernel_to_qwen2",      # Qwen2 / Qwen2.5 (Qwen2ForCausalLM; biased q/k/v)
+}
+
+
+def has_fused_kernels(model_type: str | None) -> bool:
+    """True when Liger has a patch for this architecture (a config's `model_type`)."""
+    return model_type in LIGER_PATCHES
+
+
+def liger_patch_function(model_type: str):
+    """Liger's patch function for `model_type` (imports liger_kernel); KeyError names the supported ones."""
+    if model_type not in LIGER_PATCHES:
+        raise KeyError(f"no Liger kernels for model_type {model_type!r}; supported: {sorted(LIGER_PATCHES)}")
+    import liger_kernel.transformers as liger_transformers
+
+    return getattr(liger_transformers, LIGER_PATCHES[model_type])
+
+
+def apply_liger_kernels(model) -> str:
+    """Swap the model's RoPE, RMSNorm and SwiGLU MLP for Liger's Triton kernels, in place, chosen by
+    `model.config.model_type` (see `LIGER_PATCHES`); returns the patch function's name.
 
     Call BEFORE wrapping with PEFT (Liger patches module instances of the HF model; LoRA layers
     then wrap the patched projections as usual). The loss is handled separately by
-    `liger_linear_cross_entropy`, so Liger's own CE patches stay off.
+    `liger_linear_cross_entropy`, so Liger's own CE patches stay off. The RoPE patch is
+    module-level in transformers (every model of that architecture built later in the process
+    gets it too); it takes HF's cos/sin, so rope scaling (Llama 3.1) and theta are unchanged.
     """
-    from liger_kernel.transformers import apply_liger_kernel_to_mistral
+    model_type = getattr(model.config, "model_type", None)
+    fn = liger_patch_function(model_type)
+    fn(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=model)
+    return LIGER_PATCHES[model_type]
 
-    apply_liger_kernel_to_mistral(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                  fused_linear_cross_entropy=False, model=model)

@@ -16,8 +16,9 @@ With dropout 0 (or in eval mode) the result equals PEFT's forward up to float re
 The layers keep their class hierarchy (a subclass of `peft.tuners.lora.Linear` is swapped in as
 the instance's `__class__`) and their parameters, so `state_dict`, `save_pretrained`, merging and
 loading stay standard PEFT. Anything the fast path does not cover (merged / disabled adapters,
-mixed-adapter batches, DoRA and other variants, adapter dtype != output dtype) falls back to PEFT's
-own forward.
+mixed-adapter batches, DoRA and other variants, PEFT's `lora_bias`, adapter dtype != output dtype)
+falls back to PEFT's own forward. A biased base projection (Qwen2's q/k/v) keeps its bias in
+`base(x)`, added once, exactly as in PEFT.
 
     n = fuse_lora_linears(peft_model)   # in place; returns how many layers were switched
     shared_dropout_cache(peft_model).clear()   # after a forward, to drop the cached tensors
@@ -96,10 +97,14 @@ def fused_lora_linear_class() -> type:
 def _fast_path_ok(layer) -> bool:
     if layer.disable_adapters or layer.merged or layer.lora_variant:
         return False
+    if any(layer.lora_bias.values()):  # PEFT's lora_bias=True: lora_B has a bias of its own
+        return False
     return isinstance(layer.base_layer, nn.Linear)
 
 
 def _fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
+    # The base layer's own bias (Qwen2's q/k/v have one) is added here, once, by base_layer(x);
+    # the LoRA term below is bias-free (lora_B has no bias on this path), as in PEFT.
     result = layer.base_layer(x)
     out2d = result.reshape(-1, result.shape[-1])
     x2d = None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,8 @@ from models import attention as attn
 from models import kernels, lora_fused
 from models.stage1 import TAIL_FILENAME, Stage1Tail
 from models.tasks import TASKS
+
+log = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"  # PEFT's name, written by save_adapter
 PREFIX_WEIGHTS = "stage2_prefix_modules.safetensors"
@@ -349,12 +352,19 @@ class PrefixLM(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-def resolve_fused_kernels(name: str, device: torch.device) -> str:
+def resolve_fused_kernels(name: str, device: torch.device, model_type: str | None = None) -> str:
+    """The loss/kernel path for `fused_kernels=name` on `device` for an architecture (`model_type`,
+    None = assume one Liger supports): auto = liger when installed on CUDA and Liger has a patch for
+    the architecture (`models.kernels.LIGER_PATCHES`), else chunked."""
     if name not in FUSED_CHOICES:
         raise ValueError(f"fused_kernels={name!r}; choices: {FUSED_CHOICES}")
     liger_ok = device.type == "cuda" and kernels.liger_available()
+    arch_ok = model_type is None or kernels.has_fused_kernels(model_type)
     if name == "auto":
-        return "liger" if liger_ok else "chunked"
+        return "liger" if liger_ok and arch_ok else "chunked"
+    if name == "liger" and not arch_ok:
+        raise ValueError(f"fused_kernels='liger': no Liger kernels for model_type {model_type!r} (have: "
+                         f"{', '.join(sorted(kernels.LIGER_PATCHES))}); use 'auto' or 'chunked'")
     if name == "liger" and not liger_ok:
         raise RuntimeError("fused_kernels='liger' needs liger_kernel installed and a CUDA device")
     return name
@@ -391,7 +401,9 @@ def _model_dir_problem(path: Path, parts: tuple[str, ...]) -> str | None:
 
 
 def load_tokenizer(model_path: str | Path):
-    """The base model's tokenizer with a pad token (Mistral has none: use <unk>, else EOS)."""
+    """The base model's tokenizer with a pad token: its own if it has one (Qwen2: <|endoftext|>),
+    else <unk> (Mistral), else EOS (Llama 3 has neither pad nor unk). The pad id only fills prefix
+    slots and padding, which carry no label and are masked, so sharing EOS's id is harmless."""
     problem = _model_dir_problem(Path(model_path), ("tokenizer",))
     if problem:
         raise ModelDirError(f"tokenizer directory {str(model_path)!r} {problem}; expected a local directory "
@@ -399,6 +411,8 @@ def load_tokenizer(model_path: str | Path):
     tok = AutoTokenizer.from_pretrained(str(model_path))
     if tok.pad_token_id is None:
         tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
+    if tok.pad_token_id is None:
+        raise ValueError(f"tokenizer in {str(model_path)!r} has no pad, unk or eos token to pad with")
     return tok
 
 
@@ -433,13 +447,26 @@ def build_prefix_lm(cfg: ModelConfig, latent_dim: int, num_classes: int = 20, ta
 def wrap_lm(lm: nn.Module, cfg: ModelConfig, latent_dim: int, num_classes: int = 20,
             tail: nn.Module | None = None, device=None) -> PrefixLM:
     """Turn a loaded HF causal LM into the trainable PrefixLM (attention backend, kernels, LoRA,
-    prefix). Split from `build_prefix_lm` so benchmarks can start from a randomly initialised LM."""
+    prefix). Split from `build_prefix_lm` so benchmarks can start from a randomly initialised LM.
+
+    Kernels and attention are chosen per architecture (`config.model_type`): Llama, Mistral and
+    Qwen2 get Liger's patch for their architecture when fused kernels resolve to 'liger'; any other
+    architecture runs the portable path (no Liger patch, chunked linear+CE, `auto` attention =
+    packed_sdpa), said in one log line."""
     device = resolve_device(device)
-    backend = attn.resolve_attn_implementation(cfg.attn_implementation, device)
-    loss_impl = resolve_fused_kernels(cfg.fused_kernels, device)
+    model_type = getattr(lm.config, "model_type", None)
+    portable = not kernels.has_fused_kernels(model_type)
+    backend = attn.resolve_attn_implementation(cfg.attn_implementation, device, portable=portable)
+    attn.check_model_supported(lm, backend)
+    loss_impl = resolve_fused_kernels(cfg.fused_kernels, device, model_type)
+    if portable:
+        log.info("%s: no fused kernels for this architecture; using the portable path (attention %s, loss %s, "
+                 "no Liger patch)", model_type, backend, loss_impl)
     lm.config._attn_implementation = attn.hf_attn_name(backend)
     if loss_impl == "liger":
-        kernels.apply_liger_to_mistral(lm)  # before PEFT, so LoRA wraps the patched modules
+        kernels.apply_liger_kernels(lm)  # before PEFT, so LoRA wraps the patched modules
+    if cfg.use_lora:
+        _warn_unmatched_lora_targets(lm, cfg.lora_target_modules)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(lm, cfg.gradient_checkpointing_layers)
     lm = _wrap_lora(lm, cfg) if cfg.use_lora else lm
@@ -448,6 +475,16 @@ def wrap_lm(lm: nn.Module, cfg: ModelConfig, latent_dim: int, num_classes: int =
     prefix = Stage2Prefix(latent_dim, lm.config.hidden_size, cfg.num_image_tokens, num_classes, tail=tail,
                           init_std=embed_std)
     return PrefixLM(lm, prefix, loss_impl=loss_impl, ce_chunk_size=cfg.ce_chunk_size).to(device)
+
+
+def _warn_unmatched_lora_targets(lm: nn.Module, targets: list[str]) -> None:
+    """Llama, Mistral and Qwen2 all name their projections q/k/v/o_proj + gate/up/down_proj; other
+    architectures may not (PEFT adapts the names that match and errors only when none does)."""
+    names = [n for n, m in lm.named_modules() if isinstance(m, nn.Linear)]
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        log.warning("%s: LoRA target modules %s match no linear layer of this model; adapters go on %s only",
+                    getattr(lm.config, "model_type", None), unmatched, [t for t in targets if t not in unmatched])
 
 
 def enable_gradient_checkpointing(lm: nn.Module, num_layers: int = -1) -> None:

@@ -1,15 +1,21 @@
-"""Packed attention backends and the chunked linear+cross-entropy kernel (CPU, tiny shapes)."""
+"""Packed attention backends and the chunked linear+cross-entropy kernel (CPU, tiny shapes), and
+the choice of kernels and attention per architecture (Liger patch by model_type, portable path)."""
 
 from __future__ import annotations
+
+import logging
+import sys
+import types
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from models import attention as attn
+from models import kernels, prefix_lm
 from models.collate import collate_train
 from models.kernels import liger_available, liger_linear_cross_entropy, linear_cross_entropy
-from tests.test_model import NUM_IMAGE_TOKENS, build, ex, items, make_tiny_lm_dir
+from tests.test_model import LATENT_DIM, NUM_IMAGE_TOKENS, build, ex, items, make_tiny_lm_dir, perturb_trainables
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +151,134 @@ def test_liger_matches_chunked():
     labels[:10] = -100
     torch.testing.assert_close(liger_linear_cross_entropy(hidden, weight, labels),
                                linear_cross_entropy(hidden, weight, labels), atol=1e-3, rtol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels and attention per architecture (models.kernels.LIGER_PATCHES, models.prefix_lm.wrap_lm).
+# Liger is CUDA-only and not installed here: a stand-in module records which patch is applied.
+
+PORTABLE_LINE = "no fused kernels for this architecture; using the portable path"
+
+
+def _tiny_hf_lm(arch: str):
+    """An in-memory tiny random HF causal LM of `arch` (vocab 32: the ids `items()` uses)."""
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig
+
+    from tiny_models.lm import TINY_ARCHS
+
+    if arch == "gpt_neox":  # an architecture Liger has no patch for here (other module names, partial RoPE)
+        config = GPTNeoXConfig(vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=64, max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
+    else:
+        config = TINY_ARCHS[arch].config(32, hidden_size=32)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+
+
+def _model_cfg(arch: str, **over) -> prefix_lm.ModelConfig:
+    targets = ["query_key_value", "dense"] if arch == "gpt_neox" else list(prefix_lm.DEFAULT_LORA_TARGETS)
+    return prefix_lm.ModelConfig(num_image_tokens=NUM_IMAGE_TOKENS, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                                 lora_target_modules=targets, **over)
+
+
+@pytest.fixture
+def fake_liger(monkeypatch):
+    """`liger_kernel.transformers` with recording patch functions (Liger's signature), and a "CUDA
+    device with Liger" for the kernel choice. Returns the list of (function name, kwargs) calls."""
+    calls = []
+    package, sub = types.ModuleType("liger_kernel"), types.ModuleType("liger_kernel.transformers")
+    for arch in ("llama", "mistral", "qwen2", "gemma"):
+        def patch(rope=True, cross_entropy=False, fused_linear_cross_entropy=True, rms_norm=True, swiglu=True,
+                  model=None, _name=f"apply_liger_kernel_to_{arch}"):
+            calls.append((_name, dict(rope=rope, cross_entropy=cross_entropy, rms_norm=rms_norm, swiglu=swiglu,
+                                      fused_linear_cross_entropy=fused_linear_cross_entropy, model=model)))
+        setattr(sub, f"apply_liger_kernel_to_{arch}", patch)
+    package.transformers = sub
+    monkeypatch.setitem(sys.modules, "liger_kernel", package)
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", sub)
+    monkeypatch.setattr(kernels, "liger_available", lambda: True)
+    real = prefix_lm.resolve_fused_kernels
+    monkeypatch.setattr(prefix_lm, "resolve_fused_kernels",
+                        lambda name, device, model_type=None: real(name, torch.device("cuda"), model_type))
+    return calls
+
+
+def test_fused_kernel_choice_per_architecture(monkeypatch):
+    monkeypatch.setattr(kernels, "liger_available", lambda: True)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    for arch in ("llama", "mistral", "qwen2", None):  # None: a caller that does not say (assumed supported)
+        assert prefix_lm.resolve_fused_kernels("auto", cuda, arch) == "liger"
+        assert prefix_lm.resolve_fused_kernels("auto", cpu, arch) == "chunked"
+    assert prefix_lm.resolve_fused_kernels("auto", cuda, "gpt_neox") == "chunked"
+    assert prefix_lm.resolve_fused_kernels("none", cuda, "gpt_neox") == "none"
+    with pytest.raises(ValueError, match="no Liger kernels for model_type 'gpt_neox'.*use 'auto' or 'chunked'"):
+        prefix_lm.resolve_fused_kernels("liger", cuda, "gpt_neox")
+    assert kernels.LIGER_PATCHES == {"llama": "apply_liger_kernel_to_llama", "mistral": "apply_liger_kernel_to_mistral",
+                                     "qwen2": "apply_liger_kernel_to_qwen2"}
+    with pytest.raises(KeyError, match="supported"):
+        kernels.liger_patch_function("gemma")
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_wrap_lm_applies_the_architectures_liger_patch_before_peft(arch, fake_liger, caplog):
+    lm = _tiny_hf_lm(arch)
+    with caplog.at_level(logging.INFO, logger="models.prefix_lm"):
+        model = prefix_lm.wrap_lm(lm, _model_cfg(arch), LATENT_DIM, device="cpu")
+    assert [name for name, _ in fake_liger] == [f"apply_liger_kernel_to_{arch}"]
+    kwargs = fake_liger[0][1]
+    assert kwargs["model"] is lm and kwargs["model"] is model.base_lm  # the HF model itself, not the PEFT wrapper
+    assert kwargs["rope"] and kwargs["rms_norm"] and kwargs["swiglu"]
+    assert not kwargs["cross_entropy"] and not kwargs["fused_linear_cross_entropy"]  # the loss is ours
+    assert model.loss_impl == "liger"
+    assert not [r for r in caplog.records if PORTABLE_LINE in r.getMessage()]
+
+
+def test_an_unknown_architecture_takes_the_portable_path(fake_liger, caplog):
+    """GPT-NeoX: no Liger patch, chunked CE, packed_sdpa (also where CUDA would pick another backend),
+    one log line; and packed_sdpa really reaches its attention (packed loss == padded loss)."""
+    with caplog.at_level(logging.INFO, logger="models.prefix_lm"):
+        model = prefix_lm.wrap_lm(_tiny_hf_lm("gpt_neox"), _model_cfg("gpt_neox"), LATENT_DIM, device="cpu")
+    lines = [r.getMessage() for r in caplog.records if PORTABLE_LINE in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith(f"gpt_neox: {PORTABLE_LINE}"), lines
+    assert fake_liger == [] and model.loss_impl == "chunked"
+    assert model.attn_implementation == attn.hf_attn_name("packed_sdpa")
+    perturb_trainables(model)
+    model.eval()
+    with torch.no_grad():
+        packed = model(collate_train(items(), 0, NUM_IMAGE_TOKENS, packed=True))
+        padded = model(collate_train(items(), 0, NUM_IMAGE_TOKENS, packed=False))
+    torch.testing.assert_close(packed.token_losses, padded.token_losses, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="no Liger kernels for model_type 'gpt_neox'"):
+        prefix_lm.wrap_lm(_tiny_hf_lm("gpt_neox"), _model_cfg("gpt_neox", fused_kernels="liger"), LATENT_DIM,
+                          device="cpu")
+
+
+def test_auto_attention_is_packed_sdpa_on_the_portable_path():
+    assert attn.resolve_attn_implementation("auto", "cuda", portable=True) == "packed_sdpa"
+    assert attn.resolve_attn_implementation("sdpa", "cpu", portable=True) == "sdpa"  # an explicit choice stays
+
+
+def test_packed_backends_refuse_a_model_outside_the_attention_interface():
+    outside = types.SimpleNamespace(_supports_attention_backend=False, config=types.SimpleNamespace(model_type="bloom"))
+    with pytest.raises(ValueError, match="bloom .*AttentionInterface.*--no-packed --attn-implementation sdpa"):
+        attn.check_model_supported(outside, "packed_sdpa")
+    attn.check_model_supported(outside, "sdpa")  # stock attention: the model's own
+    for arch in ("llama", "qwen2", "gpt_neox"):
+        attn.check_model_supported(_tiny_hf_lm(arch), "varlen")
+
+
+def test_attention_the_backends_do_not_implement_is_an_error():
+    """Soft-capping, sinks, position bias, non-causal attention, or dropout from a kernel without it:
+    a clear error, never silently different attention."""
+    q, k, v = _qkv()
+    cu = torch.tensor([0, 5, 24], dtype=torch.int32)
+    for kw in ({"softcap": 50.0}, {"s_aux": torch.zeros(4)}, {"position_bias": torch.zeros(1)}):
+        with pytest.raises(NotImplementedError, match=f"{next(iter(kw))}.*'eager'"):
+            attn.packed_sdpa_attention(None, q, k, v, None, cu_seq_lens_q=cu, **kw)
+    with pytest.raises(NotImplementedError, match="non-causal"):
+        attn.packed_sdpa_attention(types.SimpleNamespace(is_causal=False), q, k, v, None, cu_seq_lens_q=cu)
+    attn.packed_sdpa_attention(None, q, k, v, None, cu_seq_lens_q=cu, softcap=None, position_ids=None)  # fine
+    for fn in (attn.varlen_attention, attn.flex_attention_packed):
+        with pytest.raises(NotImplementedError, match="no attention dropout.*'packed_sdpa'"):
+            fn(None, q, k, v, None, dropout=0.1, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=19,
+               max_length_k=19)

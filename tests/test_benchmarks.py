@@ -90,6 +90,33 @@ def test_project_model_builds_from_config_alone(tiny_setup, tmp_path):
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
 
 
+@pytest.mark.parametrize("shape,model_type,cls", [("llama3-8b", "llama", "LlamaForCausalLM"),
+                                                   ("qwen2.5-7b", "qwen2", "Qwen2ForCausalLM")])
+def test_llama_and_qwen2_shapes_build_from_config_alone(shape, model_type, cls, tiny_setup, tmp_path):
+    """--shape llama3-8b / qwen2.5-7b: the shape's config (here shrunk to toy width, same architecture)
+    in a weightless model dir gives the project model of that architecture."""
+    import shutil
+
+    from common.config import parse_config
+
+    assert parse_config(tp.BenchConfig, ["--shape", shape]).shape == shape
+    cfg, pool, model_dir, tok = tiny_setup
+    real = tp.lm_config(shape, model_dir)
+    assert real.model_type == model_type and real.vocab_size >= len(tok)
+    bare = tmp_path / "bare"
+    shutil.copytree(model_dir, bare)
+    for f in bare.glob("*.safetensors"):
+        f.unlink()
+    fields = {k: v for k, v in real.to_dict().items() if k != "layer_types"}  # per layer: rebuilt for 1 layer
+    small = type(real)(**{**fields, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                          "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "vocab_size": len(tok)})
+    small.save_pretrained(bare)
+    model, _ = tp.build_project(cfg, bare, torch.device("cpu"))
+    assert type(model.base_lm).__name__ == cls
+    batch = tp.project_batch(pool[:2], tok.pad_token_id, cfg.model.num_image_tokens)
+    assert torch.isfinite(model(batch).loss)
+
+
 def test_lengths_file_round_trip_and_errors(tiny_setup, tmp_path):
     cfg, pool, _, _ = tiny_setup
     path = tmp_path / "lengths.json"

@@ -1,4 +1,6 @@
-"""PrefixLM on a tiny random Mistral (fp32, CPU): losses vs HF, packing, LoRA, adapters, generation."""
+"""PrefixLM on a tiny random Mistral (fp32, CPU): losses vs HF, packing, LoRA, adapters, generation.
+
+The HF-loss and fused-LoRA equalities also run on tiny Llama and Qwen2 (biased q/k/v, tied embeddings)."""
 
 from __future__ import annotations
 
@@ -26,8 +28,12 @@ WORDS = ("the map shows wind shear storm summary caption image describe write on
          "watch severe front moist dry jet").split()
 
 
-def make_tiny_lm_dir(out: Path, sliding_window: int | None = None) -> Path:
-    """A tiny random MistralForCausalLM + a word-level tokenizer, saved like a real model dir."""
+ARCHS = ["mistral", "llama", "qwen2"]
+
+
+def make_tiny_lm_dir(out: Path, sliding_window: int | None = None, arch: str = "mistral") -> Path:
+    """A tiny random causal LM (MistralForCausalLM; `arch` llama / qwen2: the tiny_models.lm configs at
+    the same width) + a word-level tokenizer, saved like a real model dir."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
 
@@ -36,6 +42,12 @@ def make_tiny_lm_dir(out: Path, sliding_window: int | None = None) -> Path:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                             unk_token="<unk>").save_pretrained(out)
+    if arch != "mistral":
+        from tiny_models.lm import TINY_ARCHS
+
+        torch.manual_seed(0)
+        TINY_ARCHS[arch].model_class(TINY_ARCHS[arch].config(len(vocab), hidden_size=32)).save_pretrained(out)
+        return out
     cfg = MistralConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                         sliding_window=sliding_window, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
@@ -47,6 +59,14 @@ def make_tiny_lm_dir(out: Path, sliding_window: int | None = None) -> Path:
 @pytest.fixture(scope="module")
 def lm_dir(tmp_path_factory) -> Path:
     return make_tiny_lm_dir(tmp_path_factory.mktemp("tiny_mistral"))
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def arch_lm_dir(request, lm_dir, tmp_path_factory) -> Path:
+    """The tiny model dir of each supported architecture (Mistral: the module's `lm_dir`)."""
+    if request.param == "mistral":
+        return lm_dir
+    return make_tiny_lm_dir(tmp_path_factory.mktemp(f"tiny_{request.param}"), arch=request.param)
 
 
 def perturb_trainables(model: PrefixLM, seed: int = 0) -> None:
@@ -81,8 +101,8 @@ def items():
             ex("summary", [7, 8, 9, 10], [11, 12], cond=9, seed=4)]
 
 
-def test_packed_loss_equals_padded_loss_and_hf(lm_dir):
-    model = build(lm_dir)
+def test_packed_loss_equals_padded_loss_and_hf(arch_lm_dir):
+    model = build(arch_lm_dir)
     packed = collate_train(items(), 0, NUM_IMAGE_TOKENS, packed=True, pad_to_multiple_of=8)
     padded = collate_train(items(), 0, NUM_IMAGE_TOKENS, packed=False)
     with torch.no_grad():
@@ -250,10 +270,11 @@ def _loss_and_grads(model: PrefixLM, batch: dict):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_fused_lora_equals_peft_values_and_grads(lm_dir):
+def test_fused_lora_equals_peft_values_and_grads(arch_lm_dir):
+    """Also on Qwen2, whose q/k/v projections carry a bias (added once, in the base layer)."""
     from models.lora_fused import fused_lora_linear_class
 
-    fused, plain = build(lm_dir), build(lm_dir, fused_lora=False)
+    fused, plain = build(arch_lm_dir), build(arch_lm_dir, fused_lora=False)
     layers = _lora_layers(fused)
     assert len(layers) == 2 * 7 and all(type(m) is fused_lora_linear_class() for m in layers)
     assert not any(type(m) is fused_lora_linear_class() for m in _lora_layers(plain))
@@ -265,6 +286,43 @@ def test_fused_lora_equals_peft_values_and_grads(lm_dir):
     assert grads_f.keys() == grads_p.keys() and any("lora_A" in n for n in grads_f)
     for name in grads_p:
         torch.testing.assert_close(grads_f[name], grads_p[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_fused_lora_on_a_biased_projection_equals_peft():
+    """A biased base Linear (Qwen2's q/k/v): the fused forward adds the base bias exactly once and
+    equals PEFT's own forward and its formula, values and gradients (fp32, tight tolerance)."""
+    from peft import LoraConfig, get_peft_model
+
+    from models.lora_fused import _lora_linear_class, fuse_lora_linears
+
+    class Attn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = torch.nn.Linear(16, 24, bias=True)
+
+        def forward(self, x):
+            return self.q_proj(x)
+
+    torch.manual_seed(0)
+    model = get_peft_model(Attn(), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj"]))
+    assert fuse_lora_linears(model) == 1
+    layer = model.base_model.model.q_proj
+    with torch.no_grad():
+        layer.base_layer.bias.copy_(torch.randn(24) * 3.0)  # large, so a double or missing bias shows
+        layer.lora_B["default"].weight.copy_(torch.randn(24, 4) * 0.5)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    fused = layer(x)
+    peft = _lora_linear_class().forward(layer, x)  # PEFT's unfused forward of the same layer
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    formula = x @ layer.base_layer.weight.t() + layer.base_layer.bias + (x @ a.t() @ b.t()) * layer.scaling["default"]
+    torch.testing.assert_close(fused, peft, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(fused, formula, atol=1e-5, rtol=1e-6)
+    grads = []
+    for out in (fused, peft):
+        g = torch.autograd.grad(out.pow(2).sum(), [x, a, b])
+        grads.append(g)
+    for gf, gp in zip(*grads):
+        torch.testing.assert_close(gf, gp, atol=1e-5, rtol=1e-6)
 
 
 def test_fused_lora_dropout_is_shared_per_input_and_has_peft_distribution(lm_dir, monkeypatch):

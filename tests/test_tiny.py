@@ -1,4 +1,4 @@
-"""Tiny Mistral + locally trained tokenizer: loads like a real model dir, round-trips text."""
+"""Tiny Mistral (and Llama / Qwen2) + locally trained tokenizer: loads like a real model dir, round-trips text."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, MistralForCausalLM
 
-from benchmarks.make_random_model import mistral_7b_shape_config
+from benchmarks.make_random_model import mistral_7b_shape_config, shape_config
 from models.tasks import build_prompt, tokenize_prompt
 from tiny_models.lm import main, make_tiny_lm
 
@@ -132,6 +132,42 @@ def test_mistral_7b_shape():
     with torch.device("meta"):
         model = MistralForCausalLM(cfg)
     assert sum(p.numel() for p in model.parameters()) == 7_248_023_552  # Mistral-7B-v0.3
+
+
+@pytest.mark.parametrize("shape,cls,params", [("llama3-8b", "LlamaForCausalLM", 8_030_261_248),
+                                              ("qwen2.5-7b", "Qwen2ForCausalLM", 7_615_616_512)])
+def test_llama3_8b_and_qwen2_5_7b_shapes(shape, cls, params):
+    cfg = shape_config(shape)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    assert type(model).__name__ == cls and not cfg.tie_word_embeddings
+    assert sum(p.numel() for p in model.parameters()) == params  # the published models' counts
+    attn = model.model.layers[0].self_attn
+    assert (attn.q_proj.bias is not None) == (shape == "qwen2.5-7b")  # Qwen2: biased q/k/v
+    assert cfg.rope_parameters["rope_theta"] == {"llama3-8b": 5e5, "qwen2.5-7b": 1e6}[shape]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tiny_llama_and_qwen2_load_via_auto_classes_and_generate(arch, tmp_path):
+    out = make_tiny_lm(tmp_path / arch, corpus_texts=["Severe storms possible over the plains."], vocab_size=300,
+                       pretrain_steps=2, arch=arch)
+    tokenizer, model = AutoTokenizer.from_pretrained(out), AutoModelForCausalLM.from_pretrained(out)
+    cfg = model.config
+    assert type(model).__name__ == {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[arch]
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads) == (64, 2, 4, 2)
+    assert cfg.vocab_size == len(tokenizer) and cfg.pad_token_id == tokenizer.pad_token_id
+    q = model.model.layers[0].self_attn.q_proj
+    if arch == "qwen2":  # Qwen2.5: biased q/k/v, tied embeddings (also after the save/load round trip)
+        assert q.bias is not None and cfg.tie_word_embeddings
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    else:  # Llama 3.1: no bias, llama3 RoPE scaling at theta 5e5, untied head
+        assert q.bias is None and not cfg.tie_word_embeddings
+        assert cfg.rope_parameters["rope_type"] == "llama3" and cfg.rope_parameters["rope_theta"] == 5e5
+    ids = tokenizer(["Severe storms"], return_tensors="pt")["input_ids"]
+    gen = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert torch.equal(gen[:, :ids.shape[1]], ids)
+    with pytest.raises(ValueError, match="arch='gpt2'"):
+        make_tiny_lm(tmp_path / "x", corpus_texts=["a"], arch="gpt2")
 
 
 def test_tiny_lm_is_pretrained_on_the_corpus(synthetic_data, loaded, tmp_path):

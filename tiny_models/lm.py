@@ -4,7 +4,9 @@
 (`AutoTokenizer.from_pretrained(dir)`, `AutoModelForCausalLM.from_pretrained(dir)`): a
 `MistralForCausalLM` a few hundred kB in size and a byte-level BPE tokenizer trained here on the
 project's own texts (the Gemini captions and summaries plus every prompt template, so that the
-prompts tokenise into words rather than bytes). Nothing is downloaded.
+prompts tokenise into words rather than bytes). Nothing is downloaded. `arch="llama"` / `"qwen2"`
+write a tiny `LlamaForCausalLM` (Llama 3.x: theta 5e5, llama3 rope scaling) / `Qwen2ForCausalLM`
+(Qwen2.5: biased q/k/v, tied embeddings) with the same tokenizer instead; `"mistral"` is the default.
 
 The LM stands in for a *pretrained* Mistral, so it is briefly pre-trained here (a few seconds on
 one CPU thread, deterministic) on the same texts: a frozen *random* LM barely learns under LoRA
@@ -24,12 +26,22 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, NamedTuple, Optional, Sequence
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tqdm import tqdm
-from transformers import MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from common.cli import cli_main
 from models.cond_names import COND_NAMES
@@ -148,6 +160,40 @@ def tiny_mistral_config(vocab_size: int, hidden_size: int = 64, num_layers: int 
                          bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
 
 
+def tiny_llama_config(vocab_size: int, hidden_size: int = 64, num_layers: int = 2, bos_token_id: int = 1,
+                      eos_token_id: int = 2, pad_token_id: Optional[int] = None) -> LlamaConfig:
+    """The Llama 3.x architecture (GQA 4:2 heads, SwiGLU, RMSNorm, RoPE theta 5e5 with Llama 3.1's
+    'llama3' frequency scaling, untied head) at toy width."""
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 1024}
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                       num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=hidden_size // 4, max_position_embeddings=2048, rms_norm_eps=1e-5,
+                       rope_parameters=rope, attention_bias=False, mlp_bias=False, tie_word_embeddings=False,
+                       bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+
+
+def tiny_qwen2_config(vocab_size: int, hidden_size: int = 64, num_layers: int = 2, bos_token_id: int = 1,
+                      eos_token_id: int = 2, pad_token_id: Optional[int] = None) -> Qwen2Config:
+    """The Qwen2 / Qwen2.5 architecture (GQA 4:2 heads, bias on q/k/v, SwiGLU, RMSNorm, RoPE theta
+    1e6, no sliding window, input and output embeddings tied like the small Qwen2.5 models) at toy width."""
+    return Qwen2Config(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                       num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=2048, rms_norm_eps=1e-6, rope_theta=1e6, use_sliding_window=False,
+                       tie_word_embeddings=True, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+                       pad_token_id=pad_token_id)
+
+
+class TinyArch(NamedTuple):
+    config: Callable[..., PretrainedConfig]  # (vocab_size, hidden_size, num_layers, bos, eos, pad)
+    model_class: type[PreTrainedModel]
+
+
+TINY_ARCHS = {"mistral": TinyArch(tiny_mistral_config, MistralForCausalLM),
+              "llama": TinyArch(tiny_llama_config, LlamaForCausalLM),
+              "qwen2": TinyArch(tiny_qwen2_config, Qwen2ForCausalLM)}
+
+
 @dataclass(frozen=True)
 class PretrainConfig:
     """A short next-token pre-training run: enough for the tiny LM to behave like a pretrained one
@@ -179,7 +225,7 @@ def _lr_at(step: int, cfg: PretrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def pretrain(model: MistralForCausalLM, stream: torch.Tensor, cfg: PretrainConfig, seed: int = 0) -> list[float]:
+def pretrain(model: PreTrainedModel, stream: torch.Tensor, cfg: PretrainConfig, seed: int = 0) -> list[float]:
     """Train all weights of `model` on random chunks of `stream` (next-token prediction, AdamW).
 
     Deterministic: chunk offsets come from a seeded generator and the run uses one thread (a
@@ -220,8 +266,9 @@ def pretrain(model: MistralForCausalLM, stream: torch.Tensor, cfg: PretrainConfi
 
 def make_tiny_lm(out_dir: str | Path, corpus_json: Sequence[str | Path] | None = None,
                  corpus_texts: Sequence[str] | None = None, vocab_size: int = 1024, hidden_size: int = 64,
-                 num_layers: int = 2, seed: int = 0, pretrain_steps: int = 200) -> Path:
-    """Write a tiny, briefly pre-trained MistralForCausalLM + a locally trained tokenizer as a model dir.
+                 num_layers: int = 2, seed: int = 0, pretrain_steps: int = 200, arch: str = "mistral") -> Path:
+    """Write a tiny, briefly pre-trained causal LM (`arch`: mistral, llama or qwen2; see `TINY_ARCHS`)
+    + a locally trained tokenizer as a model dir.
 
     The LM stands in for a *pretrained* Mistral: after the random init all its weights train for
     `pretrain_steps` steps of next-token prediction on the corpus (the Gemini summaries and
@@ -233,15 +280,17 @@ def make_tiny_lm(out_dir: str | Path, corpus_json: Sequence[str | Path] | None =
     Deterministic for given texts and arguments. The files are written into a temp directory and
     moved into `out_dir` one by one, so a killed run never leaves a half-written file there.
     """
+    if arch not in TINY_ARCHS:
+        raise ValueError(f"arch={arch!r}; choices: {sorted(TINY_ARCHS)}")
     out_dir = Path(out_dir)
     corpus_json = list(corpus_json or ())
     texts = list(gemini_texts(corpus_json)) + list(corpus_texts or ()) + list(prompt_texts())
     tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
-    config = tiny_mistral_config(len(tokenizer), hidden_size, num_layers, tokenizer.bos_token_id,
-                                 tokenizer.eos_token_id, tokenizer.pad_token_id)
+    config = TINY_ARCHS[arch].config(len(tokenizer), hidden_size, num_layers, tokenizer.bos_token_id,
+                                     tokenizer.eos_token_id, tokenizer.pad_token_id)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = MistralForCausalLM(config)
+        model = TINY_ARCHS[arch].model_class(config)
         documents = texts + list(gemini_prompt_documents(corpus_json))
         pretrain(model, token_stream(tokenizer, documents), PretrainConfig(steps=pretrain_steps), seed=seed)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -268,8 +317,10 @@ def _portable_tokenizer_class(config_path: Path) -> None:
 
 @cli_main
 def main(argv: Optional[list[str]] = None) -> Path:
-    parser = argparse.ArgumentParser(description="Write a tiny Mistral + tokenizer, both trained on the given texts")
+    parser = argparse.ArgumentParser(description="Write a tiny Mistral (or Llama / Qwen2) + tokenizer, both "
+                                                 "trained on the given texts")
     parser.add_argument("--out", required=True, help="model directory to write")
+    parser.add_argument("--arch", choices=sorted(TINY_ARCHS), default="mistral", help="the LM's architecture")
     parser.add_argument("--gemini-json", nargs="*", default=[], help="Gemini JSON files whose texts train the tokenizer")
     parser.add_argument("--vocab-size", type=int, default=1024)
     parser.add_argument("--hidden-size", type=int, default=64)
@@ -285,8 +336,8 @@ def main(argv: Optional[list[str]] = None) -> Path:
         print(f"wrote tiny Stage1 checkpoints {enc} and {cls}")
     out = make_tiny_lm(args.out, corpus_json=args.gemini_json, vocab_size=args.vocab_size,
                        hidden_size=args.hidden_size, num_layers=args.num_layers, seed=args.seed,
-                       pretrain_steps=args.pretrain_steps)
-    print(f"wrote tiny Mistral + tokenizer to {out}")
+                       pretrain_steps=args.pretrain_steps, arch=args.arch)
+    print(f"wrote tiny {args.arch} LM + tokenizer to {out}")
     return out
 
 
