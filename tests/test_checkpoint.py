@@ -152,14 +152,127 @@ def test_adapter_for_another_base_model_is_a_clear_error(trained, tmp_path, synt
 def test_latest_pointer_ignores_an_incomplete_newer_checkpoint(tmp_path):
     root = tmp_path / "resume"
     (root / "step-2").mkdir(parents=True)
-    (root / "step-2" / "trainer_state.json").write_text(json.dumps({"step": 2}))
+    (root / "step-2" / "trainer_state.json").write_text(json.dumps({"step": 2, "rng": []}))
     (root / "latest").write_text("step-2\n")
     (root / "step-4").mkdir()  # a save killed before trainer_state.json and `latest` were written
     assert latest_resume_tag(tmp_path) == "step-2"
     assert latest_resume_tag(tmp_path / "nothing") is None
-    (root / "latest").write_text("step-4\n")  # a pointer to an incomplete save is reported
-    with pytest.raises(CheckpointError, match="step-4"):
-        latest_resume_tag(tmp_path)
+    (root / "latest").write_text("step-4\n")  # a pointer to an incomplete save: the one before it
+    assert latest_resume_tag(tmp_path) == "step-2"
+
+
+# ------------------------------------------------------------------------------------------------
+# Resume: the newest complete, intact checkpoint (resume/latest is a hint)
+
+
+class FileEngine:
+    """Stands in for an engine: one weights file per checkpoint, loaded back weights-only."""
+
+    def __init__(self):
+        self.loaded = None
+
+    def save(self, root, tag, client_state=None):
+        (root / tag).mkdir(parents=True, exist_ok=True)
+        torch.save({"tag": tag, "w": torch.randn(256)}, root / tag / "model_states.pt")
+
+    def load(self, root, tag):
+        self.loaded = torch.load(root / tag / "model_states.pt", weights_only=True)["tag"]
+
+
+def _saved_run(tmp_path, steps=(2, 4, 6)):
+    from trainer.checkpoint import save_resume_checkpoint
+
+    for step in steps:
+        save_resume_checkpoint(FileEngine(), tmp_path, TrainerState(step=step, epoch=step // 4), True, keep=10)
+    return tmp_path / "resume"
+
+
+def _resume(tmp_path):
+    """(state, the tag the engine loaded, the warnings) of a --resume in `tmp_path`."""
+    from trainer.checkpoint import load_resume_checkpoint
+
+    engine, warnings = FileEngine(), []
+    state = load_resume_checkpoint(engine, tmp_path, rank=0, world_size=1, warn=warnings.append)
+    return state, engine.loaded, warnings
+
+
+def test_resume_without_latest_continues_from_the_newest_complete_checkpoint(tmp_path):
+    root = _saved_run(tmp_path)
+    assert json.loads((root / "step-6" / "trainer_state.json").read_text())["files"] == {
+        "model_states.pt": (root / "step-6" / "model_states.pt").stat().st_size}
+    (root / "latest").unlink()
+    (root / "step-8").mkdir()  # a save killed before its trainer_state.json
+    FileEngine().save(root, "step-8")
+    state, loaded, warnings = _resume(tmp_path)
+    assert (state.step, state.epoch, loaded) == (6, 1, "step-6")
+    assert any("step-8" in w and "incomplete" in w for w in warnings), warnings
+    # A `latest` pointed back (a rewind) is followed: checkpoints newer than it were never committed.
+    (root / "latest").write_text("step-4\n")
+    assert _resume(tmp_path)[1] == "step-4"
+
+
+def test_resume_with_a_garbage_latest_continues_from_the_newest_with_a_warning(tmp_path):
+    root = _saved_run(tmp_path)
+    (root / "latest").write_bytes(b"\xff\xfe\x00\x9cgarbage")
+    state, loaded, warnings = _resume(tmp_path)
+    assert (state.step, loaded) == (6, "step-6")
+    assert any(str(root / "latest") in w for w in warnings), warnings
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing", "state garbage", "state truncated"])
+def test_resume_falls_back_past_a_damaged_newest_checkpoint(tmp_path, damage):
+    root = _saved_run(tmp_path)
+    weights, marker = root / "step-6" / "model_states.pt", root / "step-6" / "trainer_state.json"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif damage == "missing":
+        weights.unlink()
+    elif damage == "state garbage":
+        marker.write_bytes(b"\x00\xff" * 10)
+    else:
+        marker.write_bytes(marker.read_bytes()[:50])
+    state, loaded, warnings = _resume(tmp_path)
+    assert (state.step, loaded) == (4, "step-4")
+    named = weights if damage in ("truncated", "missing") else marker
+    assert any(str(named) in w for w in warnings), warnings
+    assert any("continuing from" in w and "step-4" in w for w in warnings), warnings
+
+
+def test_resume_with_every_checkpoint_damaged_is_a_clear_error_naming_the_files(tmp_path):
+    root = _saved_run(tmp_path, steps=(2, 4))
+    (root / "step-4" / "model_states.pt").write_bytes(b"\x00" * 10)
+    (root / "step-2" / "trainer_state.json").write_text("{")
+    with pytest.raises(CheckpointError) as err:
+        _resume(tmp_path)
+    assert str(root / "step-4" / "model_states.pt") in str(err.value)
+    assert str(root / "step-2" / "trainer_state.json") in str(err.value)
+    # Nothing ever committed (a first save killed early): a fresh start, as before.
+    fresh = tmp_path / "fresh"
+    (fresh / "resume" / "step-2").mkdir(parents=True)
+    state, loaded, warnings = _resume(fresh)
+    assert state is None and loaded is None and any("incomplete" in w for w in warnings)
+
+
+def test_a_failed_save_over_an_existing_step_leaves_it_incomplete_and_pruning_counts_complete_ones(tmp_path):
+    from trainer.checkpoint import save_resume_checkpoint
+
+    root = _saved_run(tmp_path, steps=(2, 4))
+
+    class DiesWhileSaving(FileEngine):
+        def save(self, root, tag, client_state=None):
+            (root / tag / "model_states.pt").write_bytes(b"half")
+            raise KeyboardInterrupt  # the job is killed mid-save
+
+    with pytest.raises(KeyboardInterrupt):  # a resumed run saves step 4 again, and dies
+        save_resume_checkpoint(DiesWhileSaving(), tmp_path, TrainerState(step=4), True, keep=10)
+    assert not (root / "step-4" / "trainer_state.json").exists()
+    assert _resume(tmp_path)[1] == "step-2"
+
+    (root / "step-100").mkdir()  # left by a save that never finished
+    save_resume_checkpoint(FileEngine(), tmp_path, TrainerState(step=6), True, keep=2)
+    # the incomplete step-4 and step-100 are deleted, and do not count against keep=2
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-2", "step-6"]
+    assert _resume(tmp_path)[1] == "step-6"
 
 
 def test_rng_state_round_trip_through_json():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -282,6 +283,114 @@ def test_corrupt_shard_found_while_reading(small_shards, tokenizer, tmp_path):
     bad_count = sum(b["stats"]["bad_samples"] for b in batches)
     assert 0 < bad_count <= 7
     assert sum(w == 0 for b in batches for w in b["loss_weights"]) == bad_count
+
+
+def _flip_a_latent_byte(shard: Path) -> None:
+    """One flipped bit inside the first sample's latent array: same size, the tar and the .npy still
+    read, only the manifest's sha256 can tell."""
+    import tarfile
+
+    with tarfile.open(shard) as tf:
+        member = next(m for m in tf.getmembers() if m.name.endswith(".latent.npy"))
+    data = bytearray(shard.read_bytes())
+    data[member.offset_data + member.size - 2] ^= 0x01  # in the last fp16 value, past the .npy header
+    shard.write_bytes(bytes(data))
+
+
+def _with_a_flipped_latent(small_shards, tokenizer, dst: Path) -> tuple[Path, str, list[str]]:
+    """A copy of the shards whose first shard of epoch 0 (so a worker's first) has a flipped byte:
+    (dir, shard name, the keys of its samples)."""
+    bad = _copy_shards(small_shards, dst)
+    first = Path(make_stream(bad, tokenizer, num_workers=0)._train_plan(0)[0][0].path).name
+    size_before = (bad / first).stat().st_size
+    _flip_a_latent_byte(bad / first)
+    assert (bad / first).stat().st_size == size_before
+    index = int(first.split("-")[1].split(".")[0])
+    start = sum(TRAIN_SHARD_SIZES[:index])
+    return bad, first, train_keys()[start:start + TRAIN_SHARD_SIZES[index]]
+
+
+def test_a_shard_whose_checksum_fails_is_refused_naming_it(small_shards, tokenizer, tmp_path):
+    bad, name, _ = _with_a_flipped_latent(small_shards, tokenizer, tmp_path / "bad")
+    expected = next(s.sha256 for s in load_manifest(bad).shards if s.name == name)
+    pattern = rf"{name}: sha256 [0-9a-f]{{64}} does not match the manifest's {expected}"
+    stream = make_stream(bad, tokenizer, num_workers=0)
+    with pytest.raises(DataError, match=pattern):
+        list(stream.loader(0))
+    # A resume past the start of the shard (or past all of it) still checks the whole file.
+    for skip in (1, stream.batches_per_epoch - 1, stream.batches_per_epoch):
+        with pytest.raises(DataError, match=pattern):
+            list(stream.loader(0, skip_batches=skip))
+    # Split over 2 ranks, exactly one worker reads the shard to its end and checks it.
+    failed = 0
+    for rank in range(2):
+        try:
+            list(make_stream(bad, tokenizer, rank=rank, world_size=2, num_workers=0).loader(0))
+        except DataError as e:
+            assert re.search(pattern, str(e)), e
+            failed += 1
+    assert failed == 1
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_skip_bad_shards_skips_a_shard_whose_checksum_fails_and_counts_it(small_shards, tokenizer, tmp_path,
+                                                                           num_workers):
+    bad, name, bad_keys = _with_a_flipped_latent(small_shards, tokenizer, tmp_path / "bad")
+    for epoch in range(2):
+        seen, bad_samples, bad_shards, counts = Counter(), 0, 0, set()
+        for rank in range(2):
+            stream = make_stream(bad, tokenizer, rank=rank, world_size=2, num_workers=num_workers,
+                                 skip_bad_shards=True)
+            batches = list(stream.loader(epoch))
+            counts.add((len(batches), stream.batches_per_epoch))
+            for b in batches:
+                seen.update(k for k, w in zip(b["keys"], b["loss_weights"]) if w > 0)
+                bad_samples += b["stats"]["bad_samples"]
+                bad_shards += b["stats"]["bad_shards"]
+        assert len(counts) == 1 and len(set(counts.pop())) == 1  # equal batch counts on both ranks, as planned
+        # The whole shard is skipped (not a sample of it trained), counted once; the rest exactly once.
+        assert not set(bad_keys) & set(seen)
+        assert sorted(seen) == sorted(set(train_keys()) - set(bad_keys)) and set(seen.values()) == {1}
+        assert (bad_samples, bad_shards) == (len(bad_keys), 1), epoch
+
+    # An intact shard set: checked in both modes, nothing skipped, the same batches as without checks.
+    unchecked = _copy_shards(small_shards, tmp_path / "unchecked")
+    manifest = json.loads((unchecked / "manifest.json").read_text())
+    for s in manifest["shards"]:
+        s["sha256"] = ""
+    (unchecked / "manifest.json").write_text(json.dumps(manifest))
+    want = [fingerprint(b) for b in make_stream(unchecked, tokenizer, num_workers=num_workers).loader(1)]
+    for skip_bad in (False, True):
+        stream = make_stream(small_shards, tokenizer, num_workers=num_workers, skip_bad_shards=skip_bad)
+        batches = list(stream.loader(1))
+        assert [fingerprint(b) for b in batches] == want
+        assert sum(b["stats"]["bad_samples"] + b["stats"]["bad_shards"] for b in batches) == 0
+
+
+@pytest.mark.slow
+def test_skip_bad_shards_puts_the_skipped_shard_in_train_log(shard_dir, tiny_lm_dir, tmp_path):
+    """End to end: a shard with a flipped latent byte is skipped, and train_log.jsonl counts it."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from tests.test_train_e2e import base_flags, run_train, train_records
+
+    bad = Path(shutil.copytree(shard_dir, tmp_path / "shards"))
+    cfg = DataConfig(shard_dir=str(bad), batch_size=16, num_workers=1)
+    stream = TrainStream(load_manifest(bad), bad, AutoTokenizer.from_pretrained(tiny_lm_dir), cfg,
+                         build_phases(ScheduleConfig()), 4, 0, 1, seed=1)
+    first = Path(stream._train_plan(0)[0][0].path).name  # the run's first shard: read within a few steps
+    _flip_a_latent_byte(bad / first)
+    out = tmp_path / "run"
+    run_train(base_flags(bad, tiny_lm_dir, out, **{"skip-bad-shards": True, "batch-size": 16, "max-steps": 5}),
+              num_procs=1)
+    recs = train_records(out)
+    assert sum(r["bad_shards"] for r in recs) == 1  # counted with the shard's last sample
+    # its samples trained so far (5 steps x 16, shuffled) are all loss-free stand-ins
+    assert 0 < sum(r["bad_samples"] for r in recs) <= next(e.num_samples for e in load_manifest(bad).shards
+                                                           if e.name == first)
 
 
 # ----------------------------------------------------------------------------------------------

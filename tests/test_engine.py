@@ -360,6 +360,83 @@ def test_torch_engine_save_load_round_trip(tiny_lm_dir, stage1_ckpts, tmp_path):
         resumed.load(tmp_path, "step-9")
 
 
+def _plant_pickle(path, marker) -> None:
+    """Replace a checkpoint file by a pickle that creates `marker` when unpickled, padded to the
+    file's size (so that only loading it can tell)."""
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    data = pickle.dumps(Payload())
+    path.write_bytes(data + b"\0" * (path.stat().st_size - len(data)))
+
+
+def test_deepspeed_resume_is_weights_only_and_falls_back_past_a_truncated_checkpoint(tiny_lm_dir, stage1_ckpts,
+                                                                                     dist1, tmp_path):
+    import re
+
+    from trainer.checkpoint import CheckpointError, TrainerState, load_resume_checkpoint, save_resume_checkpoint
+    from trainer.engines import build_engine
+    from trainer.engines.deepspeed_engine import ds_checkpoint_safe_globals
+
+    cfg = _tail_cfg(tiny_lm_dir)
+    model, batches = _model(cfg, stage1_ckpts)
+    engine = build_engine(model, cfg, total_steps=10)
+    saved = {}
+    for step in (1, 2):
+        _micro_step(engine, batches[step], seed=step)
+        save_resume_checkpoint(engine, tmp_path, TrainerState(step=step), True, keep=10)
+        saved[step] = _trainable(engine)
+    root = tmp_path / "resume"
+    # The classes a weights-only load allows are exactly those DeepSpeed's files hold besides tensors.
+    needed = set()
+    for f in root.rglob("*.pt"):
+        needed |= set(torch.serialization.get_unsafe_globals_in_checkpoint(f))
+    assert needed == {f"{c.__module__}.{c.__qualname__}" for c in ds_checkpoint_safe_globals()}
+
+    # The newest checkpoint's model states are truncated: resume falls back to step 1, with a warning.
+    states = root / "step-2" / "mp_rank_00_model_states.pt"
+    states.write_bytes(states.read_bytes()[: states.stat().st_size // 2])
+    other, _ = _model(cfg, stage1_ckpts, seed=7)  # other initial weights: everything must come from the files
+    resumed = build_engine(other, cfg, total_steps=10)
+    warnings = []
+    state = load_resume_checkpoint(resumed, tmp_path, 0, 1, warn=warnings.append)
+    assert state.step == 1 and any(str(states) in w for w in warnings), warnings
+    got = _trainable(resumed)
+    assert all(torch.equal(got[n], saved[1][n]) for n in saved[1])
+
+    # A pickle planted in place of a file runs nothing: resume stops with an error naming the file.
+    marker = tmp_path / "planted-code-ran"
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        path = root / "step-1" / name
+        original = path.read_bytes()
+        _plant_pickle(path, marker)
+        with pytest.raises(CheckpointError, match=re.escape(str(path)) + ": refused"):
+            load_resume_checkpoint(resumed, tmp_path, 0, 1)
+        assert not marker.exists()
+        path.write_bytes(original)
+
+
+def test_torch_engine_resume_refuses_a_planted_pickle(tiny_lm_dir, stage1_ckpts, tmp_path):
+    import re
+
+    from trainer.checkpoint import CheckpointError, TrainerState, load_resume_checkpoint, save_resume_checkpoint
+    from trainer.engines import TORCH_ENGINE_STATE, build_engine
+
+    cfg = replace(_tail_cfg(tiny_lm_dir), engine="torch")
+    model, batches = _model(cfg, stage1_ckpts)
+    engine = build_engine(model, cfg, total_steps=10)
+    _micro_step(engine, batches[0], seed=0)
+    save_resume_checkpoint(engine, tmp_path, TrainerState(step=1), True)
+    path, marker = tmp_path / "resume" / "step-1" / TORCH_ENGINE_STATE, tmp_path / "planted-code-ran"
+    _plant_pickle(path, marker)
+    with pytest.raises(CheckpointError, match=re.escape(str(path)) + ": cannot load: UnpicklingError"):
+        load_resume_checkpoint(engine, tmp_path, 0, 1)
+    assert not marker.exists()
+
+
 def test_engine_flag_parses_and_is_checked():
     from trainer.config import parse_train_config
 

@@ -79,3 +79,26 @@ def test_resume_across_a_phase_boundary_with_token_budgets(shard_dir, tiny_lm_di
         assert got[step][1] == mix, step  # same examples, same tasks
         assert got[step][0] == pytest.approx(loss, abs=1e-5), (step, loss, got[step][0])
     assert any(mix.get("summary", 0) for step, (_, mix) in want.items()), "the main phase is reached"
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_planted_pickle(shard_dir, tiny_lm_dir, tmp_path):
+    """A pickle planted in place of a resume checkpoint file (same size, so it passes the size check)
+    runs no code: --resume stops with an error naming the file."""
+    import pickle
+
+    out, marker = tmp_path / "run", tmp_path / "planted-code-ran"
+    flags = base_flags(shard_dir, tiny_lm_dir, out, **{"max-steps": 4, "save-steps": 2})
+    run_train(flags, num_procs=1)
+    target = out / "resume" / "step-4" / "mp_rank_00_model_states.pt"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    data = pickle.dumps(Payload(), protocol=2)
+    target.write_bytes(data + b"\0" * (target.stat().st_size - len(data)))
+    proc = run_train(flags + ["--resume"], num_procs=1, check=False)
+    assert proc.returncode != 0
+    assert f"{target}: refused" in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    assert not marker.exists()

@@ -5,12 +5,16 @@ Resume checkpoint (`<output_dir>/resume/`), written collectively every `--save-s
     resume/step-<N>/            DeepSpeed save_checkpoint (trainable weights, ZeRO optimizer
                                 partitions of every rank, LR schedule), frozen base weights excluded
     resume/step-<N>/trainer_state.json   step, epoch, batches consumed in the epoch, NaN counters,
-                                running truncation stats, the RNG states of every rank
+                                running truncation stats, the RNG states of every rank, the size of
+                                every engine file; written last: it marks the checkpoint complete
     resume/latest               the tag of the newest COMPLETE checkpoint, written atomically LAST
 
 A job killed while saving leaves `latest` pointing at the previous complete checkpoint; `--resume`
 continues from it exactly (same batches, same dropout masks, same optimizer state), so N steps +
-resume + M steps give the per-step losses of N + M uninterrupted steps.
+resume + M steps give the per-step losses of N + M uninterrupted steps. `latest` is a hint: when it
+is missing, unreadable or names a damaged checkpoint (a file missing, unreadable or of another size
+than saved), resume falls back to the newest intact one no newer than it, with a warning
+(`find_resume_checkpoint`). Engine files are loaded weights-only (no pickled code runs).
 
 Inference checkpoint (`<output_dir>/checkpoint-<step>/`, `<output_dir>/final/`): everything eval
 needs next to the base model, built in a temp dir and renamed into place:
@@ -133,16 +137,45 @@ def resume_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / RESUME_DIRNAME
 
 
+def _broadcast_object(obj):
+    """Rank 0's `obj` on every rank."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
+def _step_of(tag: str) -> Optional[int]:
+    """N of a checkpoint tag `step-N`; None for anything else."""
+    n = tag[len("step-"):]
+    return int(n) if tag.startswith("step-") and n.isascii() and n.isdigit() else None
+
+
+def _checkpoint_files(ckpt: Path) -> dict[str, int]:
+    """{path relative to `ckpt`: bytes} of the files the engine wrote (not the marker, no temp files)."""
+    return {p.relative_to(ckpt).as_posix(): p.stat().st_size for p in sorted(ckpt.rglob("*"))
+            if p.is_file() and p.name != STATE_FILE and not p.name.startswith(".")}
+
+
 def save_resume_checkpoint(engine, output_dir: str | Path, state: TrainerState, is_main: bool,
                            keep: int = 2) -> Path:
-    """Collective. DeepSpeed state, then trainer_state.json, then the `latest` pointer, then pruning."""
+    """Collective. A checkpoint is complete once its trainer_state.json exists: rank 0 writes it
+    (atomically) after every rank's engine files are on disk, with the size of each of them, so that
+    a file truncated or lost later is found before anything is loaded. The order: the marker of an
+    earlier save of the same step is removed first (a resumed run saves that step again), then the
+    engine state (every rank), trainer_state.json, the `latest` pointer, pruning."""
     root = resume_dir(output_dir)
     tag = f"step-{state.step}"
+    if is_main:
+        (root / tag / STATE_FILE).unlink(missing_ok=True)
+    _barrier()  # no rank rewrites a file of a checkpoint that still looks complete
     engine.save(root, tag, client_state={"trainer_state": dataclasses.asdict(state)})
     rngs = _gather_objects(rng_state())
-    _barrier()  # every rank's DeepSpeed files are on disk
+    _barrier()  # every rank's engine files are on disk
     if is_main:
-        atomic_write_json(root / tag / STATE_FILE, {**dataclasses.asdict(state), "rng": rngs})
+        record = {**dataclasses.asdict(state), "rng": rngs, "files": _checkpoint_files(root / tag)}
+        atomic_write_json(root / tag / STATE_FILE, record)  # the completeness marker
         atomic_write_text(root / LATEST_FILE, tag + "\n")  # the commit point
         _prune(root, keep)
     _barrier()
@@ -150,30 +183,117 @@ def save_resume_checkpoint(engine, output_dir: str | Path, state: TrainerState, 
 
 
 def _prune(root: Path, keep: int) -> None:
-    tags = sorted((p for p in root.glob("step-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
-    for old in tags[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    """Keep the newest `keep` complete checkpoints; delete older ones and incomplete ones (saves that
+    never finished: unusable, and they would otherwise count against `keep`)."""
+    steps = [(n, p) for p in root.glob("step-*") if p.is_dir() and (n := _step_of(p.name)) is not None]
+    kept = set(sorted(n for n, p in steps if (p / STATE_FILE).is_file())[-keep:])
+    for n, p in steps:
+        if n not in kept:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def check_resume_checkpoint(ckpt: Path) -> tuple[Optional[dict], str]:
+    """(its trainer_state.json, "") when checkpoint `ckpt` is complete and its files are intact as
+    far as a cheap look tells (present, readable, the sizes recorded when it was saved), else
+    (None, what is wrong, naming the file)."""
+    marker = ckpt / STATE_FILE
+    if not marker.is_file():
+        return None, f"{ckpt}: incomplete ({STATE_FILE} missing: a save that did not finish)"
+    try:
+        saved = json.loads(marker.read_bytes())
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return None, f"{marker}: unreadable ({type(e).__name__}: {e})"
+    ints = [f.name for f in dataclasses.fields(TrainerState) if f.type == "int"]
+    if (not isinstance(saved, dict) or not isinstance(saved.get("rng"), list)
+            or any(type(saved.get(k, 0)) is not int for k in ints) or saved.get("step") != _step_of(ckpt.name)):
+        return None, f"{marker}: not a trainer state of {ckpt.name} (damaged?)"
+    files = saved.get("files", {})  # absent in checkpoints written before sizes were recorded
+    if not isinstance(files, dict):
+        return None, f"{marker}: not a trainer state of {ckpt.name} (damaged?)"
+    for rel, size in files.items():
+        path = ckpt / rel
+        try:
+            actual = path.stat().st_size
+            with open(path, "rb"):
+                pass
+        except FileNotFoundError:
+            return None, f"{path}: missing"
+        except OSError as e:
+            return None, f"{path}: unreadable ({type(e).__name__}: {e})"
+        if actual != size:
+            return None, f"{path}: {actual} bytes, {size} when it was saved (truncated or overwritten?)"
+    return saved, ""
+
+
+def find_resume_checkpoint(output_dir: str | Path) -> tuple[Optional[str], Optional[dict], list[str]]:
+    """(tag, its trainer_state.json, what was wrong with the checkpoints passed over) for --resume.
+    A function of the files only.
+
+    `resume/latest` is a hint: the checkpoint it names when that is complete and intact, else the
+    newest complete and intact `step-*` no newer than it (newer ones were never committed, or are
+    left from before a rewind of `latest`); without a readable `latest`, the newest of all.
+    (None, None, problems) when nothing was ever committed there; a CheckpointError naming every
+    file that is wrong when checkpoints were committed but none is usable.
+    """
+    root = resume_dir(output_dir)
+    pointer = root / LATEST_FILE
+    steps = {}
+    if root.is_dir():
+        steps = {n: p.name for p in root.iterdir() if p.is_dir() and (n := _step_of(p.name)) is not None}
+    problems, bound = [], None
+    if pointer.is_file():
+        try:
+            named = pointer.read_bytes().decode("utf-8").strip()
+            bound = _step_of(named)
+            if bound is None:
+                problems.append(f"{pointer}: {named[:40]!r} is not a checkpoint tag (damaged?)")
+            elif bound not in steps:
+                problems.append(f"{pointer}: names {named}, which does not exist")
+        except (OSError, UnicodeDecodeError) as e:
+            problems.append(f"{pointer}: unreadable ({type(e).__name__}: {e})")
+    for n in sorted((n for n in steps if bound is None or n <= bound), reverse=True):
+        saved, problem = check_resume_checkpoint(root / steps[n])
+        if saved is not None:
+            return steps[n], saved, problems
+        problems.append(problem)
+    if pointer.exists() or any((root / tag / STATE_FILE).exists() for tag in steps.values()):
+        raise CheckpointError(f"{root}: no usable resume checkpoint: " + "; ".join(problems)
+                              + ". Repair or remove them, or start over without --resume")
+    return None, None, problems
 
 
 def latest_resume_tag(output_dir: str | Path) -> Optional[str]:
-    """The tag named by `resume/latest`, if it points at a complete checkpoint."""
+    """The tag --resume continues from (find_resume_checkpoint), or None when there is none."""
+    return find_resume_checkpoint(output_dir)[0]
+
+
+def load_resume_checkpoint(engine, output_dir: str | Path, rank: int, world_size: int,
+                           warn=None) -> Optional[TrainerState]:
+    """Collective. Rank 0 picks the checkpoint (find_resume_checkpoint) and every rank gets its
+    choice; `warn(message)` (rank 0) hears what was wrong with the ones passed over. Then the engine
+    state and this rank's RNG are restored. None when there is nothing to resume; errors name the file.
+
+    A file found bad only while the engine loads it (e.g. refused by the weights-only load) is an
+    error, not a fall-back: the engine may have loaded part of it, and the ranks would disagree."""
     root = resume_dir(output_dir)
-    pointer = root / LATEST_FILE
-    if not pointer.is_file():
-        return None
-    tag = pointer.read_text().strip()
-    if not (root / tag / STATE_FILE).is_file():
-        raise CheckpointError(f"{pointer} names {tag!r} but {root / tag / STATE_FILE} is missing")
-    return tag
-
-
-def load_resume_checkpoint(engine, output_dir: str | Path, rank: int, world_size: int) -> Optional[TrainerState]:
-    """Collective. Restores DeepSpeed state and this rank's RNG; None when there is nothing to resume."""
-    tag = latest_resume_tag(output_dir)
+    choice = None
+    if rank == 0:
+        try:
+            choice = find_resume_checkpoint(output_dir)
+        except CheckpointError as e:
+            choice = str(e)
+    choice = _broadcast_object(choice)
+    if isinstance(choice, str):
+        raise CheckpointError(choice)
+    tag, saved, problems = choice
+    if rank == 0 and warn is not None:
+        for problem in problems:
+            warn(f"--resume: {problem}; passed over")
+        if problems and tag is not None:
+            warn(f"--resume: continuing from {root / tag}")
     if tag is None:
         return None
-    root = resume_dir(output_dir)
-    saved = json.loads((root / tag / STATE_FILE).read_text())
+    marker = root / tag / STATE_FILE
     rngs = saved.pop("rng")
     known = {f.name for f in dataclasses.fields(TrainerState)}
     state = TrainerState(**{k: v for k, v in saved.items() if k in known})
@@ -181,8 +301,16 @@ def load_resume_checkpoint(engine, output_dir: str | Path, rank: int, world_size
         raise CheckpointError(
             f"{root / tag}: saved with {state.world_size} ranks, resuming with {world_size}; exact resume "
             "needs the same world size (ZeRO partitions and the data split depend on it)")
-    engine.load(root, tag)
-    set_rng_state(rngs[rank])
+    if len(rngs) != world_size:
+        raise CheckpointError(f"{marker}: RNG states of {len(rngs)} ranks for {world_size} (damaged?)")
+    try:
+        engine.load(root, tag)
+    except Exception as e:
+        raise CheckpointError(f"{root / tag}: cannot restore the engine state: {e}") from e
+    try:
+        set_rng_state(rngs[rank])
+    except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as e:
+        raise CheckpointError(f"{marker}: bad RNG state of rank {rank} ({type(e).__name__}: {e})") from None
     return state
 
 

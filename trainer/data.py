@@ -29,11 +29,19 @@ Each worker runs one chain of stages over its range (see `TrainStream._examples`
 The task of a sample is `schedules.sample_task(phase.probs, seed, epoch, key)`: independent of the
 rank/worker layout. A task the sample cannot serve (cot on a one-sentence caption, text_summary
 without the case's captions) falls back to caption and is counted.
+
+Shard checksums (the manifest's sha256): a shard is hashed as its tar stream is read and checked
+at its last sample, by the one worker whose range holds that sample (workers read a shard from its
+start, resume included): a mismatch stops training with a DataError naming the shard. With
+--skip-bad-shards a shard is hashed when opened instead, before its samples are used, and a bad one
+is skipped whole by every worker (loss-free stand-ins keep the plan), counted in the batch stats
+(`bad_shards`, `bad_samples`) and so in train_log.jsonl. See `ShardReader`.
 """
 
 from __future__ import annotations
 
 import bisect
+import hashlib
 import heapq
 import itertools
 import json
@@ -49,7 +57,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from common.io import stable_hash
+from common.io import sha256_file, stable_hash
 from data_prep.shard_format import ElementSample, SampleFormatError, decode_sample
 from models.collate import TrainItem, collate_train
 from models.tasks import TASKS, TaskUnavailable, TruncationStats, build_prompt, tokenize_prompt
@@ -78,7 +86,7 @@ class DataConfig:
     max_seq_len: int = field(default=256, metadata={"help": "max positions per example, image prefix included; longer ones are truncated (counted per task)"})
     balance_window: int = field(default=8, metadata={"help": "token-balanced micro-batches: each data worker regroups every window of this many batches (x --batch-size examples) so that the batches carry ~equal tokens (longest first onto the lightest batch); the batch count is unchanged, so ranks still agree, and GPUs wait less for each other (1 = plain consecutive batches)"})
     packed: bool = field(default=True, metadata={"help": "pack each micro-batch into one row with per-example attention (--no-packed: one padded row per example)"})
-    skip_bad_shards: bool = field(default=False, metadata={"help": "log and skip missing/truncated shards and unreadable samples (counted) instead of stopping with an error"})
+    skip_bad_shards: bool = field(default=False, metadata={"help": "log and skip missing/truncated shards, shards whose sha256 does not match the manifest, and unreadable samples (counted in train_log.jsonl: bad_shards, bad_samples) instead of stopping with an error"})
     val_max_samples: int = field(default=256, metadata={"help": "held-out loss is computed on at most this many val samples (0 = off)"})
 
     def validate(self) -> None:
@@ -110,6 +118,7 @@ class ShardSpan:
     path: str
     start: int
     num_samples: int
+    sha256: str = ""  # the manifest's hash of the file ("" = not checked)
 
 
 @dataclass(frozen=True)
@@ -134,10 +143,11 @@ def split_evenly(n: int, parts: int) -> list[range]:
     return [range(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
-def lay_out(spans_sizes: Sequence[tuple[str, int]]) -> list[ShardSpan]:
+def lay_out(spans_sizes: Sequence[tuple[str, int]], sha256: Optional[dict[str, str]] = None) -> list[ShardSpan]:
+    """The shards one after another in a virtual sequence; `sha256` maps a path to its manifest hash."""
     spans, start = [], 0
     for path, size in spans_sizes:
-        spans.append(ShardSpan(path, start, size))
+        spans.append(ShardSpan(path, start, size, (sha256 or {}).get(path, "")))
         start += size
     return spans
 
@@ -206,6 +216,7 @@ class Example:
     where: str = ""
     sample: Optional[ElementSample] = None
     bad: bool = False  # stands in (loss-free) for an unreadable sample
+    bad_shard: bool = False  # the last sample of a shard found bad (counts the shard once per epoch)
     task: str = ""
     fell_back: bool = False
     dropped_task: str = ""  # the task first chosen, when it did not fit max_seq_len
@@ -213,28 +224,90 @@ class Example:
     tokens: object = None  # TokenizedExample, or None when truncation dropped it
 
 
-def tar_samples(path: str) -> Iterator[dict]:
-    """The samples of one local shard, via webdataset's tar reading."""
-    with open(path, "rb") as stream:
+def tar_samples(path: str, wrap: Optional[Callable] = None) -> Iterator[dict]:
+    """The samples of one local shard, via webdataset's tar reading; `wrap(file)` gives the file
+    object the tar reader reads from (e.g. a ShardHasher)."""
+    with open(path, "rb") as f:
+        stream = f if wrap is None else wrap(f)
         yield from group_by_keys(tar_file_expander([{"url": path, "stream": stream}]))
 
 
+class ShardHasher:
+    """The file object a shard's tar reader reads from: it hashes the bytes as the tar stream
+    consumes them, so checking a shard costs no extra pass over it."""
+
+    def __init__(self, f, path: str):
+        self.f, self.path, self.sha = f, path, hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.f.read(size)
+        self.sha.update(data)
+        return data
+
+    def hexdigest_to_end(self) -> str:
+        """The hash of the whole file: what the tar reader left unread (its end padding) is read now."""
+        while self.read(1 << 20):
+            pass
+        return self.sha.hexdigest()
+
+    def __str__(self) -> str:  # webdataset names the stream in its exceptions
+        return self.path
+
+
+def checksum_mismatch(path: str, expected: str, actual: str) -> str:
+    return (f"{path}: sha256 {actual} does not match the manifest's {expected}: the shard changed after "
+            "it was built (a bad copy or disk?); rebuild the shards")
+
+
 class ShardReader:
-    """Reads samples by virtual position (non-decreasing), opening each shard at most once."""
+    """Reads samples by virtual position (non-decreasing), opening each shard at most once.
+
+    Checksums (the manifest's sha256 of each shard): by default the bytes are hashed as the tar
+    stream is read (ShardHasher) and compared when the shard's last sample has been read, and a
+    mismatch stops with a DataError. A worker always reads a shard from its start (also when its
+    range or a resume begins inside it), so the worker whose range holds the shard's last sample
+    checks the whole file, once per epoch. Samples of the shard read before its end may have been
+    used by then. With skip_bad the whole file is hashed when the shard is opened, before any of its
+    samples is used: a bad shard is then skipped entirely (its samples become loss-free stand-ins,
+    as unreadable ones do), by every worker that reads it, and so is trained all or not at all.
+    """
 
     def __init__(self, spans: Sequence[ShardSpan], skip_bad: bool):
         self.spans, self.skip_bad = list(spans), skip_bad
         self.starts = [s.start for s in self.spans]
         self.span: Optional[ShardSpan] = None
         self.samples: Optional[Iterator[dict]] = None
+        self.hasher: Optional[ShardHasher] = None  # the open shard's hash, while it is checked as read
         self.next_offset = 0
         self.broken = False
         self.last: tuple[int, Optional[dict]] = (-1, None)
 
     def _open(self, span: ShardSpan) -> None:
+        self.close()
+        self.span, self.next_offset, self.broken = span, 0, False
+        wrap = None
+        if span.sha256 and self.skip_bad:
+            try:
+                actual = sha256_file(span.path)
+            except OSError:
+                actual = None  # unreadable: found (and skipped) by the reader below
+            if actual is not None and actual != span.sha256:
+                log.warning("%s; skipping its %d samples this epoch: they become loss-free stand-ins (counted "
+                            "as bad_samples, the shard as bad_shards; --skip-bad-shards)",
+                            checksum_mismatch(span.path, span.sha256, actual), span.num_samples)
+                self.broken = True
+        elif span.sha256:
+            wrap = self._hash_as_read
+        self.samples = tar_samples(span.path, wrap)
+
+    def _hash_as_read(self, f) -> ShardHasher:
+        self.hasher = ShardHasher(f, self.span.path)
+        return self.hasher
+
+    def close(self) -> None:
         if self.samples is not None:
             self.samples.close()
-        self.span, self.samples, self.next_offset, self.broken = span, tar_samples(span.path), 0, False
+        self.samples, self.hasher = None, None
 
     def read(self, position: int) -> Optional[dict]:
         if position == self.last[0]:
@@ -254,8 +327,21 @@ class ShardReader:
                                    f"records {span.num_samples}")
             except Exception as e:  # tarfile.ReadError, EOFError, OSError, ...
                 self._fail(offset, f"{type(e).__name__}: {e}")
+            if not self.broken and self.next_offset == span.num_samples and self.hasher is not None:
+                self._check_hash()
         self.last = (position, raw if not self.broken else None)
         return self.last[1]
+
+    def _check_hash(self) -> None:
+        """After the shard's last sample: the hash of the whole file against the manifest's."""
+        hasher, self.hasher = self.hasher, None
+        try:
+            actual = hasher.hexdigest_to_end()
+        except OSError as e:
+            raise DataError(f"{self.span.path}: cannot read to its end: {type(e).__name__}: {e}") from None
+        if actual != self.span.sha256:
+            raise DataError(checksum_mismatch(self.span.path, self.span.sha256, actual)
+                            + " (or pass --skip-bad-shards to train without it)")
 
     def _fail(self, offset: int, why: str) -> None:
         msg = f"{self.span.path}: cannot read sample {offset} (truncated or corrupt shard?): {why}"
@@ -269,10 +355,16 @@ def read_range(spans: Sequence[ShardSpan], work: WorkerRange, skip_bad: bool) ->
     reader = ShardReader(spans, skip_bad)
     slots = itertools.chain(((p, 1.0) for p in work.positions),
                             [] if work.duplicate is None else [(work.duplicate, 0.0)])
-    for position, weight in slots:
-        yield Example(reader.read(position), weight, where=f"{reader.span.path}#{position - reader.span.start}")
-    if reader.samples is not None:
-        reader.samples.close()
+    try:
+        for position, weight in slots:
+            raw = reader.read(position)
+            span = reader.span
+            ex = Example(raw, weight, where=f"{span.path}#{position - span.start}")
+            # Exactly one worker of one rank owns a shard's last sample: it counts a bad shard.
+            ex.bad_shard = weight > 0 and reader.broken and position == span.start + span.num_samples - 1
+            yield ex
+    finally:
+        reader.close()
 
 
 def shuffle_buffer(examples: Iterable, size: int, rng: random.Random) -> Iterator:
@@ -291,9 +383,11 @@ def shuffle_buffer(examples: Iterable, size: int, rng: random.Random) -> Iterato
     yield from buf
 
 
-def decode(examples: Iterable[Example], skip_bad: bool) -> Iterator[Example]:
+def decode(examples: Iterable[Example], skip_bad: bool,
+           stand_in: Optional[Callable[[], Optional[ElementSample]]] = None) -> Iterator[Example]:
     """Raw bytes -> ElementSample. With skip_bad, an unreadable sample becomes a loss-free copy
-    of the last good one, so that the batch layout (and so resume) is unchanged."""
+    of the last good one, so that the batch layout (and so resume) is unchanged; before the first
+    good one (e.g. a worker whose range starts in a skipped shard) of `stand_in()`'s sample."""
     last_good: Optional[ElementSample] = None
     for ex in examples:
         try:
@@ -304,11 +398,30 @@ def decode(examples: Iterable[Example], skip_bad: bool) -> Iterator[Example]:
         except SampleFormatError as e:
             if not skip_bad:
                 raise DataError(f"{e} (pass --skip-bad-shards to skip such samples)") from None
+            if last_good is None and stand_in is not None:
+                last_good = stand_in()
             if last_good is None:
-                raise DataError(f"{e}; no readable sample before it to stand in") from None
+                raise DataError(f"{e}; no readable sample to stand in for it") from None
             ex.sample, ex.loss_weight, ex.bad = last_good, 0.0, True
         ex.raw = None  # free the bytes early
         yield ex
+
+
+def first_readable_sample(spans: Sequence[ShardSpan], skip_bad: bool) -> Optional[ElementSample]:
+    """The first sample of the first readable shard (in `spans` order: a function of the files, so
+    the same in every run): decode's stand-in for a worker that has no readable sample of its own."""
+    reader = ShardReader(spans, skip_bad)
+    try:
+        for span in spans:
+            raw = reader.read(span.start) if span.num_samples else None
+            if raw is not None:
+                try:
+                    return decode_sample(raw)
+                except SampleFormatError:
+                    continue
+    finally:
+        reader.close()
+    return None
 
 
 def choose_task(examples: Iterable[Example], probs: dict, seed: int, epoch: int) -> Iterator[Example]:
@@ -421,6 +534,7 @@ def batch_stats(chunk: Sequence[Example]) -> dict:
         "task_fallbacks": sum(ex.fell_back for ex in chunk if ex.loss_weight > 0),
         "pad_duplicates": sum(ex.loss_weight == 0 and not ex.bad for ex in chunk),
         "bad_samples": sum(ex.bad for ex in chunk),
+        "bad_shards": sum(ex.bad_shard for ex in chunk),  # once per bad shard and epoch over all ranks
         "truncation": trunc.as_dict(),
     }
 
@@ -458,6 +572,7 @@ class TrainStream:
         self.num_image_tokens, self.rank, self.world_size, self.seed = num_image_tokens, rank, world_size, seed
         self.pad_id = _pad_id(tokenizer)
         self.skipped_shards: list[str] = []
+        self.shard_sha256: dict[str, str] = {}  # path -> the manifest's hash, checked as the shard is read
         self.train_shards = self._usable_shards("train")
         self.val_shards = self._usable_shards("val")
         self.num_train_samples = sum(n for _, n in self.train_shards)
@@ -488,8 +603,9 @@ class TrainStream:
         """Mean positions an example takes in a packed row, per enabled task, over the first
         LENGTH_PROBE_SAMPLES train samples: the pipeline's own prompt, fallback and truncation rules."""
         n = min(LENGTH_PROBE_SAMPLES, self.num_train_samples)
-        examples = decode(read_range(lay_out(self.train_shards), WorkerRange(range(n), None, 1),
-                                     self.cfg.skip_bad_shards), self.cfg.skip_bad_shards)
+        spans, skip_bad = lay_out(self.train_shards, self.shard_sha256), self.cfg.skip_bad_shards
+        examples = decode(read_range(spans, WorkerRange(range(n), None, 1), skip_bad), skip_bad,
+                          stand_in=lambda: first_readable_sample(spans, skip_bad))
         totals = {t: 0 for t in self.tasks}
         for ex in examples:
             for task in self.tasks:
@@ -537,6 +653,7 @@ class TrainStream:
                            "(truncated or modified after the build?)")
             if problem is None:
                 usable.append((str(path), entry.num_samples))
+                self.shard_sha256[str(path)] = entry.sha256
                 continue
             msg = f"{path}: shard listed in the manifest {problem}"
             if not self.cfg.skip_bad_shards:
@@ -568,7 +685,7 @@ class TrainStream:
     def _train_plan(self, epoch: int) -> tuple[list[ShardSpan], list[WorkerRange]]:
         shards = list(self.train_shards)
         random.Random(stable_hash(f"shards/{self.seed}/{epoch}")).shuffle(shards)
-        return lay_out(shards), plan_rank(self.num_train_samples, self.rank, self.world_size,
+        return lay_out(shards, self.shard_sha256), plan_rank(self.num_train_samples, self.rank, self.world_size,
                                           self.num_workers, self.batch_size_of(epoch))
 
     def _jobs(self, spans, workers: list[WorkerRange], skip_batches: int, epoch: int, probs: dict,
@@ -590,7 +707,7 @@ class TrainStream:
         stream = read_range(job.spans, job.work, skip_bad)
         stream = shuffle_buffer(stream, job.shuffle_buffer, random.Random(job.shuffle_seed))
         stream = itertools.islice(stream, skip_samples, None)  # resume: before any decoding
-        stream = decode(stream, skip_bad)
+        stream = decode(stream, skip_bad, stand_in=lambda: first_readable_sample(job.spans, skip_bad))
         stream = choose_task(stream, job.probs, job.task_seed, job.task_epoch)
         stream = build_prompts(stream, self.case_captions)
         return tokenize(stream, self.tokenizer, self.cfg.max_seq_len, self.num_image_tokens)
@@ -625,7 +742,7 @@ class TrainStream:
         return {t: 1.0 / len(self.tasks) if t in self.tasks else 0.0 for t in TASKS}
 
     def _val_spans(self) -> list[ShardSpan]:
-        return lay_out(self.val_shards)
+        return lay_out(self.val_shards, self.shard_sha256)
 
     def val_loader(self) -> Iterable[dict]:
         """Held-out batches: the first --val-max-samples val samples (manifest order), split over

@@ -10,12 +10,18 @@ What `build_ds_config` decides so that the JSON can say "auto":
 - `bf16.enabled` from `--precision` (auto: bf16 on CUDA, fp32 on CPU), clipping from `--max-grad-norm`.
 ZeRO checks the gradient norm before every update and, when it is inf/NaN, zeroes the gradients and
 skips the update and the LR step (on all ranks alike, since the check is all-reduced).
+
+Resume loads DeepSpeed's checkpoint files weights-only: DeepSpeed's own checkpoint engine calls
+`torch.load(..., weights_only=False)`, which runs whatever code a planted file carries; the engine's
+`checkpoint_engine` is replaced by `WeightsOnlyLoads`, which keeps its saving and loads with
+`weights_only=True`, allowing only the few DeepSpeed classes its ZeRO-1/2 checkpoints hold.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import pickle
 from pathlib import Path
 from typing import Any, Optional
 
@@ -68,6 +74,61 @@ def build_ds_config(cfg: TrainConfig, precision: str) -> dict:
     return ds
 
 
+class CheckpointFileError(RuntimeError):
+    """A checkpoint file cannot be loaded (refused as unsafe, truncated, unreadable); names the file."""
+
+
+def ds_checkpoint_safe_globals() -> list:
+    """The classes besides tensors and plain containers that DeepSpeed's ZeRO-1/2 checkpoints hold
+    (its optimizer-state files: the loss scaler, the ZeRO stage enum, fragment addresses), found by
+    loading real checkpoints weights-only (fp32, bf16, CPU offload); tests/test_engine.py keeps this honest."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def weights_only_refusal(e: BaseException) -> Optional[str]:
+    """The point of torch.load's message when a weights-only load refused a file, else None."""
+    text = str(e)
+    if not isinstance(e, pickle.UnpicklingError) or "Weights only load failed" not in text:
+        return None
+    detail = text[text.find("WeightsUnpickler error:"):].split("Check the documentation")[0].split(". Please use")[0]
+    return " ".join(detail.split())
+
+
+def load_weights_only(path: str, map_location=None):
+    """torch.load(path, weights_only=True) allowing ds_checkpoint_safe_globals(); errors name the file."""
+    try:
+        with torch.serialization.safe_globals(ds_checkpoint_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # UnpicklingError, EOFError, RuntimeError (zip archive), OSError, ...
+        refusal = weights_only_refusal(e)
+        if refusal is not None:
+            raise CheckpointFileError(
+                f"{path}: refused: it holds objects other than tensors, plain containers and DeepSpeed's own "
+                f"checkpoint classes, and loading them could run code the file carries (not written by this "
+                f"trainer? replaced?) [{refusal}]") from None
+        raise CheckpointFileError(f"{path}: cannot load (truncated or corrupt?): {type(e).__name__}: {e}") from e
+
+
+class WeightsOnlyLoads:
+    """DeepSpeed's configured checkpoint engine with a weights-only `load`; everything else (saving,
+    commit, the writer layout) is the engine's own."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name: str):  # only for what this class does not define
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def load(self, path: str, map_location=None):
+        return load_weights_only(path, map_location)
+
+
 class DeepSpeedEngine(Engine):
     """A DeepSpeed engine seen through the methods the training loop needs."""
 
@@ -75,6 +136,9 @@ class DeepSpeedEngine(Engine):
         self.ds = ds_engine
         self.device = device
         self.dtype = dtype
+        if getattr(ds_engine, "checkpoint_engine", None) is not None and not isinstance(
+                ds_engine.checkpoint_engine, WeightsOnlyLoads):
+            ds_engine.checkpoint_engine = WeightsOnlyLoads(ds_engine.checkpoint_engine)
 
     @property
     def module(self) -> torch.nn.Module:

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from common.io import atomic_path
 from trainer.config import TrainConfig
 from trainer.engines.base import Engine
+from trainer.engines.deepspeed_engine import weights_only_refusal
 from trainer.engines.optim import AppliedStepLR, optimizer_groups, warmup_cosine
 
 TORCH_ENGINE_STATE = "torch_engine_state.pt"  # <save_dir>/<tag>/ of a --engine torch checkpoint
@@ -200,7 +201,11 @@ class TorchEngine(Engine):
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: not a --engine torch checkpoint (a DeepSpeed one? "
                                     "then resume with --engine deepspeed)")
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)  # a planted pickle runs no code
+        except Exception as e:  # refused (not weights only), truncated, unreadable: name the file
+            why = weights_only_refusal(e) or (str(e).splitlines() or [""])[0]
+            raise ValueError(f"{path}: cannot load: {type(e).__name__}: {why}") from e
         if payload.get("format") != TORCH_ENGINE_FORMAT:
             raise ValueError(f"{path}: format {payload.get('format')!r}, expected {TORCH_ENGINE_FORMAT}")
         weights = payload["weights"]
