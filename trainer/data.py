@@ -57,6 +57,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from common.cli import UserError
 from common.io import sha256_file, stable_hash
 from data_prep.shard_format import ElementSample, SampleFormatError, decode_sample
 from models.collate import TrainItem, collate_train
@@ -72,7 +73,7 @@ VAL_TASK_SEED = 0  # val tasks are fixed: the same held-out examples in every ep
 LENGTH_PROBE_SAMPLES = 256
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """A shard or sample cannot be read; the message names the shard file (and sample)."""
 
 
