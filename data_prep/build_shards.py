@@ -748,17 +748,7 @@ def _rejection_message(cfg: BuildConfig, report: SkipReport, num_kept: int, frac
     lines = [f"build rejected{' before decoding any image' if before_images else ''}: {counts} ({limit})",
              f"  Gemini JSON: {', '.join(cfg.gemini_json)}; image root: {cfg.image_root or '-'}; "
              f"GIF frame: {cfg.stage1.gif_frame}"]
-    top = report.top_reasons(3)
-    if top:
-        lines.append("  top skip reasons: " + "; ".join(
-            f"{f} {r}: {n} {'case(s)' if is_case else 'element(s)'}" for f, r, is_case, n, _ in top))
-        field_, reason, _, _, example = top[0]
-        lines.append(f"  e.g. {example.message()}")
-        if field_ == "image_rel_path" and reason == "missing":
-            lines.append(f"  hint: images are looked up under --image-root {cfg.image_root}: is it the "
-                         "folder that holds md_image/?")
-        elif field_ == "image_rel_path" and reason == "bad_frame":
-            lines.append(f"  hint: --gif-frame {cfg.stage1.gif_frame} is beyond these images' frames")
+    lines += report.explain(cfg.image_root, f"--gif-frame {cfg.stage1.gif_frame}")
     lines += [f"  every skip: {out / SKIP_REPORT_FILENAME}; no {MANIFEST_FILENAME} written; finished shards "
               "stay (a rerun keeps them, and rebuilds those whose skipped images are now found)",
               "Fix the input and rerun the same command, or accept such a build with --max-skipped-fraction "

@@ -149,6 +149,23 @@ class SkipReport:
         ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])  # stable: ties keep report order
         return [(f, r, is_case, count, example) for (f, r, is_case), (count, example) in ranked[:n]]
 
+    def explain(self, image_root: Any, frame_hint: str) -> list[str]:
+        """Message lines for a rejected input: the top reasons, an example, and a hint when the top
+        reason points at a wrong image root or GIF frame (`frame_hint` names the frame setting)."""
+        top = self.top_reasons(3)
+        if not top:
+            return []
+        lines = ["  top skip reasons: " + "; ".join(
+            f"{f} {r}: {n} {'case(s)' if is_case else 'element(s)'}" for f, r, is_case, n, _ in top)]
+        field_, reason, _, _, example = top[0]
+        lines.append(f"  e.g. {example.message()}")
+        if field_ == "image_rel_path" and reason == "missing":
+            lines.append(f"  hint: images are looked up under --image-root {image_root}: is it the folder that "
+                         "holds md_image/?")
+        elif field_ == "image_rel_path" and reason == "bad_frame":
+            lines.append(f"  hint: {frame_hint} is beyond these images' frames")
+        return lines
+
     def summary(self) -> dict[str, Any]:
         """Counts only (for the manifest); `to_dict()` has every entry."""
         return {"num_skipped": len(self), "cases_skipped": self.num_cases_skipped(),

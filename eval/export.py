@@ -37,7 +37,7 @@ import torch
 
 from common.cli import UserError, cli_main
 from common.config import parse_config, print_config
-from common.io import atomic_write_json, atomic_write_text
+from common.io import atomic_dir, atomic_write_json, atomic_write_text
 from common.runtime import resolve_device, resolve_dtype
 from models.cond_names import COND_MAP_FILENAME
 from models.exported import EXPORT_INFO_FILE, EXPORT_PREFIX_DIR, EXPORT_README, EXPORT_STAGE1_FILE
@@ -246,11 +246,7 @@ def export_checkpoint(cfg: ExportConfig) -> Path:
         "export_name": out.name,
     }
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_dir(out) as tmp:
         lm.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         prefix.save(tmp / EXPORT_PREFIX_DIR)
@@ -261,16 +257,6 @@ def export_checkpoint(cfg: ExportConfig) -> Path:
             shutil.copyfile(ckpt_dir / TRAIN_CONFIG_FILE, tmp / TRAIN_CONFIG_FILE)
         atomic_write_text(tmp / EXPORT_README, render_readme(info, stage1))
         _default_permissions(tmp)
-        if out.exists():  # --force (checked above)
-            old = out.parent / f".old-{out.name}-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

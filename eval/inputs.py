@@ -255,17 +255,7 @@ def _nothing_usable_message(report: SkipReport, json_paths: Sequence[str], image
     lines = [f"no usable element in the Gemini JSON ({', '.join(map(str, json_paths))}): "
              + (f"all {report.elements_read} element(s) of {report.cases_read} case(s) skipped"
                 if report.elements_read else "it holds no case")]
-    top = report.top_reasons(3)
-    if top:
-        lines.append("  top skip reasons: " + "; ".join(
-            f"{f} {r}: {n} {'case(s)' if is_case else 'element(s)'}" for f, r, is_case, n, _ in top))
-        field_, reason, _, _, example = top[0]
-        lines.append(f"  e.g. {example.message()}")
-        if field_ == "image_rel_path" and reason == "missing":
-            lines.append(f"  hint: images are looked up under --image-root {image_root}: is it the folder that "
-                         "holds md_image/?")
-        elif field_ == "image_rel_path" and reason == "bad_frame":
-            lines.append("  hint: --gif-frame (or the checkpoint's) is beyond these images' frames")
+    lines += report.explain(image_root, "--gif-frame (or the checkpoint's)")
     if report_path is not None:
         lines.append(f"  every skip: {report_path}")
     return "\n".join(lines)

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
 import shutil
 from dataclasses import dataclass, field
@@ -48,7 +47,7 @@ from safetensors import safe_open
 from transformers import AutoConfig
 
 from common.config import config_to_dict
-from common.io import atomic_write_json, atomic_write_text
+from common.io import atomic_dir, atomic_write_json, atomic_write_text
 from data_prep.manifest import Stage1Record
 from models.cond_names import COND_MAP_FILENAME
 from models.prefix_lm import (
@@ -329,10 +328,7 @@ def save_inference_checkpoint(model, tokenizer, cond_map: dict, train_config, ou
     Call on rank 0 only (ZeRO-2 holds full weights everywhere). An existing `out_dir` is replaced.
     """
     out_dir = Path(out_dir)
-    tmp = out_dir.parent / f".tmp-{out_dir.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out_dir) as tmp:
         if hasattr(model.lm, "peft_config"):
             save_adapter(model, tmp)
         else:
@@ -345,16 +341,6 @@ def save_inference_checkpoint(model, tokenizer, cond_map: dict, train_config, ou
         if stage1 is not None:
             atomic_write_json(tmp / STAGE1_IDENTITY_FILE,
                               dataclasses.asdict(stage1) if dataclasses.is_dataclass(stage1) else dict(stage1))
-        if out_dir.exists():  # e.g. `final/` of an earlier, resumed run
-            old = out_dir.parent / f".old-{out_dir.name}-{os.getpid()}"
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
