@@ -39,6 +39,7 @@ work is not counted: it is waste, not model work.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import gc
 import importlib
@@ -52,6 +53,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Literal, Optional, Sequence
@@ -159,6 +161,9 @@ class BenchConfig:
                 "every micro-batch is a timed step, so the optimizer's cost is spread over this many"})
     profile: bool = field(default=False, metadata={
         "help": "mode 4: write a torch.profiler summary (top ops by device time and by host time) next to --out"})
+    sync_debug: bool = field(default=False, metadata={
+        "help": "mode 4, CUDA: after timing, run 2 steps under torch.cuda.set_sync_debug_mode('warn') and list every "
+                "host<->device synchronisation with the project frames that issued it (JSON + a text file next to --out)"})
     out: str = field(default="", metadata={"help": "write the results as JSON here"})
     seed: int = field(default=0, metadata={"help": "seed of the example stream and the weights"})
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -787,6 +792,8 @@ def mode_project(ctx: Context) -> dict:
     result["packed_vs_padded_loss_diff"] = packed_vs_padded(model, groups[0], ctx)
     if cfg.profile:
         result["profile"] = profile_steps(step, batches[:3], ctx)
+    if cfg.sync_debug:
+        result["sync_points"] = sync_points(step, batches[:2], ctx)
     backend = resolve_attn_implementation(cfg.model.attn_implementation, ctx.device)
     loss_impl = resolve_fused_kernels(cfg.model.fused_kernels, ctx.device)
     lora_dtype = next((str(p.dtype).split(".")[-1] for n, p in model.named_parameters() if "lora_A" in n), None)
@@ -886,6 +893,37 @@ def profile_steps(step: Callable[[dict], torch.Tensor], batches: list[dict], ctx
             "device_busy_fraction": None if busy is None else round(busy, 4),
             "top": [{"name": e.key, "self_ms": round(getattr(e, sort) / 1000 / len(batches), 3),
                      "share": round(getattr(e, sort) / total, 4), "calls": e.count} for e in top]}
+
+
+def sync_points(step: Callable[[dict], torch.Tensor], batches: list[dict], ctx: Context) -> dict:
+    """Every host<->device synchronisation inside a few steps, grouped by where the project's code
+    (not torch's) issued it: torch reports each one as a warning in sync-debug mode."""
+    if ctx.device.type != "cuda":
+        return {"skipped": "sync debug mode needs CUDA"}
+    seen: collections.Counter = collections.Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-1]
+                  if "/torch/" not in f.filename and "/warnings.py" not in f.filename][-5:]
+        where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
+        seen[(str(message).splitlines()[0][:100], where)] += 1
+
+    synchronize(ctx.device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record  # restored by catch_warnings
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for b in batches:
+                step(b)
+            synchronize(ctx.device)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    rows = [{"per_step": n / len(batches), "what": what, "where": where} for (what, where), n in seen.most_common()]
+    path = (Path(ctx.cfg.out).with_suffix(".syncs.txt") if ctx.cfg.out
+            else Path(tempfile.gettempdir()) / "train_throughput.syncs.txt")
+    atomic_write_text(path, "".join(f"{r['per_step']:6.1f}/step  {r['what']}\n        {r['where']}\n" for r in rows))
+    return {"file": str(path), "steps": len(batches), "per_step": sum(seen.values()) / len(batches), "points": rows}
 
 
 MODES: dict[int, Callable[[Context], dict]] = {1: mode_seed_like, 2: mode_padded_sdpa,
