@@ -62,6 +62,7 @@ from models.prefix_lm import (
     save_adapter,
 )
 from trainer.config import TrainConfig, load_train_config
+from trainer.distributed import all_gather_objects, barrier, broadcast_object
 
 RESUME_DIRNAME = "resume"
 LATEST_FILE = "latest"
@@ -119,30 +120,8 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
-def _gather_objects(obj) -> list:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        out = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(out, obj)
-        return out
-    return [obj]
-
-
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
 def resume_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / RESUME_DIRNAME
-
-
-def _broadcast_object(obj):
-    """Rank 0's `obj` on every rank."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
-    return obj
 
 
 def _step_of(tag: str) -> Optional[int]:
@@ -168,16 +147,16 @@ def save_resume_checkpoint(engine, output_dir: str | Path, state: TrainerState, 
     tag = f"step-{state.step}"
     if is_main:
         (root / tag / STATE_FILE).unlink(missing_ok=True)
-    _barrier()  # no rank rewrites a file of a checkpoint that still looks complete
+    barrier()  # no rank rewrites a file of a checkpoint that still looks complete
     engine.save(root, tag, client_state={"trainer_state": dataclasses.asdict(state)})
-    rngs = _gather_objects(rng_state())
-    _barrier()  # every rank's engine files are on disk
+    rngs = all_gather_objects(rng_state())
+    barrier()  # every rank's engine files are on disk
     if is_main:
         record = {**dataclasses.asdict(state), "rng": rngs, "files": _checkpoint_files(root / tag)}
         atomic_write_json(root / tag / STATE_FILE, record)  # the completeness marker
         atomic_write_text(root / LATEST_FILE, tag + "\n")  # the commit point
         _prune(root, keep)
-    _barrier()
+    barrier()
     return root / tag
 
 
@@ -281,7 +260,7 @@ def load_resume_checkpoint(engine, output_dir: str | Path, rank: int, world_size
             choice = find_resume_checkpoint(output_dir)
         except CheckpointError as e:
             choice = str(e)
-    choice = _broadcast_object(choice)
+    choice = broadcast_object(choice)
     if isinstance(choice, str):
         raise CheckpointError(choice)
     tag, saved, problems = choice

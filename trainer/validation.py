@@ -111,9 +111,9 @@ def validation_loss(engine, stream, image_gap: bool = False, seed: int = 0) -> d
     rec.update({f"val_loss_{t}": s / n for t, s, n in zip(TASKS, loss_sum, tokens) if n > 0})
     if image_gap:
         mine = torch.stack(gap_rows).double().cpu().numpy() if gap_rows else np.zeros((0, 3, len(TASKS)))
-        rows = np.concatenate(all_gather_objects(mine))
-        rec.update(image_gap_stats(rows, seed=seed))
-        rec["image_gap_seconds"] = max(all_gather_objects(gap_seconds))  # ranks work in parallel
+        gathered = all_gather_objects((mine, gap_seconds))  # one collective for both
+        rec.update(image_gap_stats(np.concatenate([rows for rows, _ in gathered]), seed=seed))
+        rec["image_gap_seconds"] = max(sec for _, sec in gathered)  # ranks work in parallel
     return rec
 
 
