@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM
 
 from models.collate import TrainItem, collate_generation
 from models.cond_names import COND_MAP_FILENAME
-from models.prefix_lm import Stage2Prefix, load_tokenizer
+from models.prefix_lm import Stage2Prefix, embed_with_prefix, load_tokenizer
 from models.tasks import Prompt, tokenize_prompt
 
 # The files of an export besides the Hugging Face ones (config.json, model.safetensors,
@@ -117,11 +117,7 @@ def generate_ids(lm, tokenizer, prefix: Stage2Prefix, prompts: Prompt | Sequence
     batch = {k: (v.to(device) if torch.is_tensor(v) else v)
              for k, v in collate_generation(items, pad_id, prefix.num_image_tokens).items()}
 
-    # The splice: the prefix replaces the embeddings of the prefix slots (row-major == prompt order).
-    embeds = lm.get_input_embeddings()(batch["input_ids"])
-    if "latents" in batch:
-        image = prefix(batch["latents"], batch["cond_ids"], batch.get("block_tokens"))
-        embeds = embeds.masked_scatter(batch["prefix_mask"].unsqueeze(-1), image.to(embeds.dtype))
+    embeds = embed_with_prefix(lm, prefix, batch)  # the same splice as training and evaluation
 
     kwargs = {**DEFAULT_GENERATION, "pad_token_id": pad_id, "eos_token_id": tokenizer.eos_token_id,
               **generate_kwargs}

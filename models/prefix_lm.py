@@ -216,6 +216,21 @@ def _load_strict(module: nn.Module, state: dict, source, skip_prefix: str | None
 # The prefix-LM
 # ---------------------------------------------------------------------------------------------
 
+def embed_with_prefix(lm: nn.Module, prefix: "Stage2Prefix", batch: dict) -> torch.Tensor:
+    """The splice, for training and for an exported model alike: `lm`'s token embeddings of
+    `batch["input_ids"]` with the prefix slots (`prefix_mask`) replaced by `prefix`'s output: [R, L, H]."""
+    embeds = lm.get_input_embeddings()(batch["input_ids"])
+    if batch.get("latents") is None:
+        return embeds
+    out = prefix(batch["latents"], batch["cond_ids"], batch.get("block_tokens"))
+    mask = batch["prefix_mask"]
+    if not mask.is_cuda and int(mask.sum()) != out.shape[0] * out.shape[1]:  # free check on CPU
+        raise ValueError(f"batch has {int(mask.sum())} prefix slots but {out.shape[0]} image examples x "
+                         f"{out.shape[1]} prefix tokens")
+    # Row-major order of the slots == example order == order of `latents`.
+    return embeds.masked_scatter(mask.unsqueeze(-1), out.to(embeds.dtype))
+
+
 class PrefixLMOutput(NamedTuple):
     loss: torch.Tensor             # mean CE over the batch's target tokens (0 if it has none)
     task_loss_sum: torch.Tensor    # [4] summed per-token loss per task (detached), for logging
@@ -257,16 +272,7 @@ class PrefixLM(nn.Module):
     # -- inputs ---------------------------------------------------------------------------------
     def embed(self, batch: dict) -> torch.Tensor:
         """Token embeddings with the prefix slots replaced by the prefix output: [R, L, H]."""
-        embeds = self.base_lm.get_input_embeddings()(batch["input_ids"])
-        if batch.get("latents") is None:
-            return embeds
-        prefix = self.prefix(batch["latents"], batch["cond_ids"], batch.get("block_tokens"))
-        mask = batch["prefix_mask"]
-        if not mask.is_cuda and int(mask.sum()) != prefix.shape[0] * prefix.shape[1]:  # free check on CPU
-            raise ValueError(f"batch has {int(mask.sum())} prefix slots but {prefix.shape[0]} image examples x "
-                             f"{prefix.shape[1]} prefix tokens")
-        # Row-major order of the slots == example order == order of `latents`.
-        return embeds.masked_scatter(mask.unsqueeze(-1), prefix.to(embeds.dtype))
+        return embed_with_prefix(self.base_lm, self.prefix, batch)
 
     def _decoder_kwargs(self, batch: dict) -> dict:
         kw = {"position_ids": batch["position_ids"], "use_cache": False}
