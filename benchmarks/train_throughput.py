@@ -90,7 +90,9 @@ from models.tasks import (
     tokenize_prompt,
 )
 from tiny_models.lm import make_tiny_lm
+from trainer.batch_tokens import AUTO_MAX_TOKENS, probe_batch_tokens
 from trainer.config import TrainConfig, resolve_ds_config_path
+from trainer.data import DEFAULT_AUTO_MEMORY_FRACTION, DEFAULT_BATCH_TOKENS
 from trainer.distributed import init_distributed, is_initialized
 from trainer.engines import build_engine
 from trainer.gc_steps import StepAlignedGC
@@ -117,8 +119,10 @@ class BenchConfig:
         "help": "modes to run: 1 seed-like, 2 padded SDPA, 3 packed off-the-shelf, 4 project"})
     steps: int = field(default=10, metadata={"help": "timed steps per mode"})
     warmup_steps: int = field(default=3, metadata={"help": "untimed steps before timing"})
-    token_budget: int = field(default=4096, metadata={
-        "help": "packed modes (3, 4): examples are packed into one row up to this many tokens"})
+    token_budget: str = field(default="auto", metadata={
+        "help": "packed modes (3, 4): examples are packed into one row up to this many tokens; auto = mode 4 "
+                "probes the largest row that fits, as the trainer's --batch-tokens auto (mode 3 and CPU runs: "
+                f"{DEFAULT_BATCH_TOKENS})"})
     batch_size: int = field(default=0, metadata={
         "help": "packed modes (3, 4): a fixed number of examples per row (the trainer's "
                 "--batch-size); overrides --token-budget when > 0"})
@@ -168,14 +172,25 @@ class BenchConfig:
     seed: int = field(default=0, metadata={"help": "seed of the example stream and the weights"})
     model: ModelConfig = field(default_factory=ModelConfig)
 
+    @property
+    def auto_budget(self) -> bool:
+        return self.batch_size <= 0 and self.token_budget.strip().lower() == "auto"
+
+    @property
+    def fixed_budget(self) -> int:
+        """The row budget of mode 3 (and of mode 4 unless it probes one)."""
+        return DEFAULT_BATCH_TOKENS if self.token_budget.strip().lower() == "auto" else int(self.token_budget)
+
     def validate(self) -> None:
         bad = sorted(set(self.modes) - set(MODE_NAMES))
         if bad or not self.modes:
             raise ValueError(f"--modes: unknown mode(s) {bad}; choose from {sorted(MODE_NAMES)}")
         if self.steps < 1 or self.warmup_steps < 0:
             raise ValueError("--steps must be >= 1 and --warmup-steps >= 0")
-        if self.batch_size <= 0 and self.token_budget < self.max_seq_len:
-            raise ValueError(f"--token-budget ({self.token_budget}) must hold one example "
+        if self.token_budget.strip().lower() != "auto" and not self.token_budget.strip().isdigit():
+            raise ValueError(f"--token-budget must be 'auto' or a number of tokens (got {self.token_budget!r})")
+        if self.batch_size <= 0 and self.fixed_budget < self.max_seq_len:
+            raise ValueError(f"--token-budget ({self.fixed_budget}) must hold one example "
                              f"(--max-seq-len {self.max_seq_len})")
         if sum(bool(x) for x in (self.gemini_json, self.shard_dir, self.lengths_file)) > 1:
             raise ValueError("give at most one of --gemini-json, --shard-dir, --lengths-file")
@@ -701,7 +716,7 @@ def run_baseline_mode(ctx: Context, attn: str, batch_size: int, packed: bool, pa
                       liger: bool, model=None) -> tuple[dict, nn.Module]:
     cfg, n_img = ctx.cfg, ctx.cfg.model.num_image_tokens
     if packed:
-        groups = pack_groups(ctx.stream, ctx.n_steps, n_img, cfg.token_budget, cfg.batch_size)
+        groups = pack_groups(ctx.stream, ctx.n_steps, n_img, cfg.fixed_budget, cfg.batch_size)
     else:
         groups = [ctx.stream[i * batch_size:(i + 1) * batch_size] for i in range(ctx.n_steps)]
     batches = [batch_to_device(baseline_batch(g, ctx.pad_id, n_img, packed, pad_to), ctx.device)
@@ -772,14 +787,21 @@ def mode_packed_offshelf(ctx: Context) -> dict:
 
 
 def _packing_desc(cfg: BenchConfig) -> str:
-    return f"{cfg.batch_size} examples/row" if cfg.batch_size > 0 else f"<= {cfg.token_budget} tokens/row"
+    return f"{cfg.batch_size} examples/row" if cfg.batch_size > 0 else f"<= {cfg.fixed_budget} tokens/row"
 
 
 def mode_project(ctx: Context) -> dict:
     free_memory(ctx.device)
     cfg, n_img = ctx.cfg, ctx.cfg.model.num_image_tokens
-    groups = pack_groups(ctx.stream, ctx.n_steps, n_img, cfg.token_budget, cfg.batch_size)
     model, _ = build_project(cfg, ctx.model_dir, ctx.device)
+    budget, probe = cfg.fixed_budget, None
+    if cfg.auto_budget and ctx.device.type == "cuda":
+        probe = probe_batch_tokens(model, seq_len=cfg.max_seq_len, num_image_tokens=n_img, latent_dim=LATENT_DIM,
+                                   vocab_size=ctx.hf_config.vocab_size, pad_id=ctx.pad_id, device=ctx.device,
+                                   dtype=ctx.dtype, memory_fraction=DEFAULT_AUTO_MEMORY_FRACTION)
+        budget = probe.tokens
+        free_memory(ctx.device)
+    groups = pack_groups(ctx.stream, ctx.n_steps, n_img, budget, cfg.batch_size)
     batches = [batch_to_device(project_batch(g, ctx.pad_id, n_img), ctx.device) for g in groups]
     n_params = sum(p.numel() for p in model.parameters())
     engine_name = resolve_step_engine(cfg.step_engine)
@@ -797,9 +819,11 @@ def mode_project(ctx: Context) -> dict:
     backend = resolve_attn_implementation(cfg.model.attn_implementation, ctx.device)
     loss_impl = resolve_fused_kernels(cfg.model.fused_kernels, ctx.device)
     lora_dtype = next((str(p.dtype).split(".")[-1] for n, p in model.named_parameters() if "lora_A" in n), None)
+    result.update(token_budget=budget, token_budget_probe=probe.record() if probe else None)
     result.update(attn_implementation=backend, fused_kernels=loss_impl, step_engine=engine_name,
                   fused_lora=cfg.model.fused_lora, lora_dtype=lora_dtype, checkpointed_layers=ckpt_layers,
-                  label=f"build_prefix_lm + collate_train packed ({_packing_desc(cfg)}), attention "
+                  label=f"build_prefix_lm + collate_train packed (<= {budget} tokens/row{' (probed)' if probe else ''}"
+                        f"{f', {cfg.batch_size} examples/row' if cfg.batch_size > 0 else ''}), attention "
                         f"{backend!r}, kernels {loss_impl!r}, LoRA {lora_dtype}"
                         f"{' fused' if cfg.model.fused_lora else ''} dropout {cfg.model.lora_dropout}, "
                         + ("DeepSpeed ZeRO-2 engine" if engine_name == "deepspeed" else "torch engine")
@@ -970,7 +994,8 @@ def stream_size(cfg: BenchConfig, pool: list[Example]) -> int:
     """Enough examples for the largest consumer (mode 2's biggest batch or a packed mode)."""
     n_steps = cfg.warmup_steps + cfg.steps
     mean_len = statistics.fmean(e.length(cfg.model.num_image_tokens) for e in pool)
-    per_row = cfg.batch_size if cfg.batch_size > 0 else math.ceil(cfg.token_budget / max(1.0, min(
+    budget = AUTO_MAX_TOKENS if cfg.auto_budget else cfg.fixed_budget
+    per_row = cfg.batch_size if cfg.batch_size > 0 else math.ceil(budget / max(1.0, min(
         e.length(cfg.model.num_image_tokens) for e in pool)))
     return n_steps * max(max(cfg.padded_batch_sizes), per_row, 1) + int(mean_len)
 

@@ -18,7 +18,8 @@ Two training layouts:
 
 Besides the keys of the contract, a training batch carries `loss_index` (Long [num_target_tokens]:
 flat indices over R*L of the positions whose next token is a target, i.e. the only hidden states
-the loss reads, computed here so the model needs no device sync), `task_counts` (Long [4],
+the loss reads, computed here so the model needs no device sync), `prefix_index` (Long
+[num_prefix_slots]: flat indices of the prefix slots, for the same reason; generation batches too), `task_counts` (Long [4],
 examples per task) and `keys` (sample keys, for logging). `batch_to_device` moves a batch.
 
 Generation uses LEFT padding (so that new tokens are appended at the same column for all rows)
@@ -102,6 +103,13 @@ def _loss_index(labels: torch.Tensor) -> torch.Tensor:
     return predicts_target.reshape(-1).nonzero().squeeze(1)
 
 
+def _prefix_index(prefix_mask: torch.Tensor) -> torch.Tensor:
+    """Flat indices (over R*L) of the prefix slots, row-major (= example order): the splice
+    writes the prefix there with `index_copy`, whose backward is a gather (a `masked_scatter`'s
+    backward runs a device-side `masked_select` and syncs)."""
+    return prefix_mask.reshape(-1).nonzero().squeeze(1)
+
+
 def _counts(items: Sequence[TrainItem], labels: torch.Tensor, real: int) -> dict:
     task_counts = torch.zeros(len(TASKS), dtype=torch.long)
     for it in items:
@@ -166,6 +174,7 @@ def collate_train(items: Sequence[TrainItem], pad_id: int, num_image_tokens: int
             mask[i, :n] = 1
         batch["attention_mask"] = mask
     batch["loss_index"] = _loss_index(labels)
+    batch["prefix_index"] = _prefix_index(prefix_mask)
     batch.update(_image_tensors(items))
     batch.update(_counts(items, labels, real))
     return batch
@@ -193,6 +202,7 @@ def collate_generation(items: Sequence[TrainItem], pad_id: int, num_image_tokens
         task_ids[i, c:] = TASK_IDS[it.example.task]
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
              "prefix_mask": prefix_mask, "task_ids": task_ids,
+             "prefix_index": _prefix_index(prefix_mask),
              "num_examples": rows, "keys": [it.key for it in items]}
     batch.update(_image_tensors(items))
     return batch

@@ -43,7 +43,7 @@ PREFIX_WEIGHTS = "stage2_prefix_modules.safetensors"
 PREFIX_CONFIG = "prefix_config.json"
 SEED_PREFIX_WEIGHTS = "stage2_prefix_modules.pt"
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-FUSED_CHOICES = ("auto", "none", "chunked", "liger")
+FUSED_CHOICES = ("auto", "none", "chunked", "liger", "liger_flce")
 # E[gelu(z)^2] for z ~ N(0, 1): sets the output projection's init so the prefix matches the
 # LM's embedding scale.
 _GELU_SECOND_MOMENT = 0.4252
@@ -75,10 +75,12 @@ class ModelConfig:
         "help": "training packs every LoRA weight into one trainable tensor (models.flat_lora), so the engine "
                 "(DeepSpeed's per-tensor hooks, checks and norms) handles 1 tensor instead of ~450; needs "
                 "--fused-lora; adapter files stay standard PEFT"})
-    fused_kernels: Literal["auto", "none", "chunked", "liger"] = field(
+    fused_kernels: Literal["auto", "none", "chunked", "liger", "liger_flce"] = field(
         default="auto", metadata={"help": "loss/kernels: none = full logits + cross-entropy (HF-equivalent); chunked = "
-                                           "exact chunked linear+CE (portable); liger = Liger Triton kernels (fused linear+CE, "
-                                           "RoPE, RMSNorm, SwiGLU; CUDA). auto: liger if installed on CUDA, else chunked"})
+                                           "exact chunked linear+CE (portable); liger = Liger Triton kernels for RoPE, "
+                                           "RMSNorm, SwiGLU (CUDA) + the chunked linear+CE, which never syncs with the "
+                                           "host; liger_flce = the same with Liger's fused linear+CE (two host syncs per "
+                                           "step). auto: liger if installed on CUDA, else chunked"})
     ce_chunk_size: int = field(default=2048, metadata={"help": "tokens per chunk of the chunked linear+cross-entropy"})
 
     def validate(self) -> None:
@@ -223,12 +225,17 @@ def embed_with_prefix(lm: nn.Module, prefix: "Stage2Prefix", batch: dict) -> tor
     if batch.get("latents") is None:
         return embeds
     out = prefix(batch["latents"], batch["cond_ids"], batch.get("block_tokens"))
-    mask = batch["prefix_mask"]
-    if not mask.is_cuda and int(mask.sum()) != out.shape[0] * out.shape[1]:  # free check on CPU
-        raise ValueError(f"batch has {int(mask.sum())} prefix slots but {out.shape[0]} image examples x "
+    mask, index = batch["prefix_mask"], batch.get("prefix_index")
+    slots = index.numel() if index is not None else (None if mask.is_cuda else int(mask.sum()))
+    if slots is not None and slots != out.shape[0] * out.shape[1]:  # host-known count: a free check
+        raise ValueError(f"batch has {slots} prefix slots but {out.shape[0]} image examples x "
                          f"{out.shape[1]} prefix tokens")
     # Row-major order of the slots == example order == order of `latents`.
-    return embeds.masked_scatter(mask.unsqueeze(-1), out.to(embeds.dtype))
+    out = out.to(embeds.dtype).reshape(-1, embeds.shape[-1])
+    if index is None:  # a batch from elsewhere: masked_scatter (its backward syncs on CUDA)
+        return embeds.masked_scatter(mask.unsqueeze(-1), out)
+    # index_copy's backward is index_select: no device sync in the step (collate made the index)
+    return embeds.reshape(-1, embeds.shape[-1]).index_copy(0, index, out).view(embeds.shape)
 
 
 class PrefixLMOutput(NamedTuple):
@@ -248,8 +255,8 @@ class PrefixLM(nn.Module):
     def __init__(self, lm: nn.Module, prefix: Stage2Prefix, loss_impl: str = "chunked",
                  ce_chunk_size: int = kernels.DEFAULT_CHUNK_SIZE):
         super().__init__()
-        if loss_impl not in ("none", "chunked", "liger"):
-            raise ValueError(f"loss_impl {loss_impl!r}; choices: none, chunked, liger")
+        if loss_impl not in ("none", "chunked", "liger", "liger_flce"):
+            raise ValueError(f"loss_impl {loss_impl!r}; choices: none, chunked, liger, liger_flce")
         self.lm = lm
         self.prefix = prefix
         self.loss_impl = loss_impl
@@ -286,9 +293,9 @@ class PrefixLM(nn.Module):
     def _per_token_ce(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         head = self.base_lm.get_output_embeddings()
         weight, bias = head.weight, getattr(head, "bias", None)
-        if self.loss_impl == "liger":
+        if self.loss_impl == "liger_flce":
             return kernels.liger_linear_cross_entropy(hidden, weight, labels, bias)
-        if self.loss_impl == "chunked":
+        if self.loss_impl in ("chunked", "liger"):  # liger: Liger's layer kernels, this loss
             return kernels.linear_cross_entropy(hidden, weight, labels, self.ce_chunk_size, bias)
         return kernels.reference_cross_entropy(hidden, weight, labels, bias)
 
@@ -368,11 +375,11 @@ def resolve_fused_kernels(name: str, device: torch.device, model_type: str | Non
     arch_ok = model_type is None or kernels.has_fused_kernels(model_type)
     if name == "auto":
         return "liger" if liger_ok and arch_ok else "chunked"
-    if name == "liger" and not arch_ok:
-        raise ValueError(f"fused_kernels='liger': no Liger kernels for model_type {model_type!r} (have: "
+    if name in ("liger", "liger_flce") and not arch_ok:
+        raise ValueError(f"fused_kernels={name!r}: no Liger kernels for model_type {model_type!r} (have: "
                          f"{', '.join(sorted(kernels.LIGER_PATCHES))}); use 'auto' or 'chunked'")
-    if name == "liger" and not liger_ok:
-        raise RuntimeError("fused_kernels='liger' needs liger_kernel installed and a CUDA device")
+    if name in ("liger", "liger_flce") and not liger_ok:
+        raise RuntimeError(f"fused_kernels={name!r} needs liger_kernel installed and a CUDA device")
     return name
 
 
@@ -469,7 +476,7 @@ def wrap_lm(lm: nn.Module, cfg: ModelConfig, latent_dim: int, num_classes: int =
         log.info("%s: no fused kernels for this architecture; using the portable path (attention %s, loss %s, "
                  "no Liger patch)", model_type, backend, loss_impl)
     lm.config._attn_implementation = attn.hf_attn_name(backend)
-    if loss_impl == "liger":
+    if loss_impl in ("liger", "liger_flce"):
         kernels.apply_liger_kernels(lm)  # before PEFT, so LoRA wraps the patched modules
     if cfg.use_lora:
         _warn_unmatched_lora_targets(lm, cfg.lora_target_modules)

@@ -95,6 +95,7 @@ class TrainerState:
     truncation: dict = field(default_factory=dict)  # running TruncationStats.as_dict(), all ranks
     world_size: int = 1
     seed: int = 0
+    batch_tokens: int = 0  # the budget --batch-tokens resolved to (auto: probed once, reused on resume)
 
 
 def rng_state() -> dict:
@@ -238,6 +239,19 @@ def find_resume_checkpoint(output_dir: str | Path) -> tuple[Optional[str], Optio
         raise CheckpointError(f"{root}: no usable resume checkpoint: " + "; ".join(problems)
                               + ". Repair or remove them, or start over without --resume")
     return None, None, problems
+
+
+def resumed_batch_tokens(output_dir: str | Path, rank: int) -> Optional[int]:
+    """Collective. The token budget the checkpoint --resume will continue from recorded (None when
+    there is none, or it predates the record): a run keeps its data plan on another GPU."""
+    saved = None
+    if rank == 0:
+        try:
+            saved = find_resume_checkpoint(output_dir)[1]
+        except CheckpointError:
+            saved = None  # load_resume_checkpoint reports it
+    value = broadcast_object((saved or {}).get("batch_tokens"))
+    return int(value) if value else None
 
 
 def latest_resume_tag(output_dir: str | Path) -> Optional[str]:

@@ -71,6 +71,8 @@ VAL_TASK_SEED = 0  # val tasks are fixed: the same held-out examples in every ep
 # --batch-tokens: example lengths are measured on this many train samples (manifest order, so every
 # rank measures the same ones and derives the same batch sizes)
 LENGTH_PROBE_SAMPLES = 256
+DEFAULT_BATCH_TOKENS = 4096  # --batch-tokens auto where no GPU is probed (CPU)
+DEFAULT_AUTO_MEMORY_FRACTION = 0.85
 
 
 class DataError(UserError, RuntimeError):
@@ -81,7 +83,8 @@ class DataError(UserError, RuntimeError):
 class DataConfig:
     shard_dir: str = field(default="", metadata={"help": "directory built by python -m data_prep.build_shards (shards, cases.jsonl, manifest.json)"})
     batch_size: int = field(default=0, metadata={"help": "examples per micro-batch per GPU, fixed (packed into one row by default); 0 = derived from --batch-tokens for each schedule phase"})
-    batch_tokens: int = field(default=4096, metadata={"help": "token budget of a micro-batch per GPU (image prefixes included), used when --batch-size is 0: each schedule phase gets the number of examples per micro-batch whose mean length, measured on the first train samples with this tokenizer, fills the budget, and --balance-window evens the tokens across batches. Peak memory grows with the budget (README.md's Performance section has measured figures)"})
+    batch_tokens: str = field(default="auto", metadata={"help": "token budget of a micro-batch per GPU (image prefixes included), used when --batch-size is 0: each schedule phase gets the number of examples per micro-batch whose mean length, measured on the first train samples with this tokenizer, fills the budget, and --balance-window evens the tokens across batches. auto = on a GPU the largest budget whose probed peak memory fits --auto-memory-fraction of the GPU (a short forward/backward probe at start-up, logged in the start record and kept for --resume), on CPU 4096; or a number. Peak memory grows with the budget (README.md's Performance section has measured figures)"})
+    auto_memory_fraction: float = field(default=DEFAULT_AUTO_MEMORY_FRACTION, metadata={"help": "--batch-tokens auto: the share of the GPU's memory the probed peak may reach"})
     num_workers: int = field(default=2, metadata={"help": "data-loader worker processes per GPU (0 = load in the training process)"})
     shuffle_buffer: int = field(default=1000, metadata={"help": "samples each worker holds in its shuffle buffer (<= 1 = no shuffling inside a worker)"})
     max_seq_len: int = field(default=256, metadata={"help": "max positions per example, image prefix included; longer ones are truncated (counted per task)"})
@@ -90,12 +93,25 @@ class DataConfig:
     skip_bad_shards: bool = field(default=False, metadata={"help": "log and skip missing/truncated shards, shards whose sha256 does not match the manifest, and unreadable samples (counted in train_log.jsonl: bad_shards, bad_samples) instead of stopping with an error"})
     val_max_samples: int = field(default=256, metadata={"help": "held-out loss is computed on at most this many val samples (0 = off)"})
 
+    def fixed_batch_tokens(self) -> Optional[int]:
+        """--batch-tokens as a number, or None for auto."""
+        text = str(self.batch_tokens).strip().lower()
+        if text == "auto":
+            return None
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"--batch-tokens must be 'auto' or a whole number of tokens (got {self.batch_tokens!r})") from None
+
     def validate(self) -> None:
         if self.batch_size < 0:
             raise ValueError(f"--batch-size must be >= 1, or 0 for --batch-tokens (got {self.batch_size})")
-        if self.batch_size == 0 and self.batch_tokens < self.max_seq_len:
-            raise ValueError(f"--batch-tokens ({self.batch_tokens}) must be >= --max-seq-len ({self.max_seq_len}) "
+        fixed = self.fixed_batch_tokens()
+        if self.batch_size == 0 and fixed is not None and fixed < self.max_seq_len:
+            raise ValueError(f"--batch-tokens ({fixed}) must be >= --max-seq-len ({self.max_seq_len}) "
                              "so that a micro-batch holds its longest example (or pass a fixed --batch-size)")
+        if not 0.1 <= self.auto_memory_fraction <= 0.98:
+            raise ValueError(f"--auto-memory-fraction must be in [0.1, 0.98] (got {self.auto_memory_fraction})")
         if self.num_workers < 0:
             raise ValueError(f"--num-workers must be >= 0 (got {self.num_workers})")
         if self.balance_window < 1:
@@ -565,11 +581,14 @@ class TrainStream:
     """The train (and val) batches of one rank. See the module docstring for the design."""
 
     def __init__(self, manifest, shard_dir, tokenizer, data_cfg: DataConfig, phases: Sequence[Phase],
-                 num_image_tokens: int, rank: int, world_size: int, seed: int):
+                 num_image_tokens: int, rank: int, world_size: int, seed: int, batch_tokens: Optional[int] = None):
+        """`batch_tokens`: the budget --batch-tokens resolved to (trainer.batch_tokens); None = the
+        configured number, or DEFAULT_BATCH_TOKENS for auto."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.manifest, self.shard_dir = manifest, Path(shard_dir)
         self.tokenizer, self.cfg, self.phases = tokenizer, data_cfg, list(phases)
+        self.batch_tokens = batch_tokens or data_cfg.fixed_batch_tokens() or DEFAULT_BATCH_TOKENS
         self.num_image_tokens, self.rank, self.world_size, self.seed = num_image_tokens, rank, world_size, seed
         self.pad_id = _pad_id(tokenizer)
         self.skipped_shards: list[str] = []
@@ -598,7 +617,7 @@ class TrainStream:
             return self.cfg.batch_size
         mean = sum(p * self.task_lengths[t] for t, p in probs.items() if p > 0) / max(1e-12, sum(
             p for t, p in probs.items() if p > 0))
-        return max(1, int(self.cfg.batch_tokens // max(1.0, mean)))
+        return max(1, int(self.batch_tokens // max(1.0, mean)))
 
     def _probe_task_lengths(self) -> dict[str, float]:
         """Mean positions an example takes in a packed row, per enabled task, over the first
@@ -615,7 +634,7 @@ class TrainStream:
                                       self.cfg.max_seq_len, self.num_image_tokens))
                 totals[task] += example_tokens(probe, self.num_image_tokens + 1)
         lengths = {t: total / n for t, total in totals.items()}
-        log.info("--batch-tokens %d: mean example length over %d train samples: %s", self.cfg.batch_tokens, n,
+        log.info("--batch-tokens %d: mean example length over %d train samples: %s", self.batch_tokens, n,
                  ", ".join(f"{t} {v:.1f}" for t, v in lengths.items()))
         return lengths
 

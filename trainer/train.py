@@ -26,11 +26,12 @@ from common.cli import cli_main
 from common.config import print_config, save_config
 from common.io import sha256_file, stable_hash
 from common.log import setup_logging
-from common.runtime import seed_everything
+from common.runtime import resolve_dtype, seed_everything
 from data_prep.manifest import check_stage1_compatible, load_manifest
 from models.prefix_lm import build_prefix_lm
 from models.stage1 import load_stage1_encoder
-from trainer.checkpoint import TRAIN_CONFIG_FILE, TrainerState
+from trainer.batch_tokens import BatchTokensChoice, resolve_batch_tokens
+from trainer.checkpoint import TRAIN_CONFIG_FILE, TrainerState, resumed_batch_tokens
 from trainer.checkpointer import Checkpointer
 from trainer.config import TrainConfig, parse_train_config
 from trainer.data import TrainStream
@@ -90,6 +91,16 @@ class StepPlan:
         return len(self.batches_per_epoch)
 
 
+def choose_batch_tokens(cfg: TrainConfig, model, tokenizer, manifest, dist: DistInfo) -> BatchTokensChoice:
+    """--batch-tokens resolved (trainer/batch_tokens.py); a resumed run keeps its recorded budget."""
+    resumed = resumed_batch_tokens(cfg.checkpoint.output_dir, dist.rank) if cfg.checkpoint.resume else None
+    return resolve_batch_tokens(
+        cfg.data, model, dist.device, resolve_dtype(cfg.model.precision, dist.device), resumed,
+        seq_len=cfg.data.max_seq_len, num_image_tokens=cfg.model.num_image_tokens,
+        latent_dim=manifest.stage1.latent_dim, pad_id=tokenizer.pad_token_id,
+        vocab_size=min(len(tokenizer), model.base_lm.get_input_embeddings().num_embeddings))
+
+
 def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
     """Dropout RNG of one micro-batch: a pure function of its position, so resume is exact
     regardless of how many random numbers anything else (data loader start-up) drew."""
@@ -112,17 +123,20 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainerState:
     seed_everything(cfg.seed)
     manifest = check_shards(cfg)
     model, tokenizer = build_model(cfg, manifest, dist.device)
+    budget = choose_batch_tokens(cfg, model, tokenizer, manifest, dist)
     phases = build_phases(cfg.schedule)
     stream = TrainStream(manifest, cfg.data.shard_dir, tokenizer, cfg.data, phases, cfg.model.num_image_tokens,
-                         dist.rank, dist.world_size, cfg.seed)
+                         dist.rank, dist.world_size, cfg.seed, batch_tokens=budget.tokens)
     plan = StepPlan.of(stream, phases, cfg)
     engine = build_engine(model, cfg, plan.total_steps, dist.device)
     checkpointer = Checkpointer(cfg, dist, engine, tokenizer, manifest.cond_name_to_id, stage1=manifest.stage1)
     state = checkpointer.resume()
+    state.batch_tokens = budget.tokens
     runlog = RunLog(cfg, dist)
     runlog.write("start", state.step, {"total_steps": plan.total_steps, "steps_per_epoch": plan.steps_per_epoch,
                                        "batches_per_epoch": plan.batches_per_epoch,
-                                       "batch_size_per_phase": stream.phase_batch_sizes, "world_size": dist.world_size})
+                                       "batch_size_per_phase": stream.phase_batch_sizes, "world_size": dist.world_size,
+                                       **budget.record()})
     skips = SkippedSteps(state, cfg.checkpoint.max_nan_steps, checkpointer.out_dir)
     validator = Validator(cfg, engine, stream, runlog, plan.total_steps)
     samples = SampleLogger(cfg, dist, engine, tokenizer, stream, runlog)
