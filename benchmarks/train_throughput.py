@@ -72,6 +72,7 @@ from benchmarks.make_random_model import Shape, shape_config
 from common.config import parse_config, print_config
 from common.io import atomic_write_json, atomic_write_text
 from common.log import setup_logging
+from common.runtime import configure_cuda_allocator
 from data_prep.gemini import load_gemini_json
 from data_prep.shard_format import CASES_FILENAME, decode_sample
 from data_prep.synthetic import generate
@@ -1001,7 +1002,8 @@ def stream_size(cfg: BenchConfig, pool: list[Example]) -> int:
 
 
 def environment(device: torch.device) -> dict:
-    env = {"python": sys.version.split()[0], "torch": torch.__version__, "device": str(device)}
+    env = {"python": sys.version.split()[0], "torch": torch.__version__, "device": str(device),
+           "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     for mod in ("transformers", "peft", "liger_kernel", "flash_attn", "triton"):
@@ -1106,6 +1108,7 @@ def run(cfg: BenchConfig) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_config(BenchConfig, argv)
+    configure_cuda_allocator()  # as the trainer does
     print_config(cfg)
     report = run(cfg)
     if "markdown" not in report:  # --write-lengths: nothing was timed

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -79,18 +79,21 @@ def _peak_bytes(model: torch.nn.Module, batch: dict, device: torch.device, dtype
 
 def probe_batch_tokens(model: torch.nn.Module, *, seq_len: int, num_image_tokens: int, latent_dim: int,
                        vocab_size: int, pad_id: int, device: torch.device, dtype: torch.dtype,
-                       memory_fraction: float) -> BatchTokensChoice:
+                       memory_fraction: float, total_bytes: Optional[int] = None,
+                       peak_bytes: Callable[[torch.nn.Module, dict, torch.device, torch.dtype], int] = _peak_bytes,
+                       ) -> BatchTokensChoice:
     """The largest budget (a multiple of AUTO_ROUND, <= AUTO_MAX_TOKENS) whose probed peak plus the
-    engine's state fits `memory_fraction` of this GPU."""
+    engine's state fits `memory_fraction` of this GPU (`total_bytes`; `peak_bytes` measures one
+    forward/backward: both replaceable, for tests)."""
     model.to(dtype)
     model.train()
-    total = torch.cuda.get_device_properties(device).total_memory
+    total = total_bytes or torch.cuda.get_device_properties(device).total_memory
     target = memory_fraction * total
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     engine_bytes = trainable * ENGINE_BYTES_PER_TRAINABLE
     make = lambda n: probe_batch(n, seq_len, num_image_tokens, latent_dim, vocab_size, pad_id)  # noqa: E731
     t1, t2 = 4 * seq_len, 16 * seq_len
-    p1, p2 = _peak_bytes(model, make(t1), device, dtype), _peak_bytes(model, make(t2), device, dtype)
+    p1, p2 = peak_bytes(model, make(t1), device, dtype), peak_bytes(model, make(t2), device, dtype)
     per_token = max(1.0, (p2 - p1) / (t2 - t1))
     static = p1 - per_token * t1
     tokens = int((target - engine_bytes - static) / per_token) // AUTO_ROUND * AUTO_ROUND
@@ -102,7 +105,7 @@ def probe_batch_tokens(model: torch.nn.Module, *, seq_len: int, num_image_tokens
             "use a sharded engine, --gradient-checkpointing or a smaller --max-seq-len")
     checked = None
     for _ in range(4):
-        checked = _peak_bytes(model, make(tokens), device, dtype)
+        checked = peak_bytes(model, make(tokens), device, dtype)
         if checked + engine_bytes <= target or tokens <= seq_len:
             break
         tokens = max(seq_len, int(tokens * 0.9) // AUTO_ROUND * AUTO_ROUND)
