@@ -124,6 +124,9 @@ class BenchConfig:
         "help": "packed modes (3, 4): examples are packed into one row up to this many tokens; auto = mode 4 "
                 "probes the largest row that fits, as the trainer's --batch-tokens auto (mode 3 and CPU runs: "
                 f"{DEFAULT_BATCH_TOKENS})"})
+    auto_memory_fraction: float = field(default=DEFAULT_AUTO_MEMORY_FRACTION, metadata={
+        "help": "--token-budget auto: the share of the GPU's memory the probed peak may reach (the trainer's "
+                "--auto-memory-fraction)"})
     batch_size: int = field(default=0, metadata={
         "help": "packed modes (3, 4): a fixed number of examples per row (the trainer's "
                 "--batch-size); overrides --token-budget when > 0"})
@@ -566,8 +569,9 @@ def torch_stepper(loss_fn: Callable[[dict], torch.Tensor], opt: torch.optim.Opti
 
 class PhaseTimer:
     """Where a step's time goes, without syncing: host time to issue each phase (perf_counter) and
-    device time between the phase's markers (CUDA events, read after the final sync). A phase whose
-    device time ~ its host time ran host-bound: the GPU waited for the Python that launches it."""
+    device time between the phase's markers (CUDA events, read after the final sync). The host may
+    run ahead in one phase and spend its lead in the next (a full launch queue blocks it), so the
+    step's totals decide: host below device = GPU-bound; equal = the GPU waited for the Python."""
 
     PHASES = ("forward", "backward", "step")
 
@@ -605,6 +609,12 @@ class PhaseTimer:
             if self.events:
                 row["device_ms"] = round(statistics.fmean(ev[i].elapsed_time(ev[i + 1]) for ev in self.events), 2)
             out[phase] = row
+        if out and all("device_ms" in r for r in out.values()):
+            # Per phase, the host may run ahead in one (forward) and spend the lead in the next; the
+            # whole step says who waits: host below device = the GPU is the bottleneck.
+            host, device = sum(r["host_ms"] for r in out.values()), sum(r["device_ms"] for r in out.values())
+            out["step_total"] = {"host_ms": round(host, 2), "device_ms": round(device, 2),
+                                 "gpu_bound": host < device}
         return out
 
 
@@ -799,7 +809,7 @@ def mode_project(ctx: Context) -> dict:
     if cfg.auto_budget and ctx.device.type == "cuda":
         probe = probe_batch_tokens(model, seq_len=cfg.max_seq_len, num_image_tokens=n_img, latent_dim=LATENT_DIM,
                                    vocab_size=ctx.hf_config.vocab_size, pad_id=ctx.pad_id, device=ctx.device,
-                                   dtype=ctx.dtype, memory_fraction=DEFAULT_AUTO_MEMORY_FRACTION)
+                                   dtype=ctx.dtype, memory_fraction=cfg.auto_memory_fraction)
         budget = probe.tokens
         free_memory(ctx.device)
     groups = pack_groups(ctx.stream, ctx.n_steps, n_img, budget, cfg.batch_size)
@@ -1039,7 +1049,8 @@ def markdown_table(results: dict, ratio: dict, peak: dict) -> str:
         if phases:
             lines.append(f"mode {m} per step, host time to issue / device time between markers (ms): " + ", ".join(
                 f"{k} {v['host_ms']:.1f}" + (f" / {v['device_ms']:.1f}" if "device_ms" in v else "")
-                for k, v in phases.items()))
+                for k, v in phases.items()) + (
+                f" -> {'GPU-bound' if phases['step_total']['gpu_bound'] else 'host-bound'}" if "step_total" in phases else ""))
         if results[m].get("gpu_after"):
             b, a = results[m]["gpu_before"], results[m]["gpu_after"]
             lines.append(f"mode {m} GPU before / after the timed steps: SM {b['sm_clock_mhz']} / {a['sm_clock_mhz']} MHz, "

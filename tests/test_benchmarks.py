@@ -189,3 +189,27 @@ def test_mode4_in_a_fresh_process_reports_phases_and_accumulation(tmp_path, synt
     assert "2 micro-batches per optimizer step" in r["label"] and r["step_engine"] == "torch"
     assert "gpu_before" not in r
     assert "host time to issue" in report["markdown"]
+
+
+def test_phase_timer_calls_a_step_gpu_bound_only_when_its_total_host_time_is_below_the_device_time():
+    class Event:  # what summary() reads of a CUDA event: the device ms to a later one
+        def __init__(self, t):
+            self.t = t
+
+        def elapsed_time(self, other):
+            return other.t - self.t
+
+    def timer(host_ms, device_ms):
+        t = tp.PhaseTimer(torch.device("cpu"))
+        for phase, ms in zip(t.PHASES, host_ms):
+            t.host[phase].append(ms)
+        marks = [0.0]
+        for ms in device_ms:
+            marks.append(marks[-1] + ms)
+        t.events.append([Event(m) for m in marks])
+        return t.summary()
+
+    ahead = timer([100, 150, 2], [120, 140, 3])  # the forward's lead spent in the backward
+    assert ahead["backward"]["host_ms"] > ahead["backward"]["device_ms"]
+    assert ahead["step_total"] == {"host_ms": 252, "device_ms": 263, "gpu_bound": True}
+    assert timer([120, 140, 3], [120, 140, 3])["step_total"]["gpu_bound"] is False
