@@ -523,33 +523,44 @@ def hf_weight_name(param_name: str) -> str:
 
 
 def _build_prefix_lm_meta(cfg: ModelConfig, latent_dim: int, num_classes: int, tail, device):
-    from accelerate import init_empty_weights  # a dependency of peft
-
     path = Path(cfg.model_path)
     problem = _model_dir_problem(path, ("config", "weights", "tokenizer"))
     if problem:
         raise ModelDirError(f"model directory {cfg.model_path!r} {problem}; expected {MODEL_DIR_EXPECTED}")
-    device = resolve_device(device)
     tokenizer = load_tokenizer(cfg.model_path)
     config = AutoConfig.from_pretrained(cfg.model_path)
-    with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (RoPE) real
-        lm = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(cfg.precision, device),
-                                              attn_implementation="sdpa")
-    if lm.config.pad_token_id is None:
-        lm.config.pad_token_id = tokenizer.pad_token_id
-    if getattr(lm.config, "tie_word_embeddings", False):
-        raise ValueError(f"{cfg.model_path}: tied input/output embeddings (tie_word_embeddings) are not supported "
-                         "with sharded loading (--engine fsdp2); use --engine deepspeed or torch")
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id
     index = _safetensors_index(path)
-    embed_key = hf_weight_name(next(n for n, p in lm.named_parameters() if p is lm.get_input_embeddings().weight))
+    embed_key = "model.embed_tokens.weight"
+    if embed_key not in index:
+        raise ValueError(f"{cfg.model_path}: no {embed_key!r} in its safetensors files (not a decoder-only LM "
+                         "of the Llama/Mistral/Qwen2 layout?)")
     with safe_open(str(index[embed_key]), framework="pt") as st:  # one tensor, once, for the prefix init
         embed_std = float(st.get_tensor(embed_key).float().std())
+    return meta_prefix_lm(config, cfg, latent_dim, num_classes, tail, device, embed_std), tokenizer
+
+
+def meta_prefix_lm(config, cfg: ModelConfig, latent_dim: int, num_classes: int = 20, tail: nn.Module | None = None,
+                   device=None, embed_std: float = 0.02) -> PrefixLM:
+    """The PrefixLM of the Hugging Face `config` with the base LM's weights on the meta device (no
+    memory); LoRA adapters, prefix, Stage1 tail and buffers (RoPE) are real, on the CPU. A sharding
+    engine allocates and fills the base weights per rank (`load_base_shards`, or random shards)."""
+    from accelerate import init_empty_weights  # a dependency of peft
+
+    if getattr(config, "tie_word_embeddings", False):
+        raise ValueError(f"{cfg.model_path or config.model_type}: tied input/output embeddings "
+                         "(tie_word_embeddings) are not supported with sharded loading (--engine fsdp2)")
+    device = resolve_device(device)
+    with init_empty_weights(include_buffers=False):  # parameters on meta, buffers real
+        lm = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(cfg.precision, device),
+                                              attn_implementation="sdpa")
     # PEFT puts each new adapter on its base layer's device (meta would lose the adapter's initial
     # values): the meta weights stand in as zero-stride CPU views of one scalar meanwhile, no memory.
     zeros = _meta_to_placeholders(lm)
     model = wrap_lm(lm, cfg, latent_dim, num_classes, tail, device, embed_std=embed_std)
     _placeholders_to_meta(model, zeros)
-    return model, tokenizer
+    return model
 
 
 def _meta_to_placeholders(module: nn.Module) -> dict[torch.dtype, torch.Tensor]:

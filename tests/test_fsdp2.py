@@ -17,6 +17,7 @@ This file is also the two-process worker: `python -m torch.distributed.run ... t
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -266,6 +267,24 @@ def test_trainer_fsdp2_run_and_its_resume_on_another_world_size(shard_dir, tiny_
     assert "checkpoint written on 2 ranks, resuming on 1" in second.stdout + second.stderr
     assert [r["step"] for r in train_records(out)][4:] == [3, 4]
     assert len(list((out / "resume" / "step-4" / "fsdp2_dcp").glob("*.distcp"))) == 1
+
+
+@pytest.mark.parametrize("mode,precision", [("lora", "bf16"), ("full", "fp32")])
+def test_sharding_benchmark_smoke(mode, precision, dist1):
+    """benchmarks/sharding.py on the tiny shape, in this process's 1-rank group: random shards made
+    per rank (meta init), the engine's steps, and the figures it reports. bf16 on the CPU runs the
+    mixed-precision path: fp32 trainable masters next to bf16 frozen base shards."""
+    from benchmarks.sharding import ShardingBenchConfig, run
+
+    r = run(ShardingBenchConfig(shape="tiny", mode=mode, precision=precision, steps=2, warmup_steps=1,
+                                tokens_per_gpu=512, example_len=128, grad_accum=2, peak_tflops=1.0))
+    assert r["engine"] == "fsdp2" and r["world_size"] == 1 and r["flops_per_token"] == ("6N" if mode == "full" else "4N")
+    assert r["tokens_per_step_per_gpu"] == 2 * 512 and r["tokens_per_s_per_gpu"] > 0
+    k = 6 if mode == "full" else 4
+    assert r["mfu"] == pytest.approx(r["tokens_per_s_per_gpu"] * k * r["params"] / 1e12)
+    assert r["mfu_with_attention"] > r["mfu"] > 0
+    assert len(r["losses"]) == 2 and all(math.isfinite(x) for x in r["losses"])
+    assert r["losses"][1] < r["losses"][0] + 0.5  # the same row again: training, not diverging
 
 
 if __name__ == "__main__":
