@@ -269,6 +269,25 @@ def test_trainer_fsdp2_run_and_its_resume_on_another_world_size(shard_dir, tiny_
     assert len(list((out / "resume" / "step-4" / "fsdp2_dcp").glob("*.distcp"))) == 1
 
 
+def test_fsdp2_skips_a_non_finite_step(tiny_lm_dir, stage1_ckpts, dist1):
+    """A NaN loss: step() returns False, no weight, optimizer state or LR moves, the skip is counted."""
+    from trainer.engines import build_engine
+
+    cfg = replace(_cfg(tiny_lm_dir, "lora"), engine="fsdp2")
+    model, _, batches = _model_and_batches(cfg, stage1_ckpts[0], meta=True)
+    engine = build_engine(model, cfg, total_steps=4)
+    _, _, applied = _micro_step(engine, batches[0], seed=1)
+    assert applied is True and engine.skipped_steps == 0
+    before, lr = _trained(engine), engine.lr()
+    state = {k: v.clone() for k, v in engine.optimizer.state[engine.params[0]].items()}
+    _, _, applied = _micro_step(engine, batches[1], seed=2, nan=True)
+    assert applied is False and engine.skipped_steps == 1 and engine.lr() == lr
+    assert all(torch.equal(v, before[k]) for k, v in _trained(engine).items())
+    assert all(torch.equal(v, state[k]) for k, v in engine.optimizer.state[engine.params[0]].items())
+    _, _, applied = _micro_step(engine, batches[2], seed=3)
+    assert applied is True and engine.lr() != lr
+
+
 @pytest.mark.parametrize("mode,precision", [("lora", "bf16"), ("full", "fp32")])
 def test_sharding_benchmark_smoke(mode, precision, dist1):
     """benchmarks/sharding.py on the tiny shape, in this process's 1-rank group: random shards made
