@@ -86,6 +86,8 @@ class ShardingBenchConfig:
     warmup_steps: int = field(default=2, metadata={"help": "optimizer steps before timing"})
     steps: int = field(default=5, metadata={"help": "timed optimizer steps"})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "activation checkpointing per decoder layer"})
+    gradient_checkpointing_layers: int = field(default=-1, metadata={
+        "help": "with --gradient-checkpointing: recompute only the first N layers (-1 = all)"})
     cpu_offload: bool = field(default=False, metadata={"help": "--engine fsdp2: --fsdp-cpu-offload"})
     lora_r: int = field(default=32, metadata={"help": "LoRA rank (alpha = 2r), on all seven projections"})
     precision: Literal["auto", "bf16", "fp32"] = field(default="auto", metadata={"help": "auto: bf16 on GPU, fp32 on CPU"})
@@ -125,6 +127,7 @@ def init_process_group(engine: str) -> tuple[int, int, torch.device]:
 def train_config(cfg: ShardingBenchConfig) -> TrainConfig:
     model = {"model_path": "", "use_lora": cfg.mode == "lora", "lora_r": cfg.lora_r, "lora_alpha": 2 * cfg.lora_r,
              "lora_dropout": 0.0, "precision": cfg.precision, "gradient_checkpointing": cfg.gradient_checkpointing,
+             "gradient_checkpointing_layers": cfg.gradient_checkpointing_layers,
              "attn_implementation": cfg.attn_implementation, "fused_kernels": cfg.fused_kernels}
     return replace(TrainConfig(), model=model, engine=cfg.engine, deepspeed=cfg.deepspeed,
                    fsdp_cpu_offload=cfg.cpu_offload,

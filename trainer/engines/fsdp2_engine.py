@@ -98,13 +98,16 @@ def shard_model(model: torch.nn.Module, device: torch.device, compute_dtype: tor
     meta = [n for n, p in model.named_parameters() if p.is_meta]
     if meta:
         # to_empty re-allocates every tensor: keep the real ones (LoRA, prefix, RoPE buffers) across it
-        real = {n: (t.to_local() if isinstance(t, DTensor) else t).detach().clone()
-                for n, t in [*model.named_parameters(), *model.named_buffers()] if not t.is_meta}
-        model.to_empty(device="cpu" if cpu_offload else device)
+        real = {n: p.to_local().detach().clone() for n, p in model.named_parameters() if not p.is_meta}
+        buffers = {(m, b): t.detach().clone() for m in model.modules() for b, t in m._buffers.items()
+                   if t is not None and not t.is_meta}
+        model.to_empty(device="cpu" if cpu_offload else device)  # offloaded shards live in host memory
         with torch.no_grad():
-            for n, t in [*model.named_parameters(), *model.named_buffers()]:
+            for n, p in model.named_parameters():
                 if n in real:
-                    (t.to_local() if isinstance(t, DTensor) else t).copy_(real[n])
+                    p.to_local().copy_(real[n])
+        for (m, b), t in buffers.items():
+            m._buffers[b] = t.to(device)  # buffers are used where compute runs, offloaded or not
         if meta_init is None:
             raise ValueError(f"{len(meta)} parameters on the meta device and nothing to fill them (e.g. {meta[0]})")
         meta_init(model, meta)
