@@ -35,6 +35,7 @@ from typing import Literal, Optional, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
 
 from benchmarks.make_random_model import mistral_7b_shape_config
@@ -137,8 +138,6 @@ def train_config(cfg: ShardingBenchConfig) -> TrainConfig:
 @torch.no_grad()
 def random_shards(model: torch.nn.Module, names: list[str]) -> None:
     """Random base weights, made by each rank for its own shards only, on its device."""
-    from torch.distributed.tensor import DTensor
-
     params = dict(model.named_parameters())
     for n in names:
         p = params[n]

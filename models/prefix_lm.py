@@ -24,10 +24,13 @@ from typing import Literal, NamedTuple
 
 import torch
 import torch.nn as nn
+from accelerate import init_empty_weights  # a dependency of peft
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 from peft.utils import load_peft_weights
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from common.io import atomic_path, atomic_write_json
@@ -546,8 +549,6 @@ def meta_prefix_lm(config, cfg: ModelConfig, latent_dim: int, num_classes: int =
     """The PrefixLM of the Hugging Face `config` with the base LM's weights on the meta device (no
     memory); LoRA adapters, prefix, Stage1 tail and buffers (RoPE) are real, on the CPU. A sharding
     engine allocates and fills the base weights per rank (`load_base_shards`, or random shards)."""
-    from accelerate import init_empty_weights  # a dependency of peft
-
     if getattr(config, "tie_word_embeddings", False):
         raise ValueError(f"{cfg.model_path or config.model_type}: tied input/output embeddings "
                          "(tie_word_embeddings) are not supported with sharded loading (--engine fsdp2)")
@@ -585,9 +586,6 @@ def _placeholders_to_meta(module: nn.Module, zeros: dict[torch.dtype, torch.Tens
 def load_base_shards(model: nn.Module, model_path: str | Path, names: list[str]) -> None:
     """Fill the parameters `names` of `model` (DTensor shards or plain tensors, already allocated)
     from the base model's safetensors files, reading only this rank's slice of each tensor."""
-    from torch.distributed.tensor import DTensor
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
     index = _safetensors_index(model_path)
     params = dict(model.named_parameters())
     by_file: dict[Path, list[str]] = {}

@@ -9,7 +9,7 @@ saves a DCP checkpoint after N steps, runs M more, then reloads it into a fresh 
 the M steps (N + resume + M = N + M); this process then loads the same 2-rank checkpoint on ONE
 rank (accumulation 2) and must continue exactly too. The gathered inference checkpoints load with
 plain PEFT / `AutoModelForCausalLM.from_pretrained`. The end-to-end test runs the trainer
-(launch/train.sh) on 2 processes and resumes its checkpoint on 1.
+(launch/train.sh, 2 processes); resuming the trainer state on another world size is tested on its own.
 
 This file is also the two-process worker: `python -m torch.distributed.run ... tests/test_fsdp2.py`.
 """
@@ -246,27 +246,56 @@ def test_inference_checkpoints_load_with_plain_peft_and_transformers(two_process
 
 
 @pytest.mark.slow
-def test_trainer_fsdp2_run_and_its_resume_on_another_world_size(shard_dir, tiny_lm_dir, tmp_path):
-    """launch/train.sh --engine fsdp2 (activation checkpointing on): 2 processes save at step 2, and
-    a 1-process --resume continues that checkpoint (resharded) to the end, saying what it did."""
+def test_trainer_fsdp2_run(shard_dir, tiny_lm_dir, tmp_path):
+    """launch/train.sh --engine fsdp2, 2 processes, activation checkpointing on: it trains, writes
+    sharded resume checkpoints and standard inference checkpoints, and says what it switched off."""
     from tests.test_train_e2e import base_flags, run_train, train_records
 
     out = tmp_path / "run"
     flags = base_flags(shard_dir, tiny_lm_dir, out, **{"engine": "fsdp2", "max-steps": 4, "save-steps": 2,
                                                       "gradient-checkpointing": True, "sample-log-steps": 2})
-    first = run_train(flags)
-    assert "--sample-log-steps: off with --engine fsdp2" in first.stdout + first.stderr
-    assert [r["step"] for r in train_records(out)] == [1, 2, 3, 4]
-    step2 = out / "resume" / "step-2"
-    assert (step2 / "fsdp2_engine_state.json").is_file() and len(list((step2 / "fsdp2_dcp").glob("*.distcp"))) == 2
+    proc = run_train(flags)
+    logs = proc.stdout + proc.stderr
+    assert "--sample-log-steps: off with --engine fsdp2" in logs and "flat LoRA packing off" in logs
+    recs = train_records(out)
+    assert [r["step"] for r in recs] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in recs)
+    vals = train_records(out, "val")
+    assert vals[-1]["val_loss"] < vals[0]["val_loss"], vals
+    for step in (2, 4):
+        ckpt = out / "resume" / f"step-{step}"
+        assert (ckpt / "fsdp2_engine_state.json").is_file() and len(list((ckpt / "fsdp2_dcp").glob("*.distcp"))) == 2
     for ckpt in ("checkpoint-2", "final"):
         assert (out / ckpt / "adapter_model.safetensors").is_file() and (out / ckpt / "adapter_config.json").is_file()
 
-    (out / "resume" / "latest").write_text("step-2\n")
-    second = run_train(flags + ["--resume"], num_procs=1)
-    assert "checkpoint written on 2 ranks, resuming on 1" in second.stdout + second.stderr
-    assert [r["step"] for r in train_records(out)][4:] == [3, 4]
-    assert len(list((out / "resume" / "step-4" / "fsdp2_dcp").glob("*.distcp"))) == 1
+
+def test_resume_on_another_world_size_keeps_the_epoch_fraction(tmp_path, dist1):
+    """A reshardable engine's checkpoint of 2 ranks resumes on 1: same step and epoch, the epoch's
+    position scaled by 2/1, the RNG states taken over, a warning; other engines refuse it."""
+    from trainer.checkpoint import CheckpointError, TrainerState, load_resume_checkpoint, save_resume_checkpoint
+
+    class Reshardable:
+        reshardable, loaded = True, None
+
+        def save(self, save_dir, tag, client_state=None):
+            (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
+            (Path(save_dir) / tag / "engine.bin").write_bytes(b"x")
+
+        def load(self, load_dir, tag):
+            self.loaded = tag
+
+    engine = Reshardable()
+    save_resume_checkpoint(engine, tmp_path, TrainerState(step=6, epoch=1, batches_in_epoch=5, world_size=2), True)
+    marker = tmp_path / "resume" / "step-6" / "trainer_state.json"
+    saved = json.loads(marker.read_text())
+    marker.write_text(json.dumps({**saved, "rng": saved["rng"] * 2}))  # as 2 ranks write it
+    warnings = []
+    state = load_resume_checkpoint(engine, tmp_path, rank=0, world_size=1, warn=warnings.append)
+    assert engine.loaded == "step-6"
+    assert (state.step, state.epoch, state.batches_in_epoch, state.world_size) == (6, 1, 10, 1)
+    assert any("written on 2 ranks, resuming on 1" in w for w in warnings), warnings
+    engine.reshardable = False
+    with pytest.raises(CheckpointError, match="needs the same world size"):
+        load_resume_checkpoint(engine, tmp_path, rank=0, world_size=1)
 
 
 def test_fsdp2_skips_a_non_finite_step(tiny_lm_dir, stage1_ckpts, dist1):
