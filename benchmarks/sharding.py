@@ -44,7 +44,7 @@ from common.io import atomic_write_json
 from common.log import setup_logging
 from common.runtime import resolve_device, resolve_dtype, resolve_precision
 from models.collate import TrainItem, collate_train
-from models.prefix_lm import ModelConfig, meta_prefix_lm, wrap_lm
+from models.prefix_lm import meta_prefix_lm, wrap_lm
 from models.tasks import TokenizedExample
 from trainer.config import TrainConfig, replace
 from trainer.engines import build_engine

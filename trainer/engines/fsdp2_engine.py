@@ -31,7 +31,6 @@ so no layer could be gathered on its own (build_engine logs it).
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 from pathlib import Path
 from typing import Callable, Optional
@@ -56,8 +55,6 @@ from trainer.checkpoint import FSDP2_DCP_DIR, FSDP2_ENGINE_STATE
 from trainer.config import TrainConfig
 from trainer.engines.base import Engine
 from trainer.engines.optim import optimizer_groups, warmup_cosine
-
-log = logging.getLogger("trainer")
 
 FSDP2_ENGINE_FORMAT = 1
 DCP_METADATA = ".metadata"  # DCP's index file: pickled, so its hash is recorded and checked before loading
