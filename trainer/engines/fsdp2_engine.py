@@ -80,10 +80,9 @@ def shard_model(model: torch.nn.Module, device: torch.device, compute_dtype: tor
                 want = torch.float32 if p.requires_grad else compute_dtype
                 if p.dtype != want:
                     p.data = p.data.to(want)
-    world = dist.get_world_size() if dist.is_initialized() else 1
     if not dist.is_initialized():
         raise RuntimeError("--engine fsdp2 needs torch.distributed initialised (trainer.distributed.init_distributed)")
-    mesh = init_device_mesh(device.type, (world,))
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     mp = MixedPrecisionPolicy(param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
                               reduce_dtype=torch.float32)
     offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else OffloadPolicy()
