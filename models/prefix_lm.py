@@ -24,10 +24,14 @@ from typing import Literal, NamedTuple
 
 import torch
 import torch.nn as nn
+from accelerate import init_empty_weights  # a dependency of peft
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 from peft.utils import load_peft_weights
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from common.io import atomic_path, atomic_write_json
 from common.runtime import resolve_device, resolve_dtype
@@ -143,17 +147,20 @@ class Stage2Prefix(nn.Module):
                 "num_image_tokens": self.num_image_tokens, "num_classes": self.num_classes,
                 "proj_dim": self.proj_dim, "has_tail": self.tail is not None}
 
-    def save(self, out_dir: str | Path) -> None:
-        """Write `stage2_prefix_modules.safetensors` + `prefix_config.json` (+ the Stage1 tail)."""
+    def save(self, out_dir: str | Path, state_dict: dict | None = None) -> None:
+        """Write `stage2_prefix_modules.safetensors` + `prefix_config.json` (+ the Stage1 tail).
+        `state_dict`: this module's full weights when its own are sharded (gathered by the engine)."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()
-                 if not k.startswith("tail.")}
+        full = self.state_dict() if state_dict is None else state_dict
+        state = {k: v.detach().float().cpu().contiguous() for k, v in full.items() if not k.startswith("tail.")}
         with atomic_path(out_dir / PREFIX_WEIGHTS) as tmp:
             save_file(state, str(tmp), metadata={"format": "pt"})
         atomic_write_json(out_dir / PREFIX_CONFIG, self.config_dict())
         if self.tail is not None:
-            self.tail.save(out_dir / TAIL_FILENAME)
+            tail_state = None if state_dict is None else {k[len("tail."):]: v for k, v in full.items()
+                                                          if k.startswith("tail.")}
+            self.tail.save(out_dir / TAIL_FILENAME, state_dict=tail_state)
 
     @classmethod
     def load(cls, ckpt_dir: str | Path, map_location="cpu") -> "Stage2Prefix":
@@ -430,13 +437,19 @@ def load_tokenizer(model_path: str | Path):
 
 
 def build_prefix_lm(cfg: ModelConfig, latent_dim: int, num_classes: int = 20, tail: nn.Module | None = None,
-                    device=None) -> tuple[PrefixLM, object]:
+                    device=None, meta: bool = False) -> tuple[PrefixLM, object]:
     """Load the base LM + tokenizer from `cfg.model_path`, set attention/kernels, add LoRA and the prefix.
 
     The directory is checked first: a ModelDirError names the path and everything it lacks. Missing
     weights alone are reported when `from_pretrained` then fails, since a caller may patch it to build
     random weights from config.json (the 7B-shape throughput benchmark has no 7B weights).
+
+    `meta=True` (parameter-sharding engines): the base LM's weights stay on the meta device (no
+    memory), the LoRA adapters, prefix and buffers are real; after sharding, `load_base_shards`
+    fills each rank's shard from the safetensors files. Nothing else changes (same init order).
     """
+    if meta:
+        return _build_prefix_lm_meta(cfg, latent_dim, num_classes, tail, device)
     if not cfg.model_path:
         raise ModelDirError(f"model_path is empty; expected {MODEL_DIR_EXPECTED}")
     path = Path(cfg.model_path)
@@ -458,7 +471,7 @@ def build_prefix_lm(cfg: ModelConfig, latent_dim: int, num_classes: int = 20, ta
 
 
 def wrap_lm(lm: nn.Module, cfg: ModelConfig, latent_dim: int, num_classes: int = 20,
-            tail: nn.Module | None = None, device=None) -> PrefixLM:
+            tail: nn.Module | None = None, device=None, embed_std: float | None = None) -> PrefixLM:
     """Turn a loaded HF causal LM into the trainable PrefixLM (attention backend, kernels, LoRA,
     prefix). Split from `build_prefix_lm` so benchmarks can start from a randomly initialised LM.
 
@@ -484,10 +497,123 @@ def wrap_lm(lm: nn.Module, cfg: ModelConfig, latent_dim: int, num_classes: int =
         enable_gradient_checkpointing(lm, cfg.gradient_checkpointing_layers)
     lm = _wrap_lora(lm, cfg) if cfg.use_lora else lm
 
-    embed_std = float(lm.get_input_embeddings().weight.detach().float().std())
+    if embed_std is None:  # a meta-device LM has no values: its caller reads the std from the files
+        embed_std = float(lm.get_input_embeddings().weight.detach().float().std())
     prefix = Stage2Prefix(latent_dim, lm.config.hidden_size, cfg.num_image_tokens, num_classes, tail=tail,
                           init_std=embed_std)
-    return PrefixLM(lm, prefix, loss_impl=loss_impl, ce_chunk_size=cfg.ce_chunk_size).to(device)
+    model = PrefixLM(lm, prefix, loss_impl=loss_impl, ce_chunk_size=cfg.ce_chunk_size)
+    return model if _has_meta(model) else model.to(device)  # a sharding engine places a meta model
+
+
+def _has_meta(module: nn.Module) -> bool:
+    return any(p.is_meta for p in module.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Meta-device construction + per-rank shard loading (parameter-sharding engines)
+# ---------------------------------------------------------------------------------------------
+
+def _safetensors_index(model_path: str | Path) -> dict[str, Path]:
+    """{tensor name: the *.safetensors file holding it} of a model directory."""
+    files = sorted(Path(model_path).glob("*.safetensors"))
+    if not files:
+        raise ModelDirError(f"model directory {str(model_path)!r} has no *.safetensors weights; sharded "
+                            "loading (--engine fsdp2) reads safetensors only (convert *.bin with save_pretrained)")
+    index = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            index.update({k: f for k in st.keys()})
+    return index
+
+
+def hf_weight_name(param_name: str) -> str:
+    """The name a PrefixLM parameter has in the base model's files: PEFT's and our wrappers removed."""
+    name = param_name.removeprefix("lm.").removeprefix("base_model.model.")
+    return name.replace(".base_layer.", ".")
+
+
+def _build_prefix_lm_meta(cfg: ModelConfig, latent_dim: int, num_classes: int, tail, device):
+    path = Path(cfg.model_path)
+    problem = _model_dir_problem(path, ("config", "weights", "tokenizer"))
+    if problem:
+        raise ModelDirError(f"model directory {cfg.model_path!r} {problem}; expected {MODEL_DIR_EXPECTED}")
+    tokenizer = load_tokenizer(cfg.model_path)
+    config = AutoConfig.from_pretrained(cfg.model_path)
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id
+    index = _safetensors_index(path)
+    embed_key = "model.embed_tokens.weight"
+    if embed_key not in index:
+        raise ValueError(f"{cfg.model_path}: no {embed_key!r} in its safetensors files (not a decoder-only LM "
+                         "of the Llama/Mistral/Qwen2 layout?)")
+    with safe_open(str(index[embed_key]), framework="pt") as st:  # one tensor, once, for the prefix init
+        embed_std = float(st.get_tensor(embed_key).float().std())
+    return meta_prefix_lm(config, cfg, latent_dim, num_classes, tail, device, embed_std), tokenizer
+
+
+def meta_prefix_lm(config, cfg: ModelConfig, latent_dim: int, num_classes: int = 20, tail: nn.Module | None = None,
+                   device=None, embed_std: float = 0.02) -> PrefixLM:
+    """The PrefixLM of the Hugging Face `config` with the base LM's weights on the meta device (no
+    memory); LoRA adapters, prefix, Stage1 tail and buffers (RoPE) are real, on the CPU. A sharding
+    engine allocates and fills the base weights per rank (`load_base_shards`, or random shards)."""
+    if getattr(config, "tie_word_embeddings", False):
+        raise ValueError(f"{cfg.model_path or config.model_type}: tied input/output embeddings "
+                         "(tie_word_embeddings) are not supported with sharded loading (--engine fsdp2)")
+    device = resolve_device(device)
+    with init_empty_weights(include_buffers=False):  # parameters on meta, buffers real
+        lm = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(cfg.precision, device),
+                                              attn_implementation="sdpa")
+    # PEFT puts each new adapter on its base layer's device (meta would lose the adapter's initial
+    # values): the meta weights stand in as zero-stride CPU views of one scalar meanwhile, no memory.
+    zeros = _meta_to_placeholders(lm)
+    model = wrap_lm(lm, cfg, latent_dim, num_classes, tail, device, embed_std=embed_std)
+    _placeholders_to_meta(model, zeros)
+    return model
+
+
+def _meta_to_placeholders(module: nn.Module) -> dict[torch.dtype, torch.Tensor]:
+    zeros: dict[torch.dtype, torch.Tensor] = {}
+    for m in module.modules():
+        for name, p in m._parameters.items():
+            if p is not None and p.is_meta:
+                zero = zeros.setdefault(p.dtype, torch.zeros((), dtype=p.dtype))
+                m._parameters[name] = nn.Parameter(zero.expand(p.shape), requires_grad=p.requires_grad)
+    return zeros
+
+
+def _placeholders_to_meta(module: nn.Module, zeros: dict[torch.dtype, torch.Tensor]) -> None:
+    ptrs = {z.data_ptr() for z in zeros.values()}
+    for m in module.modules():
+        for name, p in m._parameters.items():
+            if p is not None and not p.is_meta and p.data_ptr() in ptrs:
+                m._parameters[name] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+
+
+@torch.no_grad()
+def load_base_shards(model: nn.Module, model_path: str | Path, names: list[str]) -> None:
+    """Fill the parameters `names` of `model` (DTensor shards or plain tensors, already allocated)
+    from the base model's safetensors files, reading only this rank's slice of each tensor."""
+    index = _safetensors_index(model_path)
+    params = dict(model.named_parameters())
+    by_file: dict[Path, list[str]] = {}
+    for n in names:
+        key = hf_weight_name(n)
+        if key not in index:
+            raise ValueError(f"{model_path}: no weight {key!r} (for parameter {n}) in its safetensors files")
+        by_file.setdefault(index[key], []).append(n)
+    for file, file_names in by_file.items():
+        with safe_open(str(file), framework="pt") as st:
+            for n in file_names:
+                p, key = params[n], hf_weight_name(n)
+                if isinstance(p, DTensor):
+                    local = p.to_local()
+                    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+                    if local.numel() == 0:
+                        continue
+                    sl = st.get_slice(key)[tuple(slice(o, o + s) for o, s in zip(offset, shape))]
+                    local.copy_(sl.view(local.shape))
+                else:
+                    p.copy_(st.get_tensor(key))
 
 
 def _warn_unmatched_lora_targets(lm: nn.Module, targets: list[str]) -> None:
@@ -536,11 +662,12 @@ def param_groups(model: PrefixLM) -> dict[str, list[nn.Parameter]]:
     return groups
 
 
-def save_adapter(model: PrefixLM, out_dir: str | Path) -> None:
-    """Write the standard PEFT adapter files (`adapter_config.json`, `adapter_model.safetensors`)."""
+def save_adapter(model: PrefixLM, out_dir: str | Path, lm_state_dict: dict | None = None) -> None:
+    """Write the standard PEFT adapter files (`adapter_config.json`, `adapter_model.safetensors`).
+    `lm_state_dict`: `model.lm`'s full weights when its own are sharded (gathered by the engine)."""
     if not hasattr(model.lm, "peft_config"):
         raise ValueError("save_adapter: the model has no LoRA adapter (built with use_lora=False)")
-    model.lm.save_pretrained(str(out_dir), safe_serialization=True)
+    model.lm.save_pretrained(str(out_dir), safe_serialization=True, state_dict=lm_state_dict)
 
 
 def load_adapter_into(model: PrefixLM, ckpt_dir: str | Path) -> None:

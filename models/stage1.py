@@ -332,12 +332,14 @@ class Stage1Tail(nn.Module):
             hidden = _run_block(block, hidden)
         return _pool(self.layernorm(hidden), self.pooling)
 
-    def canonical_state_dict(self) -> dict[str, Tensor]:
-        return _vit_to_canonical({k: v.detach() for k, v in self.state_dict().items()})
+    def canonical_state_dict(self, state_dict: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        state = self.state_dict() if state_dict is None else state_dict
+        return _vit_to_canonical({k: v.detach() for k, v in state.items()})
 
-    def save(self, path: str | Path) -> None:
-        """Write safetensors (fp32, canonical names) with the architecture in the metadata."""
-        tensors = {k: v.float().contiguous().cpu() for k, v in self.canonical_state_dict().items()}
+    def save(self, path: str | Path, state_dict: dict[str, Tensor] | None = None) -> None:
+        """Write safetensors (fp32, canonical names) with the architecture in the metadata.
+        `state_dict`: this module's full weights when its own are sharded (gathered by the engine)."""
+        tensors = {k: v.float().contiguous().cpu() for k, v in self.canonical_state_dict(state_dict).items()}
         meta = {"format": "stage1_tail", "config": json.dumps(vit_config_dict(self.config)),
                 "num_blocks": str(self.num_blocks), "pooling": self.pooling}
         with atomic_path(path) as tmp:

@@ -3,7 +3,9 @@
 Resume checkpoint (`<output_dir>/resume/`), written collectively every `--save-steps`:
 
     resume/step-<N>/            DeepSpeed save_checkpoint (trainable weights, ZeRO optimizer
-                                partitions of every rank, LR schedule), frozen base weights excluded
+                                partitions of every rank, LR schedule), frozen base weights excluded;
+                                --engine torch: torch_engine_state.pt; --engine fsdp2: fsdp2_dcp/ (DCP,
+                                sharded, reshardable to another world size) + fsdp2_engine_state.json
     resume/step-<N>/trainer_state.json   step, epoch, batches consumed in the epoch, NaN counters,
                                 running truncation stats, the RNG states of every rank, the size of
                                 every engine file; written last: it marks the checkpoint complete
@@ -65,6 +67,10 @@ from trainer.config import TrainConfig, load_train_config
 from trainer.distributed import all_gather_objects, barrier, broadcast_object
 
 RESUME_DIRNAME = "resume"
+# --engine fsdp2 under resume/step-<N>/: the torch.distributed.checkpoint (DCP) directory of the
+# sharded weights + optimizer (any world size reads it), and the engine's counters (rank 0)
+FSDP2_DCP_DIR = "fsdp2_dcp"
+FSDP2_ENGINE_STATE = "fsdp2_engine_state.json"
 LATEST_FILE = "latest"
 STATE_FILE = "trainer_state.json"
 # Inference-checkpoint files. The model library names the files its modules write (adapter config
@@ -289,12 +295,16 @@ def load_resume_checkpoint(engine, output_dir: str | Path, rank: int, world_size
     rngs = saved.pop("rng")
     known = {f.name for f in dataclasses.fields(TrainerState)}
     state = TrainerState(**{k: v for k, v in saved.items() if k in known})
+    if len(rngs) != state.world_size:
+        raise CheckpointError(f"{marker}: RNG states of {len(rngs)} ranks for {state.world_size} (damaged?)")
     if state.world_size != world_size:
-        raise CheckpointError(
-            f"{root / tag}: saved with {state.world_size} ranks, resuming with {world_size}; exact resume "
-            "needs the same world size (ZeRO partitions and the data split depend on it)")
-    if len(rngs) != world_size:
-        raise CheckpointError(f"{marker}: RNG states of {len(rngs)} ranks for {world_size} (damaged?)")
+        if not getattr(engine, "reshardable", False):
+            raise CheckpointError(
+                f"{root / tag}: saved with {state.world_size} ranks, resuming with {world_size}; exact resume "
+                "needs the same world size (ZeRO partitions and the data split depend on it); "
+                "--engine fsdp2 checkpoints resume on another world size")
+        state = rescale_data_position(state, world_size, warn if rank == 0 else None)
+        rngs = [rngs[r % len(rngs)] for r in range(world_size)]
     try:
         engine.load(root, tag)
     except Exception as e:
@@ -306,12 +316,28 @@ def load_resume_checkpoint(engine, output_dir: str | Path, rank: int, world_size
     return state
 
 
+def rescale_data_position(state: TrainerState, world_size: int, warn=None) -> TrainerState:
+    """The trainer state of a checkpoint written on `state.world_size` ranks, for `world_size` ranks.
+
+    Weights, optimizer state and the count of applied steps reshard exactly (FSDP2 + DCP); the data
+    position cannot: each rank read a contiguous share of the epoch, and other shares start
+    elsewhere. The run continues at the same FRACTION of the epoch (batches consumed x old / new
+    ranks, per-rank batch size unchanged), so some samples of the epoch may be seen twice or not
+    at all; from the next epoch on the order is again exact."""
+    batches = (state.batches_in_epoch * state.world_size) // world_size
+    if warn is not None:
+        warn(f"--resume: checkpoint written on {state.world_size} ranks, resuming on {world_size}: weights and "
+             f"optimizer state are resharded exactly; epoch {state.epoch} continues at batch {batches} "
+             f"(was {state.batches_in_epoch} on {state.world_size} ranks), its remaining samples approximate")
+    return dataclasses.replace(state, batches_in_epoch=batches, world_size=world_size)
+
+
 # --------------------------------------------------------------------------------------------
 # Inference checkpoints
 # --------------------------------------------------------------------------------------------
 
 def save_inference_checkpoint(model, tokenizer, cond_map: dict, train_config, out_dir: str | Path,
-                              stage1: Optional[Stage1Record | dict] = None) -> Path:
+                              stage1: Optional[Stage1Record | dict] = None, state_dict: Optional[dict] = None) -> Path:
     """Write the adapter, prefix (+ tail), tokenizer, cond map and config into `out_dir` atomically.
 
     `stage1` is the Stage1 identity of the training data (the shards' manifest `stage1` section:
@@ -319,14 +345,20 @@ def save_inference_checkpoint(model, tokenizer, cond_map: dict, train_config, ou
     With LoRA the LM part is the PEFT adapter; a run with `--no-use-lora` trained the whole LM, so
     its checkpoint holds the whole LM instead (Hugging Face format: `config.json` + safetensors).
     Call on rank 0 only (ZeRO-2 holds full weights everywhere). An existing `out_dir` is replaced.
+    `state_dict`: the model's full weights (keys `lm.*`, `prefix.*`; the LoRA run's trainable ones
+    suffice) when the model itself holds only shards (--engine fsdp2: `engine.gathered_state_dict()`).
     """
     out_dir = Path(out_dir)
+    lm_sd = prefix_sd = None
+    if state_dict is not None:
+        lm_sd = {k[len("lm."):]: v for k, v in state_dict.items() if k.startswith("lm.")}
+        prefix_sd = {k[len("prefix."):]: v for k, v in state_dict.items() if k.startswith("prefix.")}
     with atomic_dir(out_dir) as tmp:
         if hasattr(model.lm, "peft_config"):
-            save_adapter(model, tmp)
+            save_adapter(model, tmp, lm_state_dict=lm_sd)
         else:
-            model.lm.save_pretrained(str(tmp), safe_serialization=True)
-        model.prefix.save(tmp)
+            model.lm.save_pretrained(str(tmp), safe_serialization=True, state_dict=lm_sd)
+        model.prefix.save(tmp, state_dict=prefix_sd)
         tokenizer.save_pretrained(str(tmp))
         atomic_write_json(tmp / COND_MAP_FILENAME, dict(cond_map))
         cfg_dict = config_to_dict(train_config) if dataclasses.is_dataclass(train_config) else dict(train_config)

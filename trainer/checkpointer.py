@@ -45,7 +45,9 @@ class Checkpointer:
         skips.check()  # the saved NaN counters are exact
         save_resume_checkpoint(self.engine, self.out_dir, state, self.dist.is_main,
                                keep=self.cfg.checkpoint.save_total_limit)
+        gather = getattr(self.engine, "gathered_state_dict", None)
+        full = gather() if gather is not None else None  # collective; None when the model holds full weights
         if self.dist.is_main:
             save_inference_checkpoint(self.engine.module, self.tokenizer, self.cond_map, self.cfg, self.out_dir / tag,
-                                      stage1=self.stage1)
+                                      stage1=self.stage1, state_dict=full)
         barrier()

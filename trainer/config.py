@@ -82,11 +82,17 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
-    engine: Literal["deepspeed", "torch"] = field(default="deepspeed", metadata={
+    engine: Literal["deepspeed", "torch", "fsdp2"] = field(default="deepspeed", metadata={
         "help": "training engine (trainer/engines/); same updates either way: deepspeed = DeepSpeed ZeRO-2 per "
                 "--deepspeed (ds_configs/), the spec's default; torch = a lean data-parallel engine for LoRA "
                 "(flat fp32 master weights, one all-reduce, fused AdamW, no per-step host sync): less host work "
-                "per step, and ZeRO's sharding buys nothing for LoRA's small optimizer state (README.md, Performance)"})
+                "per step, and ZeRO's sharding buys nothing for LoRA's small optimizer state (README.md, Performance); "
+                "fsdp2 = PyTorch FSDP2, every weight (frozen base too), gradient and optimizer state sharded over "
+                "the ranks, each rank loading only its shard: full fine-tuning (--no-use-lora) or a base too big "
+                "for one GPU; resume checkpoints reshard to another GPU count"})
+    fsdp_cpu_offload: bool = field(default=False, metadata={
+        "help": "--engine fsdp2: keep the parameter shards, gradients and optimizer state in host memory "
+                "(all-gathered to the GPU per layer; AdamW on the CPU): less GPU memory, slower steps"})
     deepspeed: str = field(default=DEFAULT_DS_CONFIG, metadata={"help": "DeepSpeed JSON config (--engine deepspeed); its 'auto' fields are filled from this config"})
     seed: int = field(default=42, metadata={"help": "seed of the data order, task sampling, init and dropout"})
     max_steps: int = field(default=-1, metadata={"help": "stop after this many optimizer steps (-1 = run all epochs); the LR schedule spans the capped run"})
@@ -147,6 +153,9 @@ class TrainConfig:
             raise ValueError(f"--max-steps must be -1 (all epochs) or >= 1 (got {self.max_steps})")
         if self.stage1.stage1_trainable_blocks > 0 and not self.stage1.stage1_encoder_ckpt:
             raise ValueError("--stage1-trainable-blocks > 0 needs --stage1-encoder-ckpt (the tail is trained from it)")
+        if self.fsdp_cpu_offload and self.engine != "fsdp2":
+            raise ValueError("--fsdp-cpu-offload needs --engine fsdp2 (DeepSpeed offload: --deepspeed "
+                             "ds_configs/zero2_offload.json)")
         if self.engine == "deepspeed" and not resolve_ds_config_path(self.deepspeed).is_file():
             raise ValueError(f"--deepspeed: config file {self.deepspeed!r} not found")
 

@@ -56,8 +56,10 @@ def build_model(cfg: TrainConfig, manifest, device: torch.device):
     k = cfg.stage1.stage1_trainable_blocks
     if k > 0:
         tail = load_stage1_encoder(cfg.stage1.stage1_encoder_ckpt, pooling=cfg.stage1.latent_pooling).tail(k)
+    # fsdp2: the base weights stay on the meta device until each rank loads its own shard of them
     return build_prefix_lm(cfg.model, latent_dim=manifest.stage1.latent_dim,
-                           num_classes=len(manifest.cond_name_to_id), tail=tail, device=device)
+                           num_classes=len(manifest.cond_name_to_id), tail=tail, device=device,
+                           meta=cfg.engine == "fsdp2")
 
 
 def check_shards(cfg: TrainConfig):

@@ -79,6 +79,11 @@ class SampleLogger:
         self.every, self.num = cfg.logging.sample_log_steps, cfg.logging.sample_log_num
         self.max_new_tokens = cfg.logging.sample_log_max_new_tokens
         self.enabled = bool(self.every) and dist.is_main
+        if self.every and getattr(engine, "shards_parameters", False):
+            self.enabled = False  # rank 0 alone cannot run a model whose weights are sharded over all ranks
+            if dist.is_main:
+                log.warning("--sample-log-steps: off with --engine %s (sharded weights; rank 0 alone cannot "
+                            "generate); generate from the saved checkpoints instead", cfg.engine)
         self.engine, self.tokenizer, self.stream, self.runlog, self.device = engine, tokenizer, stream, runlog, dist.device
 
     def maybe_sample(self, step: int) -> None:

@@ -11,6 +11,9 @@ is inf/NaN changes nothing (weights, optimizer state, LR schedule) and counts as
 
 - deepspeed_engine.py: DeepSpeed ZeRO-1/2 from `--deepspeed` (the default).
 - torch_engine.py: flat fp32 masters, one all-reduce, fused AdamW, no per-step host sync.
+- fsdp2_engine.py: FSDP2 `fully_shard` per decoder layer: weights, gradients and optimizer state
+  sharded over the ranks (full fine-tuning, bases too big for one GPU); needs a meta-built model
+  (`build_prefix_lm(meta=True)`, which trainer.train does for `--engine fsdp2`).
 
 Before either backend sees the model, `build_engine` packs all LoRA weights into one trainable
 tensor (models/flat_lora.py): DeepSpeed's host work is per trainable tensor (a gradient hook, an
@@ -19,6 +22,8 @@ inf/NaN check and a norm each), and a 7B model has ~450 LoRA tensors.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from common.runtime import resolve_device, resolve_precision
@@ -26,10 +31,15 @@ from models.flat_lora import attach_flat_lora
 from trainer.config import TrainConfig
 from trainer.engines.base import Engine
 from trainer.engines.deepspeed_engine import DeepSpeedEngine, build_deepspeed_engine, build_ds_config
+from trainer.engines.fsdp2_engine import FSDP2Engine
 from trainer.engines.optim import optimizer_groups, warmup_cosine
 from trainer.engines.torch_engine import TORCH_ENGINE_STATE, TorchEngine
 
-__all__ = ["Engine", "DeepSpeedEngine", "TorchEngine", "build_engine", "build_ds_config", "optimizer_groups",
+log = logging.getLogger("trainer")
+
+ENGINES = ("deepspeed", "torch", "fsdp2")
+
+__all__ = ["Engine", "DeepSpeedEngine", "TorchEngine", "FSDP2Engine", "build_engine", "build_ds_config", "optimizer_groups",
            "warmup_cosine", "TORCH_ENGINE_STATE"]
 
 
@@ -40,12 +50,18 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, total_steps: int,
     precision = resolve_precision(getattr(cfg.model, "precision", "auto"), device)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     kind = getattr(cfg, "engine", "deepspeed")
-    if kind not in ("deepspeed", "torch"):
-        raise ValueError(f"--engine must be 'deepspeed' or 'torch' (got {kind!r})")
+    if kind not in ENGINES:
+        raise ValueError(f"--engine must be one of {', '.join(ENGINES)} (got {kind!r})")
     flat = None
     if getattr(cfg.model, "flat_lora", False) and getattr(cfg.model, "fused_lora", False):
-        flat = attach_flat_lora(model)  # the engine then sees 1 LoRA tensor, not ~450
-    if kind == "torch":
+        if kind == "fsdp2":
+            log.info("--engine fsdp2: flat LoRA packing off (one tensor over all layers cannot be sharded "
+                     "per layer); the fused LoRA forward stays on")
+        else:
+            flat = attach_flat_lora(model)  # the engine then sees 1 LoRA tensor, not ~450
+    if kind == "fsdp2":
+        engine = FSDP2Engine(model, cfg, total_steps, device, dtype)
+    elif kind == "torch":
         engine = TorchEngine(model, cfg, total_steps, device, dtype)
     else:
         engine = build_deepspeed_engine(model, cfg, total_steps, device, precision, dtype)

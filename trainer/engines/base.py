@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 
@@ -11,6 +13,8 @@ class Engine:
     device: torch.device
     dtype: torch.dtype  # compute dtype of the weights and of the float inputs
     flat_lora = None  # models.flat_lora.FlatLora when build_engine packed the LoRA weights
+    reshardable = False  # whether its resume checkpoints load on another world size
+    shards_parameters = False  # True when no rank holds the whole model (rank-0-only work cannot run)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -35,3 +39,8 @@ class Engine:
 
     def forward(self, batch: dict):
         return self.module(self.to_device(batch))
+
+    def gathered_state_dict(self) -> Optional[dict]:
+        """Collective: the model's full weights for the inference checkpoint (rank 0), or None when
+        every rank's model holds them already (the inference checkpoint then reads the model)."""
+        return None
