@@ -144,3 +144,12 @@ def test_liger_path_takes_the_sync_free_loss(monkeypatch):
         calls.clear()
         model._per_token_ce(torch.zeros(3, 4), torch.zeros(3, dtype=torch.long))
         assert calls == [expected], impl
+
+
+def test_sharded_models_are_not_probed(monkeypatch):
+    """An FSDP2 (meta-built) model runs only inside its engine: auto falls back to the default."""
+    monkeypatch.setattr(bt, "probe_batch_tokens", lambda *a, **k: pytest.fail("probed a sharded model"))
+    with torch.device("meta"):
+        model = Trainable(10)
+    choice = bt.resolve_batch_tokens(DataConfig(), model, torch.device("cuda"), torch.bfloat16, resumed=None)
+    assert (choice.tokens, choice.how) == (DEFAULT_BATCH_TOKENS, "sharded-default")

@@ -129,6 +129,11 @@ def resolve_batch_tokens(data_cfg, model: torch.nn.Module, device: torch.device,
         return BatchTokensChoice(int(resumed), "resumed", {})
     if device.type != "cuda":
         return BatchTokensChoice(DEFAULT_BATCH_TOKENS, "cpu-default", {})
+    if any(p.is_meta or hasattr(p, "ds_id") for p in model.parameters()):
+        # FSDP2 (meta-built) and ZeRO-3 (partitioned) models only run inside their engine
+        log.info("--batch-tokens auto: the model's parameters are sharded, so no probe; %d tokens "
+                 "(pass a number to choose)", DEFAULT_BATCH_TOKENS)
+        return BatchTokensChoice(DEFAULT_BATCH_TOKENS, "sharded-default", {})
     mine = probe_batch_tokens(model, device=device, dtype=dtype, memory_fraction=data_cfg.auto_memory_fraction,
                               **probe_kwargs)
     choices = all_gather_objects((mine.tokens, mine.detail))
