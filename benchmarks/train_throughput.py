@@ -72,7 +72,6 @@ from benchmarks.make_random_model import Shape, shape_config
 from common.config import parse_config, print_config
 from common.io import atomic_write_json, atomic_write_text
 from common.log import setup_logging
-from common.runtime import configure_cuda_allocator
 from data_prep.gemini import load_gemini_json
 from data_prep.shard_format import CASES_FILENAME, decode_sample
 from data_prep.synthetic import generate
@@ -1119,7 +1118,6 @@ def run(cfg: BenchConfig) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_config(BenchConfig, argv)
-    configure_cuda_allocator()  # as the trainer does
     print_config(cfg)
     report = run(cfg)
     if "markdown" not in report:  # --write-lengths: nothing was timed

@@ -32,17 +32,6 @@ _ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "f
 # Device and precision
 # ---------------------------------------------------------------------------------------------
 
-ALLOCATOR_DEFAULT = "expandable_segments:True"
-
-
-def configure_cuda_allocator(env: dict | None = None) -> str:
-    """PYTORCH_CUDA_ALLOC_CONF for this process (before its first CUDA allocation), unless the user
-    set one: expandable segments, so that rows of varying size near the memory limit grow the pool
-    in place instead of freeing and re-allocating cached blocks (a device sync inside the step)."""
-    env = os.environ if env is None else env
-    return env.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOCATOR_DEFAULT)
-
-
 def local_rank(env: Mapping[str, str] | None = None) -> int:
     """This process's index among the processes of its node (srun's, else the launcher's, else 0)."""
     env = os.environ if env is None else env

@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn as nn
 
-from common.runtime import ALLOCATOR_DEFAULT, configure_cuda_allocator
 from models import prefix_lm
 from models.collate import IGNORE_INDEX
 from trainer import batch_tokens as bt
@@ -91,13 +90,6 @@ def test_resolution_order():
         DataConfig(batch_tokens="lots").validate()
     with pytest.raises(ValueError, match="must be >= --max-seq-len"):
         DataConfig(batch_tokens="100").validate()
-
-
-def test_allocator_default_respects_the_user():
-    env = {}
-    assert configure_cuda_allocator(env) == ALLOCATOR_DEFAULT and env["PYTORCH_CUDA_ALLOC_CONF"] == ALLOCATOR_DEFAULT
-    mine = {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}
-    assert configure_cuda_allocator(mine) == "max_split_size_mb:128"
 
 
 def test_prefix_splice_by_index_equals_masked_scatter():

@@ -26,7 +26,7 @@ from common.cli import cli_main
 from common.config import print_config, save_config
 from common.io import sha256_file, stable_hash
 from common.log import setup_logging
-from common.runtime import configure_cuda_allocator, resolve_dtype, seed_everything
+from common.runtime import resolve_dtype, seed_everything
 from data_prep.manifest import check_stage1_compatible, load_manifest
 from models.prefix_lm import build_prefix_lm
 from models.stage1 import load_stage1_encoder
@@ -191,7 +191,6 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainerState:
 @cli_main
 def main(argv: Optional[Sequence[str]] = None) -> None:
     cfg = parse_train_config(argv)
-    configure_cuda_allocator()
     dist = init_distributed(cfg)
     setup_logging("trainer", rank=dist.rank)
     if dist.is_main:
