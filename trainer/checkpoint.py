@@ -27,7 +27,11 @@ needs next to the base model, built in a temp dir and renamed into place:
                               Stage1 encoder and classifier + the settings the latents were made
                               with): eval refuses inputs made with another Stage1
 
-ZeRO-2 keeps the full (unpartitioned) weights on every rank, so rank 0 alone writes it.
+ZeRO-2 keeps the full (unpartitioned) weights on every rank, so rank 0 alone writes it. ZeRO-3 keeps
+a slice of every weight per rank: `save_trained_checkpoint` (collective) gathers the LoRA + prefix
+weights (small) on every rank for the write, or, for a `--no-use-lora` run, the LM one weight at a
+time into rank 0's host memory (one full copy, never two). Its resume checkpoints are DeepSpeed's
+per-rank partitions (`zero_pp_rank_<r>_*`), resumed on the same number of ranks.
 `load_inference_model` reads it back (and the seed's older file names).
 """
 
@@ -61,6 +65,7 @@ from models.prefix_lm import (
     load_tokenizer,
     save_adapter,
 )
+from models.zero3 import any_partitioned, gathered, gathered_state_dict
 from trainer.config import TrainConfig, load_train_config
 from trainer.distributed import all_gather_objects, barrier, broadcast_object
 
@@ -296,22 +301,45 @@ def load_resume_checkpoint(engine, output_dir: str | Path, rank: int, world_size
 # Inference checkpoints
 # --------------------------------------------------------------------------------------------
 
+def save_trained_checkpoint(model, tokenizer, cond_map: dict, train_config, out_dir: str | Path, is_main: bool,
+                            stage1: Optional[Stage1Record | dict] = None) -> None:
+    """Collective: `save_inference_checkpoint` of a model being trained, written by rank 0 (`is_main`).
+    With ZeRO-3 partitioned weights, every rank takes part in gathering them (module doc)."""
+    if not any_partitioned(model):
+        if is_main:
+            save_inference_checkpoint(model, tokenizer, cond_map, train_config, out_dir, stage1=stage1)
+        return
+    lm_state = None
+    if hasattr(model.lm, "peft_config"):  # the adapter: the trained LoRA weights, with the prefix below
+        small = [p for n, p in model.lm.named_parameters() if p.requires_grad or "lora_" in n]
+    else:  # the whole LM: one weight gathered at a time
+        lm_state = gathered_state_dict(model.lm, keep=is_main)
+        small = []
+    with gathered(small + list(model.prefix.parameters())):
+        if is_main:
+            save_inference_checkpoint(model, tokenizer, cond_map, train_config, out_dir, stage1=stage1,
+                                      lm_state_dict=lm_state)
+
+
 def save_inference_checkpoint(model, tokenizer, cond_map: dict, train_config, out_dir: str | Path,
-                              stage1: Optional[Stage1Record | dict] = None) -> Path:
+                              stage1: Optional[Stage1Record | dict] = None,
+                              lm_state_dict: Optional[dict] = None) -> Path:
     """Write the adapter, prefix (+ tail), tokenizer, cond map and config into `out_dir` atomically.
 
     `stage1` is the Stage1 identity of the training data (the shards' manifest `stage1` section:
     checkpoint hashes and settings), written to STAGE1_IDENTITY_FILE; the trainer always gives it.
     With LoRA the LM part is the PEFT adapter; a run with `--no-use-lora` trained the whole LM, so
     its checkpoint holds the whole LM instead (Hugging Face format: `config.json` + safetensors).
-    Call on rank 0 only (ZeRO-2 holds full weights everywhere). An existing `out_dir` is replaced.
+    Call on rank 0 only (ZeRO-2 holds full weights everywhere; ZeRO-3: `save_trained_checkpoint`).
+    `lm_state_dict`: the whole LM's weights to write instead of reading `model.lm`'s (ZeRO-3, gathered).
+    An existing `out_dir` is replaced.
     """
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         if hasattr(model.lm, "peft_config"):
             save_adapter(model, tmp)
         else:
-            model.lm.save_pretrained(str(tmp), safe_serialization=True)
+            model.lm.save_pretrained(str(tmp), safe_serialization=True, state_dict=lm_state_dict)
         model.prefix.save(tmp)
         tokenizer.save_pretrained(str(tmp))
         atomic_write_json(tmp / COND_MAP_FILENAME, dict(cond_map))

@@ -14,10 +14,18 @@ is inf/NaN changes nothing (weights, optimizer state, LR schedule) and counts as
 
 Before either backend sees the model, `build_engine` packs all LoRA weights into one trainable
 tensor (models/flat_lora.py): DeepSpeed's host work is per trainable tensor (a gradient hook, an
-inf/NaN check and a norm each), and a 7B model has ~450 LoRA tensors.
+inf/NaN check and a norm each), and a 7B model has ~450 LoRA tensors. Not under ZeRO-3: it partitions
+every parameter, so the PEFT weights could no longer be views of the flat tensor's storage, and each
+layer would need the whole flat tensor gathered to read its slice; there the adapters stay separate
+tensors (logged once).
+
+`zero3_model_init(cfg, precision)` is the context the model must be built in (a no-op unless
+`--deepspeed` is a ZeRO-3 config).
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
@@ -25,12 +33,20 @@ from common.runtime import resolve_device, resolve_precision
 from models.flat_lora import attach_flat_lora
 from trainer.config import TrainConfig
 from trainer.engines.base import Engine
-from trainer.engines.deepspeed_engine import DeepSpeedEngine, build_deepspeed_engine, build_ds_config
+from trainer.engines.deepspeed_engine import (
+    DeepSpeedEngine,
+    build_deepspeed_engine,
+    build_ds_config,
+    zero3_model_init,
+    zero_stage,
+)
 from trainer.engines.optim import optimizer_groups, warmup_cosine
 from trainer.engines.torch_engine import TORCH_ENGINE_STATE, TorchEngine
 
 __all__ = ["Engine", "DeepSpeedEngine", "TorchEngine", "build_engine", "build_ds_config", "optimizer_groups",
-           "warmup_cosine", "TORCH_ENGINE_STATE"]
+           "warmup_cosine", "TORCH_ENGINE_STATE", "zero3_model_init", "zero_stage"]
+
+log = logging.getLogger("trainer")
 
 
 def build_engine(model: torch.nn.Module, cfg: TrainConfig, total_steps: int,
@@ -43,7 +59,12 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, total_steps: int,
     if kind not in ("deepspeed", "torch"):
         raise ValueError(f"--engine must be 'deepspeed' or 'torch' (got {kind!r})")
     flat = None
-    if getattr(cfg.model, "flat_lora", False) and getattr(cfg.model, "fused_lora", False):
+    want_flat = getattr(cfg.model, "flat_lora", False) and getattr(cfg.model, "fused_lora", False)
+    if want_flat and kind == "deepspeed" and zero_stage(cfg) == 3:
+        want_flat = False
+        log.info("--flat-lora is off under ZeRO-3 (%s): it partitions every parameter, so the LoRA weights stay "
+                 "separate tensors", cfg.deepspeed)
+    if want_flat:
         flat = attach_flat_lora(model)  # the engine then sees 1 LoRA tensor, not ~450
     if kind == "torch":
         engine = TorchEngine(model, cfg, total_steps, device, dtype)

@@ -11,6 +11,9 @@ class Engine:
     device: torch.device
     dtype: torch.dtype  # compute dtype of the weights and of the float inputs
     flat_lora = None  # models.flat_lora.FlatLora when build_engine packed the LoRA weights
+    # True when each rank holds a slice of the weights (ZeRO-3): every forward, generation and weight
+    # read (checkpoint saving) must then run on all ranks together
+    partitions_weights = False
 
     @property
     def module(self) -> torch.nn.Module:

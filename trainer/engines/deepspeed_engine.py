@@ -1,4 +1,4 @@
-"""`--engine deepspeed`: DeepSpeed ZeRO (stage 1 or 2) from a ds_configs/ JSON, the spec's default.
+"""`--engine deepspeed`: DeepSpeed ZeRO (stage 1, 2 or 3) from a ds_configs/ JSON, the spec's default.
 
 What `build_ds_config` decides so that the JSON can say "auto":
 - `train_micro_batch_size_per_gpu` = 1: one micro-batch is ONE packed row holding the batch's
@@ -8,8 +8,18 @@ What `build_ds_config` decides so that the JSON can say "auto":
 - The warm-up + cosine schedule is a torch `LambdaLR` handed to `deepspeed.initialize`, so its
   state is in DeepSpeed's checkpoints (exact resume); DeepSpeed does not step it on a skipped update.
 - `bf16.enabled` from `--precision` (auto: bf16 on CUDA, fp32 on CPU), clipping from `--max-grad-norm`.
+- ZeRO-3 only: the bucket sizes left "auto" scale with the LM's hidden size H (DeepSpeed's and HF's
+  rule: reduce bucket H², prefetch bucket 0.9·H², parameters under 10·H elements stay gathered).
 ZeRO checks the gradient norm before every update and, when it is inf/NaN, zeroes the gradients and
-skips the update and the LR step (on all ranks alike, since the check is all-reduced).
+skips the update and the LR step (on all ranks alike, since the check is all-reduced; ZeRO-3 too).
+
+ZeRO-3 (ds_configs/zero3.json, zero3_offload.json) also partitions the weights themselves:
+- the model is built inside `zero3_model_init` (transformers' from_pretrained then creates it under
+  deepspeed.zero.Init and loads each weight straight into its partitions: no rank holds the whole LM);
+- weights the model reads outside their own module's forward are declared (models/zero3.py);
+- the flat LoRA tensor is not used (trainer/engines/__init__.py says why);
+- resume checkpoints are DeepSpeed's partitioned ones; the inference checkpoint is gathered
+  (trainer/checkpoint.py).
 
 Resume loads DeepSpeed's checkpoint files weights-only: DeepSpeed's own checkpoint engine calls
 `torch.load(..., weights_only=False)`, which runs whatever code a planted file carries; the engine's
@@ -19,6 +29,7 @@ Resume loads DeepSpeed's checkpoint files weights-only: DeepSpeed's own checkpoi
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import pickle
@@ -27,6 +38,7 @@ from typing import Any, Optional
 
 import torch
 
+from models.zero3 import register_weight_reads
 from trainer.config import TrainConfig, resolve_ds_config_path
 from trainer.engines.base import Engine
 from trainer.engines.optim import optimizer_groups, warmup_cosine
@@ -38,7 +50,7 @@ def _fill(section: dict, key: str, value: Any) -> None:
         section[key] = value
 
 
-def build_ds_config(cfg: TrainConfig, precision: str) -> dict:
+def build_ds_config(cfg: TrainConfig, precision: str, hidden_size: Optional[int] = None) -> dict:
     """The DeepSpeed config dict: the JSON file with its "auto" fields filled from `cfg`."""
     path = resolve_ds_config_path(cfg.deepspeed)
     try:
@@ -67,11 +79,64 @@ def build_ds_config(cfg: TrainConfig, precision: str) -> dict:
     # passes params it does not know through to torch.optim.AdamW); the torch engine uses it too.
     params.setdefault("fused", True)
     ds.pop("scheduler", None)  # ours is passed to deepspeed.initialize (exact-resumable LambdaLR)
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (1, 2):
-        raise ValueError(f"{path}: zero_optimization.stage must be 1 or 2 (got {stage}); "
+    zero = ds.get("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    if stage not in (1, 2, 3):
+        raise ValueError(f"{path}: zero_optimization.stage must be 1, 2 or 3 (got {stage}); "
                          "the non-finite-step skip relies on ZeRO's gradient-norm check")
+    if stage == 3:
+        _fill_stage3_sizes(zero, hidden_size, path, cfg)
     return ds
+
+
+STAGE3_AUTO_SIZES = ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold")
+
+
+def _fill_stage3_sizes(zero: dict, hidden_size: Optional[int], path: Path, cfg: TrainConfig) -> None:
+    """ZeRO-3's bucket sizes left "auto", from the LM's hidden size (module doc)."""
+    if not any(zero.get(k) == "auto" for k in STAGE3_AUTO_SIZES):
+        return
+    if hidden_size is None:
+        from transformers import AutoConfig
+
+        try:
+            hidden_size = int(AutoConfig.from_pretrained(cfg.model.model_path).hidden_size)
+        except (OSError, ValueError, AttributeError) as e:
+            raise ValueError(f"{path}: its ZeRO-3 bucket sizes are 'auto', which needs the hidden size from "
+                             f"--model-path {cfg.model.model_path!r}/config.json ({e})") from e
+    h2 = hidden_size * hidden_size
+    for key, value in zip(STAGE3_AUTO_SIZES, (h2, int(0.9 * h2), 10 * hidden_size)):
+        _fill(zero, key, value)
+
+
+def zero_stage(cfg: TrainConfig) -> int:
+    """The ZeRO stage of `--deepspeed` (0 for `--engine torch`); config errors are build_ds_config's."""
+    if getattr(cfg, "engine", "deepspeed") != "deepspeed":
+        return 0
+    try:
+        return int(json.loads(resolve_ds_config_path(cfg.deepspeed).read_text())
+                   .get("zero_optimization", {}).get("stage", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0
+
+
+@contextlib.contextmanager
+def zero3_model_init(cfg: TrainConfig, precision: str):
+    """Build the model inside this block: with a ZeRO-3 `--deepspeed` config, transformers'
+    `from_pretrained` creates the LM under deepspeed.zero.Init and loads every weight straight into
+    its partitions (it asks `is_deepspeed_zero3_enabled()`, true while an HfDeepSpeedConfig lives), so
+    no rank ever holds the whole LM; modules built outside (LoRA, the prefix) are partitioned by
+    `deepspeed.initialize`. A no-op for other engines and stages."""
+    if zero_stage(cfg) != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+
+    keep_alive = HfDeepSpeedConfig(build_ds_config(cfg, precision))  # transformers holds a weak reference
+    try:
+        yield
+    finally:
+        del keep_alive
 
 
 class CheckpointFileError(RuntimeError):
@@ -144,6 +209,11 @@ class DeepSpeedEngine(Engine):
     def module(self) -> torch.nn.Module:
         return self.ds.module
 
+    @property
+    def partitions_weights(self) -> bool:
+        """ZeRO-3: every forward and any weight read is collective (all ranks take part)."""
+        return bool(self.ds.zero_optimization_partition_weights())
+
     def train(self) -> None:
         self.ds.train()
 
@@ -198,6 +268,8 @@ def build_deepspeed_engine(model: torch.nn.Module, cfg: TrainConfig, total_steps
     import deepspeed
 
     ds_config = build_ds_config(cfg, precision)
+    if ds_config.get("zero_optimization", {}).get("stage") == 3:
+        register_weight_reads(model)
     factor = warmup_cosine(total_steps, cfg.optim.warmup_ratio, cfg.optim.min_lr_ratio)
     ds_engine, _, _, _ = deepspeed.initialize(
         model=model,
