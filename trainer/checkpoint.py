@@ -31,7 +31,8 @@ ZeRO-2 keeps the full (unpartitioned) weights on every rank, so rank 0 alone wri
 a slice of every weight per rank: `save_trained_checkpoint` (collective) gathers the LoRA + prefix
 weights (small) on every rank for the write, or, for a `--no-use-lora` run, the LM one weight at a
 time into rank 0's host memory (one full copy, never two). Its resume checkpoints are DeepSpeed's
-per-rank partitions (`zero_pp_rank_<r>_*`), resumed on the same number of ranks.
+per-rank partitions (`zero_pp_rank_<r>_*`); resumed on another number of ranks, they are converted
+once to DeepSpeed's universal form (`resume/step-<N>/universal/`) and loaded from it.
 `load_inference_model` reads it back (and the seed's older file names).
 """
 
@@ -280,18 +281,33 @@ def load_resume_checkpoint(engine, output_dir: str | Path, rank: int, world_size
     rngs = saved.pop("rng")
     known = {f.name for f in dataclasses.fields(TrainerState)}
     state = TrainerState(**{k: v for k, v in saved.items() if k in known})
-    if state.world_size != world_size:
+    resharded = state.world_size != world_size
+    if resharded and not getattr(engine, "partitions_weights", False):
         raise CheckpointError(
             f"{root / tag}: saved with {state.world_size} ranks, resuming with {world_size}; exact resume "
-            "needs the same world size (ZeRO partitions and the data split depend on it)")
-    if len(rngs) != world_size:
-        raise CheckpointError(f"{marker}: RNG states of {len(rngs)} ranks for {world_size} (damaged?)")
+            "needs the same world size (ZeRO partitions and the data split depend on it); a ZeRO-3 run "
+            "(--deepspeed ds_configs/zero3.json) can change it")
+    if len(rngs) != state.world_size:
+        raise CheckpointError(f"{marker}: RNG states of {len(rngs)} ranks for {state.world_size} (damaged?)")
     try:
-        engine.load(root, tag)
+        if resharded:
+            engine.load_resharded(root, tag, state.world_size)
+        else:
+            engine.load(root, tag)
     except Exception as e:
         raise CheckpointError(f"{root / tag}: cannot restore the engine state: {e}") from e
+    if resharded:
+        # Weights, optimizer and LR schedule continue exactly; the data position is the number of
+        # samples consumed in the epoch, which the new ranks' split continues from (not the very
+        # samples that were left: the split into ranks changed).
+        if rank == 0 and warn is not None:
+            warn(f"--resume: {root / tag} was saved on {state.world_size} ranks, resuming on {world_size} "
+                 f"(ZeRO-3 universal checkpoint); mid-epoch, the rest of epoch {state.epoch} is not exactly "
+                 "the samples the old ranks had left")
+        state.batches_in_epoch = state.batches_in_epoch * state.world_size // world_size
+        state.world_size = world_size
     try:
-        set_rng_state(rngs[rank])
+        set_rng_state(rngs[rank % len(rngs)])
     except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as e:
         raise CheckpointError(f"{marker}: bad RNG state of rank {rank} ({type(e).__name__}: {e})") from None
     return state

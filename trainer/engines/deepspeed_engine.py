@@ -29,17 +29,21 @@ Resume loads DeepSpeed's checkpoint files weights-only: DeepSpeed's own checkpoi
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import json
 import pickle
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
+from common.io import atomic_dir
 from models.zero3 import register_weight_reads
 from trainer.config import TrainConfig, resolve_ds_config_path
+from trainer.distributed import barrier, broadcast_object
 from trainer.engines.base import Engine
 from trainer.engines.optim import optimizer_groups, warmup_cosine
 
@@ -194,6 +198,52 @@ class WeightsOnlyLoads:
         return load_weights_only(path, map_location)
 
 
+@contextlib.contextmanager
+def weights_only_torch_loads():
+    """Every `torch.load` inside the block is weights-only (allowing ds_checkpoint_safe_globals()): for
+    DeepSpeed code that loads checkpoint files itself with `weights_only=False` (the universal-checkpoint
+    converter and loader), not through the engine's checkpoint_engine."""
+    real = torch.load
+
+    def load(f, *args, **kwargs):
+        kwargs["weights_only"] = True
+        try:
+            with torch.serialization.safe_globals(ds_checkpoint_safe_globals()):
+                return real(f, *args, **kwargs)
+        except Exception as e:
+            refusal = weights_only_refusal(e)
+            if refusal is not None:
+                raise CheckpointFileError(f"{f}: refused: it holds objects other than tensors, plain containers "
+                                          f"and DeepSpeed's own checkpoint classes [{refusal}]") from None
+            raise
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = real
+
+
+UNIVERSAL_DIRNAME = "universal"  # inside a resume checkpoint: its DeepSpeed universal form, made on demand
+
+
+def convert_to_universal(ckpt_dir: Path) -> Path:
+    """`ckpt_dir/universal/`: DeepSpeed's universal checkpoint of the ZeRO checkpoint in `ckpt_dir`
+    (every parameter's fp32 weight and Adam moments, whole, one folder each: loadable on any number of
+    ranks). Made once (atomically) and reused; call on one rank."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    out = ckpt_dir / UNIVERSAL_DIRNAME
+    if (out / "zero").is_dir():
+        return out
+    with atomic_dir(out) as tmp, weights_only_torch_loads():
+        args = argparse.Namespace(input_folder=str(ckpt_dir), output_folder=str(tmp), num_extract_workers=1,
+                                  num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                  inject_missing_state=False)
+        ds_to_universal.main(args)
+    return out
+
+
 class DeepSpeedEngine(Engine):
     """A DeepSpeed engine seen through the methods the training loop needs."""
 
@@ -249,6 +299,12 @@ class DeepSpeedEngine(Engine):
 
     def save(self, save_dir: str | Path, tag: str, client_state: dict | None = None) -> None:
         """Collective: every rank writes its optimizer partition. Frozen base weights are not saved."""
+        # An earlier save of this tag (a resumed run saves its step again, maybe on another number of
+        # ranks) is incomplete by now (trainer/checkpoint.py removed its marker): its per-rank files and
+        # universal form must not mix with the new ones.
+        if self.ds.global_rank == 0:
+            shutil.rmtree(Path(save_dir) / tag, ignore_errors=True)
+        barrier()
         self.ds.save_checkpoint(str(save_dir), tag=tag, client_state=client_state or {},
                                 save_latest=False, exclude_frozen_parameters=True)
 
@@ -259,6 +315,35 @@ class DeepSpeedEngine(Engine):
         if path is None:
             raise FileNotFoundError(f"DeepSpeed checkpoint {Path(load_dir) / tag} could not be loaded "
                                     f"(written by --engine torch? then resume with --engine torch)")
+        return client_state or {}
+
+    def load_resharded(self, load_dir: str | Path, tag: str, saved_world_size: int) -> dict:
+        """Collective: `load` of a checkpoint written on another number of ranks (ZeRO-3 only), through
+        DeepSpeed's universal checkpoint: rank 0 converts it once (`convert_to_universal`), every rank
+        then loads its new partition of each weight and Adam moment, and the LR schedule."""
+        if not self.partitions_weights:
+            raise ValueError(f"{Path(load_dir) / tag}: saved on {saved_world_size} ranks; only a ZeRO-3 "
+                             f"(--deepspeed ds_configs/zero3.json) checkpoint resumes on another number of ranks")
+        error = None
+        if self.ds.global_rank == 0:
+            try:
+                convert_to_universal(Path(load_dir) / tag)
+            except Exception as e:  # every rank must hear of it, not wait at the barrier
+                error = f"{Path(load_dir) / tag}: conversion to a universal checkpoint failed: {e}"
+        error = broadcast_object(error)
+        if error:
+            raise CheckpointFileError(error)
+        barrier()
+        self.ds._config.load_universal_checkpoint = True
+        try:
+            with weights_only_torch_loads():
+                path, client_state = self.ds.load_checkpoint(
+                    str(Path(load_dir) / tag), tag=UNIVERSAL_DIRNAME, load_module_strict=False,
+                    load_optimizer_states=True, load_lr_scheduler_states=True)
+        finally:
+            self.ds._config.load_universal_checkpoint = False
+        if path is None:
+            raise FileNotFoundError(f"{Path(load_dir) / tag / UNIVERSAL_DIRNAME}: could not be loaded")
         return client_state or {}
 
 
