@@ -4,8 +4,10 @@
   steps over the same micro-batches): same losses, same trained weights (fp32), for LoRA and for
   full fine-tuning; the inference checkpoint, gathered from the partitions, loads with plain PEFT /
   `AutoModelForCausalLM.from_pretrained`.
-- The trainer end to end: N steps + resume + M steps = N + M steps, sample generations (every rank
-  decodes in lockstep), the inference checkpoints.
+- Resume: N steps + resume + M steps = N + M steps on 2 ranks, and from the same 2-rank checkpoint
+  on 1 rank (DeepSpeed's universal checkpoint: DeepSpeed 0.19's ZeRO-3 has no elastic load).
+- The trainer end to end (launch/train.sh): a skipped non-finite step, sample generations (every
+  rank decodes in lockstep), gathered inference checkpoints, a resume on another number of ranks.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import sys
 import pytest
 import torch
 
-from tests.zero3_steps import run_steps, steps_config
+from tests.zero3_steps import resume_and_finish, run_steps, steps_config
 from trainer.config import TrainConfig, replace
 from trainer.engines import build_ds_config
 
@@ -51,17 +53,21 @@ def dist_one():
     os.environ.update(saved)
 
 
-def _launch_two_ranks(args: list[str]) -> None:
+@pytest.fixture(scope="module")
+def two_zero3_ranks(tiny_lm_dir, tmp_path_factory):
+    """tests/zero3_steps.py in 2 processes with ZeRO-3, LoRA then full fine-tuning (one launch)."""
     from common.runtime import free_port
     from tests.test_train_e2e import REPO, run_env
 
+    out = tmp_path_factory.mktemp("zero3_2ranks")
     env = {**run_env(), "DS_ACCELERATOR": "cpu"}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           "-m", "tests.zero3_steps", *args]
+           "-m", "tests.zero3_steps", str(tiny_lm_dir), str(out), ZERO3]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return out
 
 
 def _safetensors(path) -> dict[str, torch.Tensor]:
@@ -70,41 +76,91 @@ def _safetensors(path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+def _assert_same_weights(got_dir, want_dir, names, atol=2e-6, rtol=1e-5):
+    for name in names:
+        want, got = _safetensors(want_dir / name), _safetensors(got_dir / name)
+        assert sorted(got) == sorted(want) and all(v.numel() > 0 for v in got.values()), name
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], atol=atol, rtol=rtol, msg=f"{name}: {k}")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("use_lora", [True, False], ids=["lora", "full"])
-def test_two_zero3_ranks_make_the_one_process_updates(use_lora, tiny_lm_dir, tmp_path, dist_one):
+def test_two_zero3_ranks_make_the_one_process_updates_and_resume(use_lora, tiny_lm_dir, tmp_path, two_zero3_ranks,
+                                                                 dist_one):
+    """3 steps on 2 ZeRO-3 ranks against 1 process (ZeRO-2, 2 accumulation steps, same micro-batches):
+    same losses and weights. The 2-rank resume checkpoint of step 2 resumes exactly on 2 ranks (in the
+    worker) and on 1 rank (ZeRO-3, universal checkpoint, here): same step-3 losses and weights."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    two = tmp_path / "zero3_2ranks"
-    _launch_two_ranks([str(tiny_lm_dir), str(two), ZERO3] + ([] if use_lora else ["--full"]))
-    got_losses = json.loads((two / "losses.json").read_text())
+    two = two_zero3_ranks / ("lora" if use_lora else "full")
+    got = json.loads((two / "result.json").read_text())
+    assert got["flat_lora"] is False, "flat LoRA is switched off under ZeRO-3"
+    weights = ["adapter_model.safetensors" if use_lora else "model.safetensors", "stage2_prefix_modules.safetensors"]
 
     one = tmp_path / "zero2_1rank"
-    cfg = steps_config(str(tiny_lm_dir), "ds_configs/zero2.json", use_lora, grad_accum=2)
-    want_losses = run_steps(cfg, one / "ckpt", rank=0, world=1, is_main=True)
-    assert len(got_losses) == len(want_losses) == 6
-    assert got_losses == pytest.approx(want_losses, rel=1e-5, abs=1e-6)
-
-    weights = "adapter_model.safetensors" if use_lora else "model.safetensors"
-    want, got = _safetensors(one / "ckpt" / weights), _safetensors(two / "ckpt" / weights)
-    assert sorted(got) == sorted(want) and all(v.numel() > 0 for v in got.values())
-    base = _safetensors(next(tiny_lm_dir.glob("*.safetensors"))) if not use_lora else None
-    moved = max(float((want[k] - (base[k] if base is not None and k in base else 0)).abs().max()) for k in want)
+    ref = run_steps(steps_config(str(tiny_lm_dir), "ds_configs/zero2.json", use_lora, grad_accum=2), one,
+                    rank=0, world=1, is_main=True)
+    assert len(got["losses"]) == len(ref["losses"]) == 6
+    assert got["losses"] == pytest.approx(ref["losses"], rel=1e-5, abs=1e-6)
+    want = _safetensors(one / "ckpt" / weights[0])
+    base = _safetensors(next(tiny_lm_dir.glob("*.safetensors"))) if not use_lora else {}
+    moved = max(float((want[k] - base.get(k, torch.zeros_like(want[k]))).abs().max()) for k in want)
     assert moved > 1e-3, "the updates must be visible above the tolerance"
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], atol=2e-6, rtol=1e-5, msg=k)
-    prefix_want, prefix_got = (_safetensors(d / "ckpt" / "stage2_prefix_modules.safetensors") for d in (one, two))
-    for k in prefix_want:
-        torch.testing.assert_close(prefix_got[k], prefix_want[k], atol=2e-6, rtol=1e-5, msg=k)
+    _assert_same_weights(two / "ckpt", one / "ckpt", weights)
+
+    # Exact resume on 2 ranks (the worker's second engine) ...
+    assert got["resumed_losses"] == got["losses"][-2:]
+    _assert_same_weights(two / "ckpt_resumed", two / "ckpt", weights, atol=0, rtol=0)
+    # ... and on 1 rank from the same 2-rank checkpoint (DeepSpeed universal checkpoint).
+    one_z3 = steps_config(str(tiny_lm_dir), ZERO3, use_lora, grad_accum=2)
+    resumed = resume_and_finish(one_z3, two / "run", tmp_path / "resumed_1rank", rank=0, world=1, is_main=True)
+    assert resumed == pytest.approx(got["losses"][-2:], rel=1e-5, abs=1e-6)
+    assert (two / "run" / "resume" / "step-2" / "universal" / "zero").is_dir()
+    _assert_same_weights(tmp_path / "resumed_1rank", two / "ckpt", weights)
 
     # The gathered checkpoint is a standard one: plain PEFT / transformers load it.
+    saved = _safetensors(two / "ckpt" / weights[0])
     if use_lora:
         lm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_lm_dir)), str(two / "ckpt"))
         loaded = {k: v for k, v in lm.state_dict().items() if "lora_" in k}
-        assert len(loaded) == len(got)
+        assert len(loaded) == len(saved)
+        for k, v in saved.items():
+            torch.testing.assert_close(loaded[k.replace(".weight", ".default.weight")], v, atol=0, rtol=0, msg=k)
     else:
-        lm = AutoModelForCausalLM.from_pretrained(str(two / "ckpt"))
-        sd = lm.state_dict()
-        for k in got:
-            torch.testing.assert_close(sd[k], got[k], atol=0, rtol=0, msg=k)
+        sd = AutoModelForCausalLM.from_pretrained(str(two / "ckpt")).state_dict()
+        for k in saved:
+            torch.testing.assert_close(sd[k], saved[k], atol=0, rtol=0, msg=k)
+
+
+@pytest.mark.slow
+def test_zero3_through_the_trainer_and_a_resume_on_one_rank(shard_dir, tiny_lm_dir, tmp_path):
+    """launch/train.sh with --deepspeed ds_configs/zero3.json: 4 steps on 2 ranks (a non-finite step
+    skipped, samples generated in lockstep, checkpoints gathered); then its step-2 checkpoint resumes on
+    1 rank (universal checkpoint, the data position carried over) holding exactly the weights of the
+    2-rank run's checkpoint-2."""
+    from common.io import read_jsonl
+    from tests.test_train_e2e import base_flags, run_train
+
+    out = tmp_path / "run"
+    flags = base_flags(shard_dir, tiny_lm_dir, out, **{
+        "deepspeed": ZERO3, "max-steps": 4, "save-steps": 2, "save-total-limit": 5, "sample-log-steps": 2,
+        "sample-log-num": 1, "sample-log-max-new-tokens": 4, "val-max-samples": 8, "debug-nan-at-steps": [3]})
+    proc = run_train(flags)
+    assert "--flat-lora is off under ZeRO-3" in proc.stderr
+    log = read_jsonl(out / "train_log.jsonl")
+    assert [r["step"] for r in log if r["kind"] == "sample"] == [2, 4]
+    assert {r["step"]: r["nan_steps_total"] for r in log if r["kind"] == "train"} == {1: 0, 2: 0, 3: 1, 4: 1}
+    assert (out / "resume" / "step-2" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").is_file()
+    assert (out / "final" / "adapter_model.safetensors").is_file()
+
+    (out / "resume" / "latest").write_text("step-2\n")
+    proc = run_train(flags + ["--resume", "--max-steps", "2", "--gradient-accumulation-steps", "2"], num_procs=1)
+    assert "saved on 2 ranks, resuming on 1" in proc.stderr
+    start = [r for r in read_jsonl(out / "train_log.jsonl") if r["kind"] == "start"][-1]
+    assert start["step"] == 2 and start["world_size"] == 1
+    _assert_same_weights(out / "final", out / "checkpoint-2",
+                         ["adapter_model.safetensors", "stage2_prefix_modules.safetensors"], atol=0, rtol=0)
+    assert not (out / "resume" / "step-2" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").exists(), \
+        "the 1-rank save of step 2 starts clean"

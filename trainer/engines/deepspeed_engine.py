@@ -135,11 +135,14 @@ def zero3_model_init(cfg: TrainConfig, precision: str):
         yield
         return
     from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     keep_alive = HfDeepSpeedConfig(build_ds_config(cfg, precision))  # transformers holds a weak reference
     try:
         yield
     finally:
+        # Afterwards transformers must not think ZeRO-3 is on (save_pretrained, generate would change)
+        unset_hf_deepspeed_config()
         del keep_alive
 
 
