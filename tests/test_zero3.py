@@ -173,6 +173,20 @@ def test_two_zero3_ranks_make_the_one_process_updates_and_resume(use_lora, tiny_
             torch.testing.assert_close(sd[k], saved[k], atol=0, rtol=0, msg=k)
 
 
+def test_zero3_in_bf16_makes_the_zero2_updates(tiny_lm_dir, tmp_path, dist_one):
+    """The GPU precision (bf16 weights, fp32 masters) on CPU, 1 rank: the modules built outside
+    zero.Init (LoRA, prefix) are cast to bf16 like ZeRO-2 casts the whole model, and the steps match
+    ZeRO-2's to bf16 rounding."""
+    runs = {}
+    for config in ("ds_configs/zero2.json", ZERO3):
+        cfg = replace(steps_config(str(tiny_lm_dir), config, True, grad_accum=2), model={"precision": "bf16"})
+        runs[config] = run_steps(cfg, tmp_path / config.split("/")[-1], rank=0, world=1, is_main=True)
+    assert runs[ZERO3]["losses"] == pytest.approx(runs["ds_configs/zero2.json"]["losses"], rel=2e-3)
+    assert runs[ZERO3]["losses"][-1] < runs[ZERO3]["losses"][0]
+    saved = _safetensors(tmp_path / "zero3.json" / "ckpt" / "adapter_model.safetensors")
+    assert {v.dtype for v in saved.values()} == {torch.bfloat16}
+
+
 @pytest.mark.slow
 def test_zero3_through_the_trainer(shard_dir, tiny_lm_dir, tmp_path):
     """launch/train.sh with --deepspeed ds_configs/zero3.json on 2 ranks: the LM built partitioned,

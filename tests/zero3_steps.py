@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.runtime import resolve_precision
 from models.collate import TrainItem, collate_train
 from models.prefix_lm import build_prefix_lm
 from models.tasks import build_prompt, tokenize_prompt
@@ -59,7 +60,7 @@ def fixed_batch(tokenizer, i: int) -> dict:
 
 def build(cfg: TrainConfig):
     torch.manual_seed(0)  # the same initial weights in every run
-    with zero3_model_init(cfg, "fp32"):
+    with zero3_model_init(cfg, resolve_precision(cfg.model.precision)):
         model, tok = build_prefix_lm(cfg.model, latent_dim=LATENT_DIM)
     return build_engine(model, cfg, total_steps=NUM_STEPS), tok
 

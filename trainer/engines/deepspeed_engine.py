@@ -41,7 +41,7 @@ from typing import Any, Optional
 import torch
 
 from common.io import atomic_dir
-from models.zero3 import register_weight_reads
+from models.zero3 import is_partitioned, register_weight_reads
 from trainer.config import TrainConfig, resolve_ds_config_path
 from trainer.distributed import barrier, broadcast_object
 from trainer.engines.base import Engine
@@ -358,6 +358,13 @@ def build_deepspeed_engine(model: torch.nn.Module, cfg: TrainConfig, total_steps
     ds_config = build_ds_config(cfg, precision)
     if ds_config.get("zero_optimization", {}).get("stage") == 3:
         register_weight_reads(model)
+        # ZeRO-1/2 cast the whole module to the compute dtype (module.bfloat16()); ZeRO-3 leaves the
+        # parameters built outside zero.Init (LoRA, the prefix, the Stage1 tail) as they are, and then
+        # refuses to flatten a mix of bf16 and fp32 partitions.
+        with torch.no_grad():
+            for p in model.parameters():
+                if not is_partitioned(p) and p.is_floating_point() and p.dtype != dtype:
+                    p.data = p.data.to(dtype)
     factor = warmup_cosine(total_steps, cfg.optim.warmup_ratio, cfg.optim.min_lr_ratio)
     ds_engine, _, _, _ = deepspeed.initialize(
         model=model,
