@@ -79,7 +79,6 @@ def gathered_state_dict(module: nn.Module, keep: bool, prefix: str = "") -> dict
     `keep` (rank 0) is the dictionary filled (one full copy, in host memory). Tied weights appear
     under every name, as in `state_dict()`."""
     out: dict[str, torch.Tensor] = {}
-    names = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
     for name, p in module.named_parameters(remove_duplicate=False):
         with gathered([p]):
             if keep:
@@ -88,6 +87,6 @@ def gathered_state_dict(module: nn.Module, keep: bool, prefix: str = "") -> dict
         non_persistent = {f"{m_name}.{b}" if m_name else b for m_name, m in module.named_modules()
                           for b in getattr(m, "_non_persistent_buffers_set", ())}
         for name, b in module.named_buffers():
-            if name not in non_persistent and id(b) not in names:
+            if name not in non_persistent:
                 out[prefix + name] = b.detach().to("cpu", copy=True)
     return out

@@ -4,6 +4,7 @@
   steps over the same micro-batches): same losses, same trained weights (fp32), for LoRA and for
   full fine-tuning; the inference checkpoint, gathered from the partitions, loads with plain PEFT /
   `AutoModelForCausalLM.from_pretrained`.
+- bf16 (the GPU precision) on 1 rank: the steps of ZeRO-2 to bf16 rounding.
 - Resume: N steps + resume + M steps = N + M steps on 2 ranks, and from the same 2-rank checkpoint
   on 1 rank (DeepSpeed's universal checkpoint: DeepSpeed 0.19's ZeRO-3 has no elastic load).
 - The trainer end to end (launch/train.sh): a skipped non-finite step, sample generations (every
