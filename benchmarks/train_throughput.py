@@ -830,13 +830,15 @@ def mode_project(ctx: Context) -> dict:
     loss_impl = resolve_fused_kernels(cfg.model.fused_kernels, ctx.device)
     lora_dtype = next((str(p.dtype).split(".")[-1] for n, p in model.named_parameters() if "lora_A" in n), None)
     result.update(token_budget=budget, token_budget_probe=probe.record() if probe else None)
-    result.update(attn_implementation=backend, fused_kernels=loss_impl, step_engine=engine_name,
+    zero = int(engine.ds.zero_optimization_stage()) if engine_name == "deepspeed" else None
+    result.update(attn_implementation=backend, fused_kernels=loss_impl, step_engine=engine_name, zero_stage=zero,
+                  flat_lora=engine.flat_lora is not None,
                   fused_lora=cfg.model.fused_lora, lora_dtype=lora_dtype, checkpointed_layers=ckpt_layers,
                   label=f"build_prefix_lm + collate_train packed (<= {budget} tokens/row{' (probed)' if probe else ''}"
                         f"{f', {cfg.batch_size} examples/row' if cfg.batch_size > 0 else ''}), attention "
                         f"{backend!r}, kernels {loss_impl!r}, LoRA {lora_dtype}"
                         f"{' fused' if cfg.model.fused_lora else ''} dropout {cfg.model.lora_dropout}, "
-                        + ("DeepSpeed ZeRO-2 engine" if engine_name == "deepspeed" else "torch engine")
+                        + (f"DeepSpeed ZeRO-{zero} engine" if engine_name == "deepspeed" else "torch engine")
                         + " (the trainer's step)"
                         + (f", {cfg.grad_accum} micro-batches per optimizer step" if cfg.grad_accum > 1 else "")
                         + (f", activation checkpointing of {ckpt_layers} layers" if ckpt_layers else ""))

@@ -37,6 +37,7 @@ from common.io import atomic_path, atomic_write_json
 from common.runtime import resolve_device, resolve_dtype
 from models import attention as attn
 from models import kernels, lora_fused
+from models.zero3 import gathered
 from models.stage1 import TAIL_FILENAME, Stage1Tail
 from models.tasks import TASKS
 
@@ -498,7 +499,9 @@ def wrap_lm(lm: nn.Module, cfg: ModelConfig, latent_dim: int, num_classes: int =
     lm = _wrap_lora(lm, cfg) if cfg.use_lora else lm
 
     if embed_std is None:  # a meta-device LM has no values: its caller reads the std from the files
-        embed_std = float(lm.get_input_embeddings().weight.detach().float().std())
+        embed = lm.get_input_embeddings().weight
+        with gathered([embed]):  # built under ZeRO-3's zero.Init: every rank holds a slice only
+            embed_std = float(embed.detach().float().std())
     prefix = Stage2Prefix(latent_dim, lm.config.hidden_size, cfg.num_image_tokens, num_classes, tail=tail,
                           init_std=embed_std)
     model = PrefixLM(lm, prefix, loss_impl=loss_impl, ce_chunk_size=cfg.ce_chunk_size)

@@ -29,7 +29,12 @@ needs next to the base model, built in a temp dir and renamed into place:
                               Stage1 encoder and classifier + the settings the latents were made
                               with): eval refuses inputs made with another Stage1
 
-ZeRO-2 keeps the full (unpartitioned) weights on every rank, so rank 0 alone writes it.
+ZeRO-2 keeps the full (unpartitioned) weights on every rank, so rank 0 alone writes it. ZeRO-3 keeps
+a slice of every weight per rank: `save_trained_checkpoint` (collective) gathers the LoRA + prefix
+weights (small) on every rank for the write, or, for a `--no-use-lora` run, the LM one weight at a
+time into rank 0's host memory (one full copy, never two). Its resume checkpoints are DeepSpeed's
+per-rank partitions (`zero_pp_rank_<r>_*`); resumed on another number of ranks, they are converted
+once to DeepSpeed's universal form (`resume/step-<N>/universal/`) and loaded from it.
 `load_inference_model` reads it back (and the seed's older file names).
 """
 
@@ -63,6 +68,7 @@ from models.prefix_lm import (
     load_tokenizer,
     save_adapter,
 )
+from models.zero3 import any_partitioned, gathered, gathered_state_dict
 from trainer.config import TrainConfig, load_train_config
 from trainer.distributed import all_gather_objects, barrier, broadcast_object
 
@@ -297,20 +303,23 @@ def load_resume_checkpoint(engine, output_dir: str | Path, rank: int, world_size
     state = TrainerState(**{k: v for k, v in saved.items() if k in known})
     if len(rngs) != state.world_size:
         raise CheckpointError(f"{marker}: RNG states of {len(rngs)} ranks for {state.world_size} (damaged?)")
-    if state.world_size != world_size:
-        if not getattr(engine, "reshardable", False):
-            raise CheckpointError(
-                f"{root / tag}: saved with {state.world_size} ranks, resuming with {world_size}; exact resume "
-                "needs the same world size (ZeRO partitions and the data split depend on it); "
-                "--engine fsdp2 checkpoints resume on another world size")
-        state = rescale_data_position(state, world_size, warn if rank == 0 else None)
-        rngs = [rngs[r % len(rngs)] for r in range(world_size)]
+    resharded = state.world_size != world_size
+    if resharded and not getattr(engine, "reshardable", False):
+        raise CheckpointError(
+            f"{root / tag}: saved with {state.world_size} ranks, resuming with {world_size}; exact resume "
+            "needs the same world size (ZeRO partitions and the data split depend on it); --engine fsdp2 and "
+            "ZeRO-3 (--deepspeed ds_configs/zero3.json) checkpoints resume on another world size")
     try:
-        engine.load(root, tag)
+        if resharded and hasattr(engine, "load_resharded"):  # ZeRO-3: through a universal checkpoint
+            engine.load_resharded(root, tag, state.world_size)
+        else:  # FSDP2's DCP load reshards by itself
+            engine.load(root, tag)
     except Exception as e:
         raise CheckpointError(f"{root / tag}: cannot restore the engine state: {e}") from e
+    if resharded:
+        state = rescale_data_position(state, world_size, warn if rank == 0 else None)
     try:
-        set_rng_state(rngs[rank])
+        set_rng_state(rngs[rank % len(rngs)])
     except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as e:
         raise CheckpointError(f"{marker}: bad RNG state of rank {rank} ({type(e).__name__}: {e})") from None
     return state
@@ -319,7 +328,8 @@ def load_resume_checkpoint(engine, output_dir: str | Path, rank: int, world_size
 def rescale_data_position(state: TrainerState, world_size: int, warn=None) -> TrainerState:
     """The trainer state of a checkpoint written on `state.world_size` ranks, for `world_size` ranks.
 
-    Weights, optimizer state and the count of applied steps reshard exactly (FSDP2 + DCP); the data
+    Weights, optimizer state and the count of applied steps reshard exactly (FSDP2 + DCP, ZeRO-3 via
+    DeepSpeed's universal checkpoint); the data
     position cannot: each rank read a contiguous share of the epoch, and other shares start
     elsewhere. The run continues at the same FRACTION of the epoch (batches consumed x old / new
     ranks, per-rank batch size unchanged), so some samples of the epoch may be seen twice or not
@@ -336,6 +346,26 @@ def rescale_data_position(state: TrainerState, world_size: int, warn=None) -> Tr
 # Inference checkpoints
 # --------------------------------------------------------------------------------------------
 
+def save_trained_checkpoint(model, tokenizer, cond_map: dict, train_config, out_dir: str | Path, is_main: bool,
+                            stage1: Optional[Stage1Record | dict] = None) -> None:
+    """Collective: `save_inference_checkpoint` of a model being trained, written by rank 0 (`is_main`).
+    With ZeRO-3 partitioned weights, every rank takes part in gathering them (module doc)."""
+    if not any_partitioned(model):
+        if is_main:
+            save_inference_checkpoint(model, tokenizer, cond_map, train_config, out_dir, stage1=stage1)
+        return
+    lm_state = None
+    if hasattr(model.lm, "peft_config"):  # the adapter: the trained LoRA weights, with the prefix below
+        small = [p for n, p in model.lm.named_parameters() if p.requires_grad or "lora_" in n]
+    else:  # the whole LM: one weight gathered at a time
+        lm_state = gathered_state_dict(model.lm, keep=is_main)
+        small = []
+    with gathered(small + list(model.prefix.parameters())):
+        if is_main:
+            save_inference_checkpoint(model, tokenizer, cond_map, train_config, out_dir, stage1=stage1,
+                                      state_dict={f"lm.{k}": v for k, v in (lm_state or {}).items()} or None)
+
+
 def save_inference_checkpoint(model, tokenizer, cond_map: dict, train_config, out_dir: str | Path,
                               stage1: Optional[Stage1Record | dict] = None, state_dict: Optional[dict] = None) -> Path:
     """Write the adapter, prefix (+ tail), tokenizer, cond map and config into `out_dir` atomically.
@@ -344,15 +374,17 @@ def save_inference_checkpoint(model, tokenizer, cond_map: dict, train_config, ou
     checkpoint hashes and settings), written to STAGE1_IDENTITY_FILE; the trainer always gives it.
     With LoRA the LM part is the PEFT adapter; a run with `--no-use-lora` trained the whole LM, so
     its checkpoint holds the whole LM instead (Hugging Face format: `config.json` + safetensors).
-    Call on rank 0 only (ZeRO-2 holds full weights everywhere). An existing `out_dir` is replaced.
-    `state_dict`: the model's full weights (keys `lm.*`, `prefix.*`; the LoRA run's trainable ones
-    suffice) when the model itself holds only shards (--engine fsdp2: `engine.gathered_state_dict()`).
+    Call on rank 0 only (ZeRO-2 holds full weights everywhere; ZeRO-3: `save_trained_checkpoint`).
+    An existing `out_dir` is replaced. `state_dict`: full weights to write instead of reading the
+    model's (keys `lm.*`, `prefix.*`; either part may be absent, the LoRA run's trainable ones
+    suffice) when the model itself holds only shards (--engine fsdp2: `engine.gathered_state_dict()`;
+    ZeRO-3 full fine-tuning: the LM gathered one weight at a time).
     """
     out_dir = Path(out_dir)
     lm_sd = prefix_sd = None
     if state_dict is not None:
-        lm_sd = {k[len("lm."):]: v for k, v in state_dict.items() if k.startswith("lm.")}
-        prefix_sd = {k[len("prefix."):]: v for k, v in state_dict.items() if k.startswith("prefix.")}
+        lm_sd = {k[len("lm."):]: v for k, v in state_dict.items() if k.startswith("lm.")} or None
+        prefix_sd = {k[len("prefix."):]: v for k, v in state_dict.items() if k.startswith("prefix.")} or None
     with atomic_dir(out_dir) as tmp:
         if hasattr(model.lm, "peft_config"):
             save_adapter(model, tmp, lm_state_dict=lm_sd)

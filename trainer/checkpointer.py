@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from data_prep.manifest import Stage1Record
-from trainer.checkpoint import TrainerState, load_resume_checkpoint, save_inference_checkpoint, save_resume_checkpoint
+from trainer.checkpoint import TrainerState, load_resume_checkpoint, save_resume_checkpoint, save_trained_checkpoint
 from trainer.config import TrainConfig
 from trainer.distributed import DistInfo, barrier
 from trainer.skipped_steps import SkippedSteps
@@ -41,13 +41,18 @@ class Checkpointer:
             self.save(state, f"checkpoint-{state.step}", skips)
 
     def save(self, state: TrainerState, tag: str, skips: SkippedSteps) -> None:
-        """Collective: the resume checkpoint (every rank), then the inference checkpoint `tag` (rank 0)."""
+        """Collective: the resume checkpoint (every rank), then the inference checkpoint `tag` (rank 0
+        writes it; under ZeRO-3 every rank helps gather the weights)."""
         skips.check()  # the saved NaN counters are exact
         save_resume_checkpoint(self.engine, self.out_dir, state, self.dist.is_main,
                                keep=self.cfg.checkpoint.save_total_limit)
         gather = getattr(self.engine, "gathered_state_dict", None)
-        full = gather() if gather is not None else None  # collective; None when the model holds full weights
-        if self.dist.is_main:
-            save_inference_checkpoint(self.engine.module, self.tokenizer, self.cond_map, self.cfg, self.out_dir / tag,
-                                      stage1=self.stage1, state_dict=full)
+        if gather is not None:  # FSDP2: collective; rank 0 gets the full weights
+            full = gather()
+            if self.dist.is_main:
+                save_inference_checkpoint(self.engine.module, self.tokenizer, self.cond_map, self.cfg,
+                                          self.out_dir / tag, stage1=self.stage1, state_dict=full)
+        else:  # replicated weights (rank 0 writes) or ZeRO-3 (gathered by every rank, rank 0 writes)
+            save_trained_checkpoint(self.engine.module, self.tokenizer, self.cond_map, self.cfg, self.out_dir / tag,
+                                    self.dist.is_main, stage1=self.stage1)
         barrier()

@@ -26,7 +26,7 @@ from common.cli import cli_main
 from common.config import print_config, save_config
 from common.io import sha256_file, stable_hash
 from common.log import setup_logging
-from common.runtime import resolve_dtype, seed_everything
+from common.runtime import resolve_dtype, resolve_precision, seed_everything
 from data_prep.manifest import check_stage1_compatible, load_manifest
 from models.prefix_lm import build_prefix_lm
 from models.stage1 import load_stage1_encoder
@@ -36,7 +36,7 @@ from trainer.checkpointer import Checkpointer
 from trainer.config import TrainConfig, parse_train_config
 from trainer.data import TrainStream
 from trainer.distributed import DistInfo, cleanup, init_distributed
-from trainer.engines import Engine, build_engine
+from trainer.engines import Engine, build_engine, zero3_model_init
 from trainer.gc_steps import StepAlignedGC
 from trainer.metrics import MetricLogger, RunLog
 from trainer.schedules import Phase, build_phases, phase_at, total_epochs
@@ -51,15 +51,18 @@ log = logging.getLogger("trainer")
 # ---------------------------------------------------------------------------------------------
 
 def build_model(cfg: TrainConfig, manifest, device: torch.device):
-    """The prefix-LM (+ the trainable Stage1 tail when K > 0) and its tokenizer."""
+    """The prefix-LM (+ the trainable Stage1 tail when K > 0) and its tokenizer. Under ZeRO-3 the LM
+    is created partitioned (`zero3_model_init`): no rank holds the whole base model."""
     tail = None
     k = cfg.stage1.stage1_trainable_blocks
     if k > 0:
         tail = load_stage1_encoder(cfg.stage1.stage1_encoder_ckpt, pooling=cfg.stage1.latent_pooling).tail(k)
-    # fsdp2: the base weights stay on the meta device until each rank loads its own shard of them
-    return build_prefix_lm(cfg.model, latent_dim=manifest.stage1.latent_dim,
-                           num_classes=len(manifest.cond_name_to_id), tail=tail, device=device,
-                           meta=cfg.engine == "fsdp2")
+    # fsdp2: the base weights stay on the meta device until each rank loads its own shard of them;
+    # ZeRO-3: built partitioned (zero.Init), no rank holds the whole base
+    with zero3_model_init(cfg, resolve_precision(cfg.model.precision, device)):
+        return build_prefix_lm(cfg.model, latent_dim=manifest.stage1.latent_dim,
+                               num_classes=len(manifest.cond_name_to_id), tail=tail, device=device,
+                               meta=cfg.engine == "fsdp2")
 
 
 def check_shards(cfg: TrainConfig):

@@ -78,9 +78,13 @@ class SampleLogger:
     def __init__(self, cfg: TrainConfig, dist: DistInfo, engine, tokenizer, stream, runlog: RunLog):
         self.every, self.num = cfg.logging.sample_log_steps, cfg.logging.sample_log_num
         self.max_new_tokens = cfg.logging.sample_log_max_new_tokens
-        self.enabled = bool(self.every) and dist.is_main
+        # Rank 0 generates alone, except under ZeRO-3 where every forward gathers weights from all
+        # ranks: there all ranks generate the same samples in lockstep and rank 0 writes them.
+        self.collective = bool(getattr(engine, "partitions_weights", False))
+        self.is_main = dist.is_main
+        self.enabled = bool(self.every) and (dist.is_main or self.collective)
         if self.every and getattr(engine, "shards_parameters", False):
-            self.enabled = False  # rank 0 alone cannot run a model whose weights are sharded over all ranks
+            self.enabled = False  # FSDP2: not run in lockstep generation yet
             if dist.is_main:
                 log.warning("--sample-log-steps: off with --engine %s (sharded weights; rank 0 alone cannot "
                             "generate); generate from the saved checkpoints instead", cfg.engine)
@@ -88,8 +92,9 @@ class SampleLogger:
 
     def maybe_sample(self, step: int) -> None:
         if self.enabled and step % self.every == 0:
-            for s in sample_generations(self.engine.module, self.tokenizer, self.stream, self.num,
-                                        self.max_new_tokens, self.device):
+            samples = sample_generations(self.engine.module, self.tokenizer, self.stream, self.num,
+                                         self.max_new_tokens, self.device, synced=self.collective)
+            for s in samples if self.is_main else []:
                 self.runlog.write("sample", step, s)
 
 
@@ -158,8 +163,10 @@ def image_gap_stats(rows: np.ndarray, num_resamples: int = BOOTSTRAP_RESAMPLES, 
 
 
 @torch.no_grad()
-def sample_generations(model, tokenizer, stream, num: int, max_new_tokens: int, device) -> list[dict]:
-    """Greedy generations for a few val examples next to their references (rank 0 only)."""
+def sample_generations(model, tokenizer, stream, num: int, max_new_tokens: int, device,
+                       synced: bool = False) -> list[dict]:
+    """Greedy generations for a few val examples next to their references (rank 0 only; with
+    `synced`, every rank together: ZeRO-3, where each decoding step gathers weights from all ranks)."""
     items = stream.val_items(num) if hasattr(stream, "val_items") else []
     if not items:
         return []
@@ -171,8 +178,9 @@ def sample_generations(model, tokenizer, stream, num: int, max_new_tokens: int, 
     for k in ("latents", "block_tokens"):
         if isinstance(batch.get(k), torch.Tensor):
             batch[k] = batch[k].to(dtype)
+    extra = {"synced_gpus": True} if synced else {}  # ranks keep stepping until all are done
     out = model.generate(batch, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **extra)
     model.train(was_training)
     return [{"key": it.key, "task": it.example.task,
              "generation": tokenizer.decode(ids, skip_special_tokens=True),

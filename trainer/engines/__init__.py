@@ -17,7 +17,13 @@ is inf/NaN changes nothing (weights, optimizer state, LR schedule) and counts as
 
 Before either backend sees the model, `build_engine` packs all LoRA weights into one trainable
 tensor (models/flat_lora.py): DeepSpeed's host work is per trainable tensor (a gradient hook, an
-inf/NaN check and a norm each), and a 7B model has ~450 LoRA tensors.
+inf/NaN check and a norm each), and a 7B model has ~450 LoRA tensors. Not under ZeRO-3: it partitions
+every parameter, so the PEFT weights could no longer be views of the flat tensor's storage, and each
+layer would need the whole flat tensor gathered to read its slice; there the adapters stay separate
+tensors (logged once).
+
+`zero3_model_init(cfg, precision)` is the context the model must be built in (a no-op unless
+`--deepspeed` is a ZeRO-3 config).
 """
 
 from __future__ import annotations
@@ -30,7 +36,13 @@ from common.runtime import resolve_device, resolve_precision
 from models.flat_lora import attach_flat_lora
 from trainer.config import TrainConfig
 from trainer.engines.base import Engine
-from trainer.engines.deepspeed_engine import DeepSpeedEngine, build_deepspeed_engine, build_ds_config
+from trainer.engines.deepspeed_engine import (
+    DeepSpeedEngine,
+    build_deepspeed_engine,
+    build_ds_config,
+    zero3_model_init,
+    zero_stage,
+)
 from trainer.engines.fsdp2_engine import FSDP2Engine
 from trainer.engines.optim import optimizer_groups, warmup_cosine
 from trainer.engines.torch_engine import TORCH_ENGINE_STATE, TorchEngine
@@ -39,8 +51,8 @@ log = logging.getLogger("trainer")
 
 ENGINES = ("deepspeed", "torch", "fsdp2")
 
-__all__ = ["Engine", "DeepSpeedEngine", "TorchEngine", "FSDP2Engine", "build_engine", "build_ds_config", "optimizer_groups",
-           "warmup_cosine", "TORCH_ENGINE_STATE"]
+__all__ = ["Engine", "DeepSpeedEngine", "TorchEngine", "FSDP2Engine", "build_engine", "build_ds_config",
+           "optimizer_groups", "warmup_cosine", "TORCH_ENGINE_STATE", "zero3_model_init", "zero_stage"]
 
 
 def build_engine(model: torch.nn.Module, cfg: TrainConfig, total_steps: int,
@@ -53,12 +65,17 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, total_steps: int,
     if kind not in ENGINES:
         raise ValueError(f"--engine must be one of {', '.join(ENGINES)} (got {kind!r})")
     flat = None
-    if getattr(cfg.model, "flat_lora", False) and getattr(cfg.model, "fused_lora", False):
-        if kind == "fsdp2":
-            log.info("--engine fsdp2: flat LoRA packing off (one tensor over all layers cannot be sharded "
-                     "per layer); the fused LoRA forward stays on")
-        else:
-            flat = attach_flat_lora(model)  # the engine then sees 1 LoRA tensor, not ~450
+    want_flat = getattr(cfg.model, "flat_lora", False) and getattr(cfg.model, "fused_lora", False)
+    if want_flat and kind == "fsdp2":
+        want_flat = False
+        log.info("--engine fsdp2: flat LoRA packing off (one tensor over all layers cannot be sharded "
+                 "per layer); the fused LoRA forward stays on")
+    if want_flat and kind == "deepspeed" and zero_stage(cfg) == 3:
+        want_flat = False
+        log.info("--flat-lora is off under ZeRO-3 (%s): it partitions every parameter, so the LoRA weights stay "
+                 "separate tensors", cfg.deepspeed)
+    if want_flat:
+        flat = attach_flat_lora(model)  # the engine then sees 1 LoRA tensor, not ~450
     if kind == "fsdp2":
         engine = FSDP2Engine(model, cfg, total_steps, device, dtype)
     elif kind == "torch":

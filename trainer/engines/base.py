@@ -14,7 +14,10 @@ class Engine:
     dtype: torch.dtype  # compute dtype of the weights and of the float inputs
     flat_lora = None  # models.flat_lora.FlatLora when build_engine packed the LoRA weights
     reshardable = False  # whether its resume checkpoints load on another world size
-    shards_parameters = False  # True when no rank holds the whole model (rank-0-only work cannot run)
+    shards_parameters = False  # FSDP2: no rank holds the whole model (rank-0-only work cannot run)
+    # True when each rank holds a slice of the weights (ZeRO-3): every forward, generation and weight
+    # read (checkpoint saving) must then run on all ranks together
+    partitions_weights = False
 
     @property
     def module(self) -> torch.nn.Module:
