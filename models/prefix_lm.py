@@ -37,9 +37,9 @@ from common.io import atomic_path, atomic_write_json
 from common.runtime import resolve_device, resolve_dtype
 from models import attention as attn
 from models import kernels, lora_fused
-from models.zero3 import gathered
 from models.stage1 import TAIL_FILENAME, Stage1Tail
 from models.tasks import TASKS
+from models.zero3 import gathered
 
 log = logging.getLogger(__name__)
 

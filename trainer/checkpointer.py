@@ -8,7 +8,13 @@ from pathlib import Path
 from typing import Optional
 
 from data_prep.manifest import Stage1Record
-from trainer.checkpoint import TrainerState, load_resume_checkpoint, save_resume_checkpoint, save_trained_checkpoint
+from trainer.checkpoint import (
+    TrainerState,
+    load_resume_checkpoint,
+    save_inference_checkpoint,
+    save_resume_checkpoint,
+    save_trained_checkpoint,
+)
 from trainer.config import TrainConfig
 from trainer.distributed import DistInfo, barrier
 from trainer.skipped_steps import SkippedSteps
