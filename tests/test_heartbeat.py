@@ -7,16 +7,18 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import psutil
 import pytest
 import torch.distributed as dist
 
 from common.runtime import free_port
-from tests.test_train_e2e import REPO, base_flags, run_env
+from tests.test_train_e2e import REPO, base_flags, run_env, train_records
 from trainer.heartbeat import HANG_EXIT_CODE, Heartbeat
 
 
@@ -69,13 +71,18 @@ def test_ranks_that_finish_are_not_reported(store):
 
 @pytest.mark.slow
 def test_sigstopped_rank_stops_the_job_naming_rank_and_host(shard_dir, tiny_lm_dir, tmp_path):
-    """2 CPU processes through launch/train.sh; rank 1 stopped after step 1 -> non-zero exit within the
-    timeout (+ launcher teardown), the log naming rank 1 and its host."""
+    """2 CPU processes; rank 1 stopped after step 1 -> non-zero exit within the timeout (+ launcher
+    teardown), the log naming rank 1, its host and pid. Started LLaVA-style (`deepspeed trainer/train.py
+    --deepspeed ...`), so this run is also that launcher form's test (tests/test_launch_forms.py): it
+    must train a step first."""
     out, timeout_s = tmp_path / "run", 10
     flags = base_flags(shard_dir, tiny_lm_dir, out, **{"max-steps": 200, "num-epochs": 4, "val-max-samples": 0,
                                                         "image-gap-every": 0, "hang-timeout": timeout_s})
-    cmd = [str(REPO / "launch" / "train.sh"), "--num-gpus", "2", "--master-port", str(free_port()), "--", *flags]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+           "trainer/train.py", "--deepspeed", "ds_configs/zero2.json", *flags]
+    env = {**run_env(), "DS_ACCELERATOR": "cpu"}
+    env.pop("PYTHONPATH", None)  # as typed: the installed package (pip install -e .) is found
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     log = out / "train_log.jsonl"
     victim = None
@@ -99,6 +106,7 @@ def test_sigstopped_rank_stops_the_job_naming_rank_and_host(shard_dir, tiny_lm_d
             except ProcessLookupError:
                 pass
     assert proc.returncode != 0, output[-4000:]
+    assert train_records(out, "start")[0]["world_size"] == 2 and train_records(out)[0]["step"] == 1
     assert took <= timeout_s + 15, (took, output[-4000:])
     hang = [line for line in output.splitlines() if "HANG:" in line]
     assert hang and f"rank 1 (host {socket.gethostname()} pid {victim})" in hang[0], output[-4000:]

@@ -7,7 +7,8 @@
   per step).
 - `launch/train.sbatch` on a 2-node job acted out by tests/fake_slurm.py (srun starts both nodes' tasks
   with the variables SLURM sets; scontrol expands the nodelist): the same losses again.
-- `deepspeed trainer/train.py --deepspeed ...` (LLaVA-style): 1 process.
+- `deepspeed trainer/train.py --deepspeed ...` (LLaVA-style): the 2-process job of tests/test_heartbeat.py
+  (one job for both, to keep the suite's time).
 The bash part of launch/train.sh under a launcher (`deepspeed --no_python launch/train.sh`, `srun
 launch/train.sh`) runs in the torchrun test's node 1 and in the sbatch test.
 `launch/train.sh --num-gpus N -- ...` is what tests/test_train_e2e.py and most end-to-end tests run.
@@ -116,14 +117,6 @@ def test_sbatch_on_two_nodes_reproduces_one_node(reference, shard_dir, tiny_lm_d
     proc = run(["bash", str(REPO / "launch" / "train.sbatch"), *form_flags(shard_dir, tiny_lm_dir, out)], env)
     assert f"2 node(s), 2 task(s), master 127.0.0.1:{port}" in proc.stdout, proc.stdout[-2000:]
     assert check_trained(out, 2, STEPS) == pytest.approx(reference, abs=1e-6)
-
-
-@pytest.mark.slow
-def test_deepspeed_runs_trainer_train_py_llava_style(shard_dir, tiny_lm_dir, tmp_path):
-    out = tmp_path / "run"
-    run([launcher("deepspeed"), "--num_gpus", "1", "--master_port", str(free_port()), "trainer/train.py",
-         "--deepspeed", "ds_configs/zero2.json", *form_flags(shard_dir, tiny_lm_dir, out), "--max-steps", "1"], cpu_env())
-    check_trained(out, 1, 1)
 
 
 def test_launcher_options_inside_a_launcher_are_refused():
