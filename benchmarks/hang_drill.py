@@ -102,7 +102,7 @@ def run(cfg: HangDrillConfig) -> dict:
                 kill()
             except ProcessLookupError:
                 pass
-    hang = [line for line in log_file.read_text(errors="replace").splitlines() if "HANG:" in line]
+    hang = [line[line.find("[rank"):] for line in log_file.read_text(errors="replace").splitlines() if "HANG:" in line]
     names = bool(hang) and f"rank {victim_rank} (host {socket.gethostname()} pid {victim})" in hang[0]
     result.update(exit_code=code, stop_s=round(took, 1), hang_line=hang[0] if hang else None, names_rank_host_pid=names,
                   ok=code not in (None, 0) and took <= result["bound_s"] and names)

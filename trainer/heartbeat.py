@@ -44,7 +44,7 @@ def _key(rank: int, field: str = "beat") -> str:
 def exit_on_hang(message: str) -> None:
     """Default reaction: say it on stderr and end this process now (the main thread may be blocked in
     a collective, so no cleanup can run)."""
-    print(message, file=sys.stderr, flush=True)
+    print("\n" + message, file=sys.stderr, flush=True)  # own line, also after a progress bar's \r
     os._exit(HANG_EXIT_CODE)
 
 
