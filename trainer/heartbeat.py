@@ -9,8 +9,9 @@ clocks need not agree), is reported on stderr with the silent rank's host and pi
 exits non-zero; the launcher (deepspeed, torchrun, `srun --kill-on-bad-exit`) then stops the rest.
 A silent rank on the watcher's own host is SIGKILLed first: a stopped process ignores the launcher's
 SIGTERM, and the launcher would wait out its grace period (30 s for DeepSpeed's) before killing it.
-The store lives in rank 0's process: a second thread notices when the store stops answering and
-names rank 0.
+The store is served by rank 0's process (or the launcher on the first node): a second thread notices
+when it stops answering and names rank 0 and the master host. The beats use a store connection of
+their own, so the main thread's blocking store calls never hold them up.
 
 The beat runs beside the training loop, so a rank busy in a long step, validation or checkpoint
 keeps beating; only a stopped process (or host) falls silent. A rank whose Python is alive but
@@ -27,6 +28,7 @@ import socket
 import sys
 import threading
 import time
+from datetime import timedelta
 from typing import Callable, Optional
 
 import torch
@@ -104,7 +106,7 @@ class Heartbeat:
             now = time.monotonic()
             if now - self._round_done > self.timeout_s:
                 self._report(0, f"host {self.master_addr}", now - self._round_done,
-                             "the rendezvous store it serves has not answered")
+                             "or the launcher serving the rendezvous store there has not answered")
                 return
             if now - self._peer_moved > self.timeout_s and not self._peer_done():
                 host, pid = self._peer_who()
@@ -152,11 +154,23 @@ class _NoHeartbeat:
         pass
 
 
+def heartbeat_store(timeout_s: float):
+    """A connection of its own to the rendezvous store (MASTER_ADDR:MASTER_PORT, env:// as set up by
+    trainer/distributed.py): a store client runs one operation at a time, so on the process group's
+    connection a beat would wait behind the main thread's blocking gets (communicator set-up waiting
+    for a late rank) and a slow rank would look silent. Falls back to the process group's store."""
+    try:
+        return torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                          timeout=timedelta(seconds=max(30.0, timeout_s)))
+    except (KeyError, ValueError, RuntimeError) as e:
+        log.warning("hang detection: no own connection to the rendezvous store (%s); sharing the process group's", e)
+        return torch.distributed.distributed_c10d._get_default_store()
+
+
 def start_heartbeat(timeout_s: float, rank: int, world: int):
     """The running heartbeat of this rank (a no-op for a world of one or `timeout_s` 0)."""
     if timeout_s <= 0 or world < 2 or not torch.distributed.is_initialized():
         return _NoHeartbeat()
-    store = torch.distributed.distributed_c10d._get_default_store()
     log.info("hang detection: heartbeat every %.1f s, a rank silent for %g s stops the job",
              max(0.2, timeout_s / 10), timeout_s)
-    return Heartbeat(store, rank, world, timeout_s).start()
+    return Heartbeat(heartbeat_store(timeout_s), rank, world, timeout_s).start()
