@@ -2,7 +2,7 @@
 
 A rank that stops (SIGSTOP, a frozen host, a lost link) leaves the others blocked in their next
 collective. The collective timeout (--dist-timeout-s) ends that eventually, but names no rank. Here
-each rank's daemon thread bumps its own counter in the process group's store every timeout/10 s and
+each rank's daemon thread bumps its own counter in the rendezvous store every timeout/10 s and
 reads the counter of the next rank (a ring: each rank has one watcher, O(world) store traffic). A
 counter that has not moved for --hang-timeout seconds, on the watcher's own monotonic clock (host
 clocks need not agree), is reported on stderr with the silent rank's host and pid, and the watcher
