@@ -3,7 +3,8 @@
 The one owner of these facts: the shard builder, the trainer, eval and the benchmarks all ask here.
 
 Launchers, all read from the environment:
-- `deepspeed` / `torchrun`: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT.
+- `deepspeed` / `torchrun`: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT (also on several
+  nodes: `torchrun --nnodes N --node-rank r`, `deepspeed --no_ssh --node_rank r`, pdsh).
 - `srun`: one task per GPU; SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID give the layout and the
   first host of the step's nodelist is the master (port derived from the job id). A SLURM job
   array adds SLURM_ARRAY_TASK_ID / _COUNT / _MIN (the shard builder's nodes).

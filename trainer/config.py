@@ -111,6 +111,10 @@ class TrainConfig:
                 "thread to fewer CPUs slowed its kernel issue (README.md, Multi-GPU); try auto on multi-socket "
                 "nodes whose GPUs hang off different sockets"})
     dist_timeout_s: int = field(default=1800, metadata={"help": "collective timeout: a dead rank makes the others fail after this many seconds instead of hanging"})
+    hang_timeout: float = field(default=300, metadata={
+        "help": "seconds a rank may fall silent (stopped process or host: no heartbeat through the rendezvous "
+                "store) before the rank watching it names it (rank, host, pid) and exits, so that the launcher "
+                "ends the job (trainer/heartbeat.py); 0 = off"})
     # Accepted for compatibility with the seed's command lines; the launcher decides the layout.
     distributed: bool = field(default=False, metadata={"help": "accepted for compatibility; no effect (the launcher's environment decides)"})
     local_rank: int = field(default=-1, metadata={"help": "set by the DeepSpeed launcher (--local_rank); no effect otherwise"})
@@ -144,6 +148,8 @@ class TrainConfig:
             raise ValueError(f"--warmup-ratio must be in [0, 1) (got {o.warmup_ratio})")
         if o.gradient_accumulation_steps < 1:
             raise ValueError(f"--gradient-accumulation-steps must be >= 1 (got {o.gradient_accumulation_steps})")
+        if self.hang_timeout < 0:
+            raise ValueError(f"--hang-timeout must be >= 0 seconds (0 = off; got {self.hang_timeout})")
         if self.gc_interval_steps < 0:
             raise ValueError(f"--gc-interval-steps must be >= 0 (got {self.gc_interval_steps})")
         if self.logging.image_gap_every < 0:

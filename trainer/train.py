@@ -38,6 +38,7 @@ from trainer.data import TrainStream
 from trainer.distributed import DistInfo, cleanup, init_distributed
 from trainer.engines import Engine, build_engine, zero3_model_init
 from trainer.gc_steps import StepAlignedGC
+from trainer.heartbeat import start_heartbeat
 from trainer.metrics import MetricLogger, RunLog
 from trainer.schedules import Phase, build_phases, phase_at, total_epochs
 from trainer.skipped_steps import SkippedSteps
@@ -196,6 +197,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     cfg = parse_train_config(argv)
     dist = init_distributed(cfg)
     setup_logging("trainer", rank=dist.rank)
+    heartbeat = start_heartbeat(cfg.hang_timeout, dist.rank, dist.world_size)
     if dist.is_main:
         Path(cfg.checkpoint.output_dir).mkdir(parents=True, exist_ok=True)
         cfg.log_dir.mkdir(parents=True, exist_ok=True)
@@ -206,6 +208,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if dist.is_main:
             print(f"done: {state.step} steps; checkpoints in {cfg.checkpoint.output_dir}", flush=True)
     finally:
+        heartbeat.stop()
         cleanup()
 
 
