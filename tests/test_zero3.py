@@ -49,6 +49,7 @@ class _RecordingEngine:
 
     def __init__(self, partitions_weights: bool):
         self.partitions_weights, self.calls = partitions_weights, []
+        self.reshardable = partitions_weights  # as DeepSpeedEngine: ZeRO-3 reshards
 
     def load(self, root, tag):
         self.calls.append(("load", tag))
@@ -76,7 +77,7 @@ def test_a_zero3_checkpoint_of_2_ranks_resumes_on_1_at_the_same_sample_count(tmp
     state = load_resume_checkpoint(engine, tmp_path, rank=0, world_size=1, warn=warnings.append)
     assert engine.calls == [("load_resharded", "step-6", 2)]
     assert (state.step, state.epoch, state.batches_in_epoch, state.world_size) == (6, 1, 6, 1)  # 3 x 2 ranks
-    assert any("saved on 2 ranks, resuming on 1" in w for w in warnings)
+    assert any("written on 2 ranks, resuming on 1" in w for w in warnings)
 
     with pytest.raises(CheckpointError, match="same world size.*zero3.json"):  # ZeRO-1/2, torch engine
         load_resume_checkpoint(_RecordingEngine(partitions_weights=False), tmp_path, rank=0, world_size=1)
