@@ -72,7 +72,7 @@ class CheckpointConfig:
 
 @dataclass
 class TrainConfig:
-    """Stage2 prefix-LM training (LoRA + image prefix, multi-task) with DeepSpeed ZeRO-2 or the torch engine."""
+    """Stage2 prefix-LM training (LoRA + image prefix, multi-task) with DeepSpeed ZeRO-2, the torch engine or DDP."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     stage1: Stage1Settings = field(default_factory=Stage1Settings)
@@ -82,11 +82,13 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
-    engine: Literal["deepspeed", "torch"] = field(default="deepspeed", metadata={
-        "help": "training engine (trainer/engines/); same updates either way: deepspeed = DeepSpeed ZeRO-2 per "
+    engine: Literal["deepspeed", "torch", "ddp"] = field(default="deepspeed", metadata={
+        "help": "training engine (trainer/engines/); same updates whichever: deepspeed = DeepSpeed ZeRO per "
                 "--deepspeed (ds_configs/), the spec's default; torch = a lean data-parallel engine for LoRA "
                 "(flat fp32 master weights, one all-reduce, fused AdamW, no per-step host sync): less host work "
-                "per step, and ZeRO's sharding buys nothing for LoRA's small optimizer state (README.md, Performance)"})
+                "per step, and ZeRO's sharding buys nothing for LoRA's small optimizer state; ddp = PyTorch "
+                "DistributedDataParallel (no_sync inside the accumulation window) with the torch engine's step "
+                "(README.md, Performance and Multi-GPU)"})
     deepspeed: str = field(default=DEFAULT_DS_CONFIG, metadata={"help": "DeepSpeed JSON config (--engine deepspeed); its 'auto' fields are filled from this config"})
     seed: int = field(default=42, metadata={"help": "seed of the data order, task sampling, init and dropout"})
     max_steps: int = field(default=-1, metadata={"help": "stop after this many optimizer steps (-1 = run all epochs); the LR schedule spans the capped run"})

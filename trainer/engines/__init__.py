@@ -1,18 +1,21 @@
 """The training engine: the handful of methods the loop uses, one file per backend.
 
-    engine = build_engine(model, cfg, total_steps, device)   # cfg.engine: "deepspeed" | "torch"
+    engine = build_engine(model, cfg, total_steps, device)   # cfg.engine: "deepspeed" | "torch" | "ddp"
     out = engine.forward(batch); engine.backward(out.loss); applied = engine.step()
 
-Both backends do the same math: the loss of a micro-batch scaled by 1/gradient_accumulation_steps,
+The backends do the same math: the loss of a micro-batch scaled by 1/gradient_accumulation_steps,
 gradients summed over the accumulation window and averaged over ranks, global-norm clipping
 (coefficient max_norm / (norm + 1e-6) when below 1), AdamW with two parameter groups on fp32 master
 weights, warm-up + cosine LR over the applied optimizer steps (optim.py); a step whose gradient norm
 is inf/NaN changes nothing (weights, optimizer state, LR schedule) and counts as skipped.
 
 - deepspeed_engine.py: DeepSpeed ZeRO-1/2 from `--deepspeed` (the default).
-- torch_engine.py: flat fp32 masters, one all-reduce, fused AdamW, no per-step host sync.
+- torch_engine.py: flat parameter buffers, one all-reduce per LR group at the optimizer step.
+- ddp_engine.py: PyTorch DistributedDataParallel, `no_sync()` inside the accumulation window.
+The torch and ddp engines share their step and checkpoint file (flat_adamw.py: fp32 masters,
+fused AdamW, no per-step host sync).
 
-Before either backend sees the model, `build_engine` packs all LoRA weights into one trainable
+Before any backend sees the model, `build_engine` packs all LoRA weights into one trainable
 tensor (models/flat_lora.py): DeepSpeed's host work is per trainable tensor (a gradient hook, an
 inf/NaN check and a norm each), and a 7B model has ~450 LoRA tensors.
 """
@@ -25,12 +28,15 @@ from common.runtime import resolve_device, resolve_precision
 from models.flat_lora import attach_flat_lora
 from trainer.config import TrainConfig
 from trainer.engines.base import Engine
+from trainer.engines.ddp_engine import DDPEngine
 from trainer.engines.deepspeed_engine import DeepSpeedEngine, build_deepspeed_engine, build_ds_config
 from trainer.engines.optim import optimizer_groups, warmup_cosine
 from trainer.engines.torch_engine import TORCH_ENGINE_STATE, TorchEngine
 
-__all__ = ["Engine", "DeepSpeedEngine", "TorchEngine", "build_engine", "build_ds_config", "optimizer_groups",
-           "warmup_cosine", "TORCH_ENGINE_STATE"]
+ENGINES = ("deepspeed", "torch", "ddp")
+
+__all__ = ["Engine", "DeepSpeedEngine", "TorchEngine", "DDPEngine", "ENGINES", "build_engine", "build_ds_config",
+           "optimizer_groups", "warmup_cosine", "TORCH_ENGINE_STATE"]
 
 
 def build_engine(model: torch.nn.Module, cfg: TrainConfig, total_steps: int,
@@ -40,16 +46,18 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, total_steps: int,
     precision = resolve_precision(getattr(cfg.model, "precision", "auto"), device)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     kind = getattr(cfg, "engine", "deepspeed")
-    if kind not in ("deepspeed", "torch"):
-        raise ValueError(f"--engine must be 'deepspeed' or 'torch' (got {kind!r})")
+    if kind not in ENGINES:
+        raise ValueError(f"--engine must be one of {', '.join(ENGINES)} (got {kind!r})")
     flat = None
     if getattr(cfg.model, "flat_lora", False) and getattr(cfg.model, "fused_lora", False):
         flat = attach_flat_lora(model)  # the engine then sees 1 LoRA tensor, not ~450
     if kind == "torch":
         engine = TorchEngine(model, cfg, total_steps, device, dtype)
+    elif kind == "ddp":
+        engine = DDPEngine(model, cfg, total_steps, device, dtype)
     else:
         engine = build_deepspeed_engine(model, cfg, total_steps, device, precision, dtype)
     if flat is not None:
-        flat.relink()  # both engines re-bind parameter storage (flat buffers, dtype/device moves)
+        flat.relink()  # every engine re-binds parameter storage (flat buffers, dtype/device moves)
         engine.flat_lora = flat
     return engine
