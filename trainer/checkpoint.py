@@ -5,7 +5,8 @@ Resume checkpoint (`<output_dir>/resume/`), written collectively every `--save-s
     resume/step-<N>/            DeepSpeed save_checkpoint (trainable weights, ZeRO optimizer
                                 partitions of every rank, LR schedule), frozen base weights excluded
     resume/step-<N>/trainer_state.json   step, epoch, batches consumed in the epoch, NaN counters,
-                                running truncation stats, the RNG states of every rank, the size of
+                                running truncation stats, the digest of the epoch's samples so far
+                                (all ranks), the RNG states of every rank, the size of
                                 every engine file; written last: it marks the checkpoint complete
     resume/latest               the tag of the newest COMPLETE checkpoint, written atomically LAST
 
@@ -93,6 +94,8 @@ class TrainerState:
     nan_steps_total: int = 0
     tokens_seen: int = 0  # real (non-pad) tokens over all ranks
     truncation: dict = field(default_factory=dict)  # running TruncationStats.as_dict(), all ranks
+    # the epoch's samples so far, all ranks: {"epoch", "count", "digest"} (trainer/exactly_once.py)
+    sample_digest: dict = field(default_factory=dict)
     world_size: int = 1
     seed: int = 0
 

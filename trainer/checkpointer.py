@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from data_prep.manifest import Stage1Record
 from trainer.checkpoint import TrainerState, load_resume_checkpoint, save_inference_checkpoint, save_resume_checkpoint
@@ -25,6 +25,8 @@ class Checkpointer:
         self.stage1 = stage1
         self.out_dir = Path(cfg.checkpoint.output_dir)
         self.every = cfg.checkpoint.save_steps
+        # collective hooks run on every rank before a save, to put what they own into the state
+        self.before_save: list[Callable[[TrainerState], None]] = []
 
     def resume(self) -> TrainerState:
         """The saved state with --resume and a complete checkpoint (engine and RNGs restored), else a fresh one."""
@@ -43,6 +45,8 @@ class Checkpointer:
     def save(self, state: TrainerState, tag: str, skips: SkippedSteps) -> None:
         """Collective: the resume checkpoint (every rank), then the inference checkpoint `tag` (rank 0)."""
         skips.check()  # the saved NaN counters are exact
+        for hook in self.before_save:
+            hook(state)
         save_resume_checkpoint(self.engine, self.out_dir, state, self.dist.is_main,
                                keep=self.cfg.checkpoint.save_total_limit)
         if self.dist.is_main:

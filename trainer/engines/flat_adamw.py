@@ -276,8 +276,8 @@ class FlatAdamWEngine(Engine):
         """Restores what `save` wrote (every rank reads the file); returns the client state."""
         path = Path(load_dir) / tag / TORCH_ENGINE_STATE
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: not a --engine torch/ddp checkpoint (a DeepSpeed one? "
-                                    "then resume with --engine deepspeed)")
+            raise FileNotFoundError(f"{path} not found: not a --engine torch checkpoint (nor ddp: they write the "
+                                    "same file; a DeepSpeed one? then resume with --engine deepspeed)")
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)  # a planted pickle runs no code
         except Exception as e:  # refused (not weights only), truncated, unreadable: name the file
