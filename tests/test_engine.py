@@ -170,11 +170,14 @@ def _trainable(engine) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in engine.module.named_parameters() if p.requires_grad or "lora_" in n}
 
 
-def test_torch_engine_makes_the_deepspeed_updates(tiny_lm_dir, stage1_ckpts, dist1):
-    """3 optimizer steps of 2 micro-batches each, clipping active, two LR groups, weight decay."""
+@pytest.mark.parametrize("ds_config", ["ds_configs/zero2.json", "ds_configs/zero1.json"])
+def test_torch_engine_makes_the_deepspeed_updates(tiny_lm_dir, stage1_ckpts, dist1, ds_config):
+    """3 optimizer steps of 2 micro-batches each, clipping active, two LR groups, weight decay; ZeRO-2
+    and ZeRO-1 (which reduces the gradients once per step instead of after every micro-batch)."""
     from trainer.engines import DeepSpeedEngine, TorchEngine, build_engine
 
-    cfg = _tail_cfg(tiny_lm_dir, gradient_accumulation_steps=2, max_grad_norm=0.05, weight_decay=0.01)
+    cfg = replace(_tail_cfg(tiny_lm_dir, gradient_accumulation_steps=2, max_grad_norm=0.05, weight_decay=0.01),
+                  deepspeed=ds_config)
     engines, norms, losses = {}, {}, {}
     for kind in ("deepspeed", "torch"):
         model, batches = _model(cfg, stage1_ckpts)
@@ -188,6 +191,7 @@ def test_torch_engine_makes_the_deepspeed_updates(tiny_lm_dir, stage1_ckpts, dis
             if boundary:
                 norms[kind].append(engine.grad_norm())
     assert isinstance(engines["deepspeed"], DeepSpeedEngine) and isinstance(engines["torch"], TorchEngine)
+    assert engines["deepspeed"].ds.zero_optimization_stage() == int(ds_config[-6])
     assert losses["torch"] == pytest.approx(losses["deepspeed"], rel=1e-6)  # fp32 reassociation only
     assert norms["torch"] == pytest.approx(norms["deepspeed"], rel=1e-5)
     assert min(norms["torch"]) > 0.05, "clipping must be active for the test to mean something"
@@ -198,6 +202,36 @@ def test_torch_engine_makes_the_deepspeed_updates(tiny_lm_dir, stage1_ckpts, dis
     assert moved > 1e-3, "the updates must be visible above the tolerance"
     for n in want:
         torch.testing.assert_close(got[n], want[n], atol=1e-6, rtol=0, msg=n)
+
+
+def test_zero1_reduces_once_per_step_where_zero2_reduces_every_micro_batch(tiny_lm_dir, stage1_ckpts, dist1,
+                                                                          monkeypatch):
+    """Why ZeRO-2 syncs the ranks at every micro-batch: it keeps only its partition of the gradients,
+    so each backward reduces them (DeepSpeed refuses no_sync() for stages 2 and 3); no ZeRO-2 setting
+    (overlap_comm, contiguous_gradients, bucket sizes) changes that. ZeRO-1 keeps whole gradients and
+    reduces at the accumulation boundary only (ds_configs/zero1.json). Counted collectives per
+    micro-batch, accumulation 4; ZeRO-1 also skips a non-finite step."""
+    import torch.distributed as tdist
+
+    from trainer.engines import build_engine
+
+    calls = []
+    for name in ("all_reduce", "reduce", "reduce_scatter", "reduce_scatter_tensor"):
+        original = getattr(tdist, name)
+        monkeypatch.setattr(tdist, name, lambda *a, _f=original, _n=name, **k: (calls.append(_n), _f(*a, **k))[1])
+    per_micro = {}
+    for ds_config in ("ds_configs/zero2.json", "ds_configs/zero1.json"):
+        cfg = replace(_tail_cfg(tiny_lm_dir, gradient_accumulation_steps=4), deepspeed=ds_config)
+        model, batches = _model(cfg, stage1_ckpts)
+        engine = build_engine(model, cfg, total_steps=10)
+        per_micro[ds_config] = []
+        for i in range(4):
+            calls.clear()
+            _micro_step(engine, batches[i], seed=i, nan=ds_config.endswith("zero1.json") and i == 3)
+            per_micro[ds_config].append(len(calls))
+    assert all(n > 0 for n in per_micro["ds_configs/zero2.json"][:3]), per_micro
+    assert per_micro["ds_configs/zero1.json"][:3] == [0, 0, 0] and per_micro["ds_configs/zero1.json"][3] > 0, per_micro
+    assert engine.skipped_steps == 1
 
 
 @pytest.mark.parametrize("kind", ["deepspeed", "torch"])
