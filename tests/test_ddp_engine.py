@@ -131,3 +131,4 @@ def test_ddp_engine_one_process_equals_the_torch_engine(tiny_lm_dir, stage1_ckpt
     assert runs["ddp"][0] == pytest.approx(runs["torch"][0], abs=1e-6)
     for n, want in runs["torch"][1].items():
         torch.testing.assert_close(runs["ddp"][1][n], want, atol=1e-6, rtol=0, msg=n)
+

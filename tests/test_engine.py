@@ -511,15 +511,22 @@ def test_two_process_torch_engine_run_learns_and_checkpoints(shard_dir, tiny_lm_
 
 
 @pytest.mark.slow
-def test_torch_engine_resume_reproduces_the_uninterrupted_losses(shard_dir, tiny_lm_dir, tmp_path, launcher_env):
-    """tests/test_resume.py with --engine torch (and a NaN step inside the resumed part)."""
+def test_ddp_engine_resume_reproduces_the_uninterrupted_losses_and_epoch(shard_dir, tiny_lm_dir, tmp_path,
+                                                                        launcher_env):
+    """tests/test_resume.py with --engine ddp (and a NaN step inside the resumed part). The torch and
+    ddp engines share their step and checkpoint file (trainer/engines/flat_adamw.py; the torch
+    engine's round trip is test_torch_engine_save_load_round_trip). Epoch 0 ends inside the resumed
+    part: the run's own exactly-once record (trainer/exactly_once.py) must say every train sample was
+    trained once, in both runs, with the same digest."""
     from common.io import read_jsonl
+    from data_prep.manifest import load_manifest
     from tests.test_train_e2e import base_flags, run_train
 
     out = tmp_path / "run"
-    flags = base_flags(shard_dir, tiny_lm_dir, out, **{"engine": "torch", "batch-size": 16, "num-epochs": 2,
+    flags = base_flags(shard_dir, tiny_lm_dir, out, **{"engine": "ddp", "batch-size": 16, "num-epochs": 2,
                                                       "max-steps": 16, "save-steps": 6, "save-total-limit": 10,
-                                                      "lora-dropout": 0.1, "debug-nan-at-steps": [14]})
+                                                      "lora-dropout": 0.1, "debug-nan-at-steps": [14],
+                                                      "strict-exactly-once": True})
     run_train(flags)
     first = read_jsonl(out / "train_log.jsonl")
     (out / "resume" / "latest").write_text("step-12\n")
@@ -535,6 +542,14 @@ def test_torch_engine_resume_reproduces_the_uninterrupted_losses(shard_dir, tiny
     for step in want:
         assert got[step]["loss"] == pytest.approx(want[step]["loss"], abs=1e-5), step
         assert got[step]["nan_steps_total"] == want[step]["nan_steps_total"] == (0 if step < 14 else 1)
+
+    n = load_manifest(shard_dir).num_samples("train")
+    epochs = [[r for r in recs if r["kind"] == "epoch"] for recs in (first, second)]
+    for recs in epochs:  # epoch 0 checked at its end (step 13), epoch 1 cut by --max-steps
+        assert [(r["epoch"], r["complete"]) for r in recs] == [(0, True), (1, False)], recs
+        assert recs[0]["ok"] and recs[0]["count"] == recs[0]["expected_count"] == n
+        assert sum(recs[0]["rank_counts"]) == n and len(recs[0]["rank_counts"]) == 2
+    assert epochs[1][0]["digest"] == epochs[0][0]["digest"] and epochs[1][1] == epochs[0][1]
 
 
 def test_benchmark_mode4_steps_the_torch_engine(tmp_path, synthetic_data):
