@@ -132,3 +132,16 @@ def test_ddp_engine_one_process_equals_the_torch_engine(tiny_lm_dir, stage1_ckpt
     for n, want in runs["torch"][1].items():
         torch.testing.assert_close(runs["ddp"][1][n], want, atol=1e-6, rtol=0, msg=n)
 
+
+
+def test_ddp_looks_for_unused_parameters_only_when_a_batch_may_have_no_image():
+    """find_unused_parameters costs a graph walk per reducing backward: only with task D
+    (text_summary, no image prefix), where a batch of only D examples leaves the prefix unused."""
+    from trainer.engines.ddp_engine import may_skip_prefix
+
+    cfg = _cfg("m", 1, "ddp")
+    assert not may_skip_prefix(cfg)
+    assert may_skip_prefix(replace(cfg, schedule={"text_summary": True}))
+    assert not may_skip_prefix(replace(cfg, schedule={"schedule": "summary_centric"}))
+    assert may_skip_prefix(replace(cfg, schedule={"schedule": "summary_centric", "text_summary": True,
+                                                  "prob_text_summary": 0.1, "prob_summary": 0.6}))
