@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from trainer.engines.flat_adamw import TORCH_ENGINE_FORMAT, TORCH_ENGINE_STATE, FlatAdamWEngine, FlatGroup
+from trainer.engines.flat_adamw import TORCH_ENGINE_STATE, FlatAdamWEngine
 
-__all__ = ["TorchEngine", "FlatGroup", "TORCH_ENGINE_STATE", "TORCH_ENGINE_FORMAT"]
+__all__ = ["TorchEngine", "TORCH_ENGINE_STATE"]
 
 
 class TorchEngine(FlatAdamWEngine):
