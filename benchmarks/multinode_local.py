@@ -34,8 +34,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Sequence
 
-from benchmarks.scaling import (ScalingConfig, _cuda_count, environment, prepare_inputs, subprocess_env, throughput,
-                                train_flags)
+from benchmarks.scaling import (
+    ScalingConfig,
+    _cuda_count,
+    environment,
+    prepare_inputs,
+    subprocess_env,
+    throughput,
+    train_flags,
+)
 from common.config import parse_config, print_config
 from common.io import atomic_write_json, atomic_write_text, read_jsonl
 from common.log import setup_logging

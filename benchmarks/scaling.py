@@ -1,6 +1,8 @@
 """Multi-GPU scaling of the real trainer (and of the shard builder) on one host.
 
     python -m benchmarks.scaling --shape 7b --gpus 1 2 --builder-gpus 1 2 --workdir /tmp/scaling
+    python -m benchmarks.scaling --shape 7b --gpus 1 2 4 --engines deepspeed torch ddp --repeats 2   # engines side by side
+    python -m benchmarks.scaling --shape 7b --gpus 1 2 4 --weak --engines ddp                        # weak scaling
     python -m benchmarks.scaling --shape tiny --gpus 1 2 --max-steps 4 --warmup-steps 1   # CPU smoke run
 
 Training scaling (`--gpus 1 2 ...`):
@@ -13,8 +15,11 @@ Training scaling (`--gpus 1 2 ...`):
    under the DeepSpeed launcher (on a machine without CUDA: DS_ACCELERATOR=cpu, N processes). Every
    run gets the same shards, seed and `--max-steps`, and the same GLOBAL batch (examples per
    optimizer step): the per-GPU micro-batch `--batch-size` is fixed and the gradient accumulation is
-   global_batch / (batch_size x N). Each run logs every step (`--log-steps 1`); validation, sample
-   generation and periodic checkpoints are off, so the steps measure training only.
+   global_batch / (batch_size x N). With `--weak` the accumulation is fixed too (the smallest N's), so
+   the global batch grows with N (weak scaling: the same work per GPU per step). Each run logs every
+   `--log-steps` steps; validation, sample generation and periodic checkpoints are off, so the steps
+   measure training only. `--engines deepspeed torch ddp` (or `deepspeed:<ds config>`) measures
+   each engine at each N, interleaved (repeat, N, engine), and reports them side by side.
 3. From each run's `train_log.jsonl`, over the steady-state steps (`--warmup-steps` first steps left
    out): tokens/s = sum of real (non-padding) tokens / sum of step times, all ranks together, and
    per GPU; scaling efficiency = tokens/s(N) / (N x tokens/s(1)) (against the smallest N when 1 is
@@ -26,8 +31,9 @@ Training scaling (`--gpus 1 2 ...`):
    the report tabulates them and splits the extra time per micro-batch of N GPUs over the smallest
    run into data wait, host issue, stragglers, sync/step and other (`slowdown_breakdown`).
    `--repeats R` runs the GPU counts R times in turn and pools them (host speed drifts between runs).
-4. Sample coverage: (a) from the logs, the examples trained per run (the trainer logs per-step
-   counts, not sample identities); (b) the trainer's own data pipeline (`trainer.data.TrainStream`,
+4. Sample coverage: (a) from the logs, the examples trained per run and the trainer's own `epoch`
+   records (count + digest of the loss-weighted sample keys, checked against the manifest at each
+   epoch's end; trainer/exactly_once.py); (b) the trainer's own data pipeline (`trainer.data.TrainStream`,
    with the run's exact flags) iterated over one whole epoch for every rank of every N: every train
    sample must come exactly once with loss weight > 0 (rank-padding duplicates carry weight 0).
 
@@ -115,6 +121,8 @@ class ScalingConfig:
     fault_drill: bool = field(default=False, metadata={"help": "after the runs: on the largest N, SIGKILL one rank right after a mid-run resume checkpoint, time the job's stop, then --resume and compare every later step with the uninterrupted run"})
     fault_stop_timeout_s: int = field(default=300, metadata={"help": "fault drill: the stopped job must have exited within this many seconds of the kill"})
     repeats: int = field(default=1, metadata={"help": "run the --gpus sequence this many times in turn (1 2 1 2 ...): throughput and efficiency are pooled over the repeats and also given per repeat, so machine drift hits every N alike"})
+    engines: list[str] = field(default_factory=lambda: ["deepspeed"], metadata={"help": "trainer engines to measure, interleaved (for each repeat and N, one run per engine in turn) and reported side by side: deepspeed, torch, ddp, or deepspeed:<ds config JSON> (e.g. deepspeed:ds_configs/zero1.json)"})
+    weak: bool = field(default=False, metadata={"help": "weak scaling: the micro-batch per GPU AND the accumulation stay those of the smallest N (from --global-batch, default accumulation 1), so the global batch grows with N; default: strong scaling (the same global batch for every N)"})
     check_coverage: bool = field(default=True, metadata={"help": "iterate the trainer's data pipeline over one epoch per rank and N to check exactly-once coverage"})
     # Inputs (generated when not given)
     shard_dir: str = field(default="", metadata={"help": "existing shard directory ('' = generate synthetic data and build shards)"})
@@ -146,6 +154,12 @@ class ScalingConfig:
             raise ValueError("--batch-size must be >= 1 and --global-batch >= 0")
         if self.gpus:
             grad_accum_steps(self)  # raises naming the N that does not divide
+        if not self.engines:
+            raise ValueError("--engines: give at least one engine")
+        for spec in self.engines:
+            engine_flags(spec)  # raises naming a bad entry
+        if len(set(self.engines)) != len(self.engines):
+            raise ValueError(f"--engines: each entry once (got {self.engines})")
         if self.shard_dir and not Path(self.shard_dir, "manifest.json").is_file():
             raise ValueError(f"--shard-dir {self.shard_dir}: no manifest.json (build it with python -m data_prep.build_shards)")
         if self.model_path and not Path(self.model_path, "config.json").is_file():
@@ -153,12 +167,40 @@ class ScalingConfig:
 
     @property
     def effective_global_batch(self) -> int:
+        """Strong scaling: every run's examples per optimizer step. Weak: the smallest N's."""
+        if self.weak:
+            return self.global_batch or self.batch_size * min(self.gpus or [1])
         return self.global_batch or self.batch_size * max(self.gpus or [1])
+
+    def global_batch_of(self, n: int) -> int:
+        """Examples per optimizer step of the N-GPU run."""
+        return self.batch_size * grad_accum_steps(self)[n] * n
+
+    @property
+    def largest_global_batch(self) -> int:
+        return max((self.global_batch_of(n) for n in self.gpus), default=self.effective_global_batch)
+
+
+ENGINES = ("deepspeed", "torch", "ddp")
+
+
+def engine_flags(spec: str) -> list[str]:
+    """The trainer flags of one --engines entry: `deepspeed`, `torch`, `ddp` or `deepspeed:<config JSON>`."""
+    kind, _, ds_config = spec.partition(":")
+    if kind not in ENGINES or (ds_config and kind != "deepspeed") or (":" in spec and not ds_config):
+        raise ValueError(f"--engines: {spec!r} is not one of {', '.join(ENGINES)} or deepspeed:<ds config JSON>")
+    return ["--engine", kind] + (["--deepspeed", ds_config] if ds_config else [])
 
 
 def grad_accum_steps(cfg: ScalingConfig) -> dict[int, int]:
-    """Gradient accumulation per N so that batch_size x accumulation x N == the global batch."""
+    """Gradient accumulation per N. Strong scaling: batch_size x accumulation x N == the global batch
+    for every N. Weak: the smallest N's accumulation for every N (the global batch grows with N)."""
     g = cfg.effective_global_batch
+    if cfg.weak and cfg.gpus:
+        base = min(cfg.gpus)
+        if g % (cfg.batch_size * base):
+            raise ValueError(f"--global-batch {g} is not a multiple of --batch-size {cfg.batch_size} x {base} GPUs")
+        return {n: g // (cfg.batch_size * base) for n in cfg.gpus}
     out = {}
     for n in cfg.gpus:
         per_step = cfg.batch_size * n
@@ -209,7 +251,7 @@ def build_shards_inprocess(json_paths: Sequence[str], image_root: Path, stage1: 
 def training_samples_needed(cfg: ScalingConfig) -> int:
     """Train samples for one epoch that outlasts --max-steps at the global batch (with margin for
     the val split and the ranks' partial last batches)."""
-    return math.ceil(cfg.effective_global_batch * (cfg.max_steps + 2) / TRAIN_FRACTION * 1.1)
+    return math.ceil(cfg.largest_global_batch * (cfg.max_steps + 2) / TRAIN_FRACTION * 1.1)
 
 
 def prepare_inputs(cfg: ScalingConfig, work: Path) -> Inputs:
@@ -252,11 +294,12 @@ def subprocess_env(cuda: bool) -> dict:
     return env
 
 
-def train_flags(cfg: ScalingConfig, inputs: Inputs, grad_accum: int, out_dir: Path) -> list[str]:
-    """The trainer flags of one run: identical for every N except the gradient accumulation."""
+def train_flags(cfg: ScalingConfig, inputs: Inputs, grad_accum: int, out_dir: Path, engine: str = "") -> list[str]:
+    """The trainer flags of one run: identical for every N except the gradient accumulation (and
+    for every engine except `--engine`, `--deepspeed`: an --engines entry)."""
     s1 = load_manifest(inputs.shard_dir).stage1
     samples_per_epoch = load_manifest(inputs.shard_dir).num_samples("train")
-    steps_per_epoch = max(1, samples_per_epoch // cfg.effective_global_batch)
+    steps_per_epoch = max(1, samples_per_epoch // cfg.largest_global_batch)
     flags = ["--shard-dir", inputs.shard_dir, "--model-path", inputs.model_path, "--output-dir", str(out_dir),
              "--batch-size", cfg.batch_size, "--gradient-accumulation-steps", grad_accum,
              "--max-steps", cfg.max_steps, "--num-epochs", math.ceil(cfg.max_steps / steps_per_epoch) + 1,
@@ -267,6 +310,8 @@ def train_flags(cfg: ScalingConfig, inputs: Inputs, grad_accum: int, out_dir: Pa
     encoder = inputs.stage1_encoder_ckpt or (inputs.stage1[0] if s1.trainable_blocks > 0 else "")
     if encoder:
         flags += ["--stage1-encoder-ckpt", encoder]
+    if engine:
+        flags += engine_flags(engine)
     return [str(f) for f in flags] + shlex.split(cfg.train_args)
 
 
@@ -280,6 +325,7 @@ class RunResult:
     log_file: str
     error: str = ""
     records: list[dict] = field(default_factory=list)  # kind == "train", one per step
+    epochs: list[dict] = field(default_factory=list)  # kind == "epoch": the run's exactly-once digests
     start: dict = field(default_factory=dict)  # the trainer's "start" record
 
 
@@ -303,20 +349,28 @@ def run_command(cmd: list[str], env: dict, log_file: Path, timeout_s: int) -> tu
     return code, wall, tail
 
 
+def run_name(n: int, repeat: int = 0, engine: str = "") -> str:
+    """train-gpus<N>[-<engine>][-r<repeat>]: no engine part for a single-engine call (the older names)."""
+    tag = "".join(c if c.isalnum() else "_" for c in engine)
+    return f"train-gpus{n}" + (f"-{tag}" if tag else "") + (f"-r{repeat}" if repeat else "")
+
+
 def run_training(cfg: ScalingConfig, inputs: Inputs, n: int, grad_accum: int, work: Path, cuda: bool,
-                 repeat: int = 0) -> RunResult:
-    name = f"train-gpus{n}" + (f"-r{repeat}" if repeat else "")
+                 repeat: int = 0, engine: str = "") -> RunResult:
+    name = run_name(n, repeat, engine if len(cfg.engines) > 1 else "")
     run_dir = work / name
     shutil.rmtree(run_dir, ignore_errors=True)  # train_log.jsonl is appended to: start clean
-    cmd = [str(TRAIN_SH), "--num-gpus", str(n), "--", *train_flags(cfg, inputs, grad_accum, run_dir)]
+    cmd = [str(TRAIN_SH), "--num-gpus", str(n), "--", *train_flags(cfg, inputs, grad_accum, run_dir,
+                                                                    engine or cfg.engines[0])]
     log_file = work / f"{name}.log"
-    print(f"[scaling] training on {n} GPU(s){'' if cuda else ' (CPU processes)'}: batch {cfg.batch_size} x "
-          f"accumulation {grad_accum} x {n} = {cfg.effective_global_batch} examples/step, {cfg.max_steps} steps; "
-          f"log {log_file}", flush=True)
+    print(f"[scaling] training on {n} GPU(s){'' if cuda else ' (CPU processes)'}, engine {engine or cfg.engines[0]}: "
+          f"batch {cfg.batch_size} x accumulation {grad_accum} x {n} = {cfg.batch_size * grad_accum * n} examples/step, "
+          f"{cfg.max_steps} steps; log {log_file}", flush=True)
     code, wall, tail = run_command(cmd, subprocess_env(cuda), log_file, cfg.run_timeout_s)
     result = RunResult(n, grad_accum, shlex.join(cmd), round(wall, 2), code == 0, str(log_file))
     records = read_jsonl(run_dir / "train_log.jsonl") if (run_dir / "train_log.jsonl").is_file() else []
     result.records = [r for r in records if r.get("kind") == "train"]
+    result.epochs = [r for r in records if r.get("kind") == "epoch"]
     result.start = next((r for r in records if r.get("kind") == "start"), {})
     if code != 0:
         result.error = f"exit code {code}; last lines of {log_file}:\n{tail}"
@@ -369,7 +423,7 @@ def fault_drill(cfg: ScalingConfig, inputs: Inputs, n: int, grad_accum: int, wor
     logged_after = sum(1 for st in range(save_at + 1, cfg.max_steps + 1) if st % cfg.log_steps == 0 or st == cfg.max_steps)
     run_dir = work / f"fault-gpus{n}"
     shutil.rmtree(run_dir, ignore_errors=True)
-    flags = train_flags(cfg, inputs, grad_accum, run_dir)
+    flags = train_flags(cfg, inputs, grad_accum, run_dir, cfg.engines[0])
     flags[flags.index("--save-steps") + 1] = str(save_at)
     cmd = [str(TRAIN_SH), "--num-gpus", str(n), "--", *flags]
     log_file = work / f"fault-gpus{n}.log"
@@ -568,12 +622,18 @@ def loss_agreement(runs: dict[int, Sequence[dict]], last_k: int) -> dict:
     return out
 
 
-def logged_example_counts(records: Sequence[dict]) -> dict:
-    """What the logs say about the samples consumed: examples trained (with loss), per task and in total."""
+def logged_example_counts(records: Sequence[dict], epochs: Sequence[dict] = ()) -> dict:
+    """What the logs say about the samples consumed: examples trained (with loss), per task and in total;
+    and the trainer's own `epoch` records (count + digest of the loss-weighted sample keys per epoch,
+    checked against the manifest at each epoch's end; `complete: false` for an epoch cut by --max-steps)."""
     per_task = Counter()
     for r in records:
         per_task.update(r.get("task_mix") or {})
     return {"examples_trained": sum(per_task.values()), "per_task": dict(per_task),
+            "epoch_records": [{k: e.get(k) for k in ("epoch", "complete", "count", "expected_count", "ok", "rank_counts")}
+                              for e in epochs],
+            "exactly_once_ok": (all(e.get("ok") for e in epochs if e.get("complete"))
+                                if any(e.get("complete") for e in epochs) else None),
             "bad_samples": sum(int(r.get("bad_samples", 0)) for r in records),
             "pad_duplicates": sum(int(r.get("pad_duplicates", 0)) for r in records),
             "epochs_logged": sorted({r.get("epoch") for r in records if r.get("epoch") is not None})}
@@ -690,85 +750,112 @@ def _fmt(v, spec: str = ",.0f") -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
+def _engine_lines(t: dict) -> list[str]:
+    """One engine's tables: runs, where the time goes, loss agreement, samples, fault drill, failures."""
+    lines = ["", "| GPUs | accum | global batch | steady steps | tokens/s | tokens/s/GPU | ms/step | efficiency | wall s | status |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for n, r in t["runs"].items():
+        tp = r["throughput"]
+        lines.append(f"| {n} | {r['grad_accum']} | {r.get('global_batch', '–')} | {tp.get('steady_steps', 0)} | "
+                     f"{_fmt(tp.get('tokens_per_s'))} | {_fmt(tp.get('tokens_per_s_per_gpu'))} | {_fmt(tp.get('ms_per_step'), ',.1f')} | "
+                     f"{_fmt(t['efficiency'].get(n), '.1%')} | {r['wall_s']:.0f} | {'ok' if r['ok'] else 'FAILED'} |")
+    effs = t.get("efficiency_per_repeat") or []
+    if len(effs) > 1:
+        lines += ["", "Efficiency per repeat (run in turn: " + ", ".join(
+            f"repeat {i + 1}: " + " / ".join(f"{n} GPUs {_fmt(e, '.1%')}" for n, e in eff.items())
+            for i, eff in enumerate(effs)) + ")."]
+    timed = {n: r for n, r in t["runs"].items() if r.get("rank_ms_per_step")}
+    if timed:
+        lines += ["", "Where each rank's time goes, ms per micro-batch (the trainer's per-rank `rank_ms_per_step` "
+                  "÷ accumulation, steady windows): host clocks, so `fwd+bwd` is the time to issue them and waits "
+                  "for the device or for the other ranks land in `step` (DeepSpeed syncs there) or `other` (the "
+                  "torch engine syncs at log steps); a rank that waits less than the others is their straggler.", "",
+                  "| GPUs | rank | data wait | fwd+bwd | step | other | total |", "|---:|---:|---:|---:|---:|---:|---:|"]
+        for n, r in timed.items():
+            times, ga = r["rank_ms_per_step"], r["grad_accum"]
+            for rank in range(len(times.get("fwd_bwd", []))):
+                row = [times[p][rank] / ga for p in ("data", "fwd_bwd", "step", "other")]
+                lines.append(f"| {n} | {rank} | " + " | ".join(f"{v:.1f}" for v in row) + f" | {sum(row):.1f} |")
+    slow = {n: r["slowdown_ms_per_micro_batch"] for n, r in t["runs"].items() if r.get("slowdown_ms_per_micro_batch")}
+    if slow:
+        lines += ["", "What the extra GPUs cost, ms per micro-batch beyond the smallest run's (exact per log window, "
+                  "read at the rank that issued its forward + backward slowest): `data` its wait for batches, "
+                  "`host issue` the ranks' mean issue time (slower hosts), `stragglers` the slowest rank's issue "
+                  "time beyond the mean (the others wait for it), `sync/step` its engine step (gradient "
+                  "collectives, optimizer, waits for a rank slow at another step of the window), `other`.", "",
+                  "| GPUs | base ms/micro-batch | extra | data | host issue | stragglers | sync/step | other |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for n, b in slow.items():
+            lines.append(f"| {n} | {b['ms_per_micro_batch_1']:.1f} | {b['total']:+.1f} | " + " | ".join(
+                f"{b[k]:+.1f}" for k in ("data", "host_issue", "stragglers", "sync_step", "other")) + " |")
+    agree = t.get("loss_agreement") or {}
+    if agree.get("per_gpus"):
+        lines += ["", f"Loss agreement against {agree['reference_gpus']} GPU(s) at equal steps (the ranks read other "
+                  "parts of the epoch at another N, so the curves agree statistically, not bit for bit):", "",
+                  "| GPUs | common steps | max abs diff (step) | mean abs diff, last k | mean loss last k (ref) |",
+                  "|---:|---:|---:|---:|---:|"]
+        for n, a in agree["per_gpus"].items():
+            lines.append(f"| {n} | {a['common_steps']} | {a['max_abs_diff']:.4f} ({a['max_abs_diff_step']}) | "
+                         f"{a['mean_abs_diff_last_k']:.4f} (k={a['k']}) | {a['mean_loss_last_k']:.4f} "
+                         f"({a['ref_mean_loss_last_k']:.4f}) |")
+    lines += ["", "Samples: examples trained per run from the logs, and the run's own `epoch` records (count of "
+              "loss-weighted samples per epoch; at an epoch's end their digest is checked against the manifest, "
+              "`partial` = an epoch cut by --max-steps, not checked); exactly-once per epoch also from the trainer's "
+              "data pipeline replayed over a whole epoch for every rank with the run's flags:", "",
+              "| GPUs | examples trained (logs) | run's epoch records | bad | exactly once (replay) | missing | repeated | "
+              "loss-free dups | batches/rank |",
+              "|---:|---:|---|---:|---|---:|---:|---:|---|"]
+    for n, r in t["runs"].items():
+        c, cov = r["logged_samples"], r.get("coverage") or {}
+        epochs = "; ".join(f"{e['epoch']}: {e['count']} " + ("partial" if not e.get("complete") else
+                                                              "ok" if e.get("ok") else "MISMATCH")
+                           for e in c.get("epoch_records") or []) or "–"
+        lines.append(f"| {n} | {c['examples_trained']} | {epochs} | {c['bad_samples']} | "
+                     f"{'yes' if cov.get('exactly_once') else ('NO' if cov else '–')} | {cov.get('missing', '–')} | "
+                     f"{cov.get('repeated', '–')} | {cov.get('loss_free_duplicates', '–')} | {cov.get('batches_per_rank', '–')} |")
+    d = t.get("fault_drill")
+    if d:
+        lines += ["", f"Fault drill on {d['gpus']} GPU(s): rank {d.get('killed_rank')} SIGKILLed right after the "
+                  f"step-{d.get('save_at_step')} resume checkpoint; job stopped in {d.get('stop_s', '–')} s (exit code "
+                  f"{d.get('exit_code')}, {d.get('survivors', '–')} processes left); `--resume` started at step "
+                  f"{d.get('resumed_at_step')}, trained {d.get('resumed_steps')} steps, same data position as the "
+                  f"uninterrupted run: {'yes' if d.get('same_data_position') else 'NO'}, max |loss difference| "
+                  f"{_fmt(d.get('max_abs_loss_diff'), '.2e')}: **{'ok' if d.get('ok') else 'FAILED'}**."]
+        if d.get("error"):
+            lines += ["```", d["error"], "```"]
+    for n, r in t["runs"].items():
+        if r.get("error"):
+            lines += ["", f"Run on {n} GPU(s) failed:", "```", r["error"], "```"]
+    return lines
+
+
 def markdown_report(result: dict) -> str:
     cfg = result["config"]
     lines = [f"# Scaling on {result['environment']['device']}", ""]
     if result.get("training"):
         t = result["training"]
+        batch = (f"global batch {t['global_batch']} examples/step" if not t.get("weak") else
+                 "weak scaling: micro-batch and accumulation fixed, global batch " + ", ".join(
+                     f"{b} at {n} GPU(s)" for n, b in (t.get("global_batch_per_gpus") or {}).items()))
         lines += [f"## Training (`trainer.train` via `launch/train.sh`, shape {cfg['shape']})", "",
-                  f"Every run: {cfg['max_steps']} optimizer steps, global batch {t['global_batch']} examples/step "
+                  f"Every run: {cfg['max_steps']} optimizer steps, {batch} "
                   f"(micro-batch {cfg['batch_size']} per GPU x accumulation x GPUs), seed {cfg['seed']}, "
                   f"max_seq_len {cfg['max_seq_len']}, {t['train_samples']} train samples. Throughput = real (non-padding) "
-                  f"tokens / step time, summed over ranks, over steps > {cfg['warmup_steps']} (warm-up excluded).", "",
-                  "| GPUs | accum | steady steps | tokens/s | tokens/s/GPU | ms/step | efficiency | wall s | status |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-        for n, r in t["runs"].items():
-            tp = r["throughput"]
-            lines.append(f"| {n} | {r['grad_accum']} | {tp.get('steady_steps', 0)} | {_fmt(tp.get('tokens_per_s'))} | "
-                         f"{_fmt(tp.get('tokens_per_s_per_gpu'))} | {_fmt(tp.get('ms_per_step'), ',.1f')} | "
-                         f"{_fmt(t['efficiency'].get(n), '.1%')} | {r['wall_s']:.0f} | {'ok' if r['ok'] else 'FAILED'} |")
-        effs = t.get("efficiency_per_repeat") or []
-        if len(effs) > 1:
-            lines += ["", "Efficiency per repeat (run in turn: " + ", ".join(
-                f"repeat {i + 1}: " + " / ".join(f"{n} GPUs {_fmt(e, '.1%')}" for n, e in eff.items())
-                for i, eff in enumerate(effs)) + ")."]
-        timed = {n: r for n, r in t["runs"].items() if r.get("rank_ms_per_step")}
-        if timed:
-            lines += ["", "Where each rank's time goes, ms per micro-batch (the trainer's per-rank `rank_ms_per_step` "
-                      "÷ accumulation, steady windows): host clocks, so `fwd+bwd` is the time to issue them and waits "
-                      "for the device or for the other ranks land in `step` (DeepSpeed syncs there) or `other` (the "
-                      "torch engine syncs at log steps); a rank that waits less than the others is their straggler.", "",
-                      "| GPUs | rank | data wait | fwd+bwd | step | other | total |", "|---:|---:|---:|---:|---:|---:|---:|"]
-            for n, r in timed.items():
-                times, ga = r["rank_ms_per_step"], r["grad_accum"]
-                for rank in range(len(times.get("fwd_bwd", []))):
-                    row = [times[p][rank] / ga for p in ("data", "fwd_bwd", "step", "other")]
-                    lines.append(f"| {n} | {rank} | " + " | ".join(f"{v:.1f}" for v in row) + f" | {sum(row):.1f} |")
-        slow = {n: r["slowdown_ms_per_micro_batch"] for n, r in t["runs"].items() if r.get("slowdown_ms_per_micro_batch")}
-        if slow:
-            lines += ["", "What the extra GPUs cost, ms per micro-batch beyond the smallest run's (exact per log window, "
-                      "read at the rank that issued its forward + backward slowest): `data` its wait for batches, "
-                      "`host issue` the ranks' mean issue time (slower hosts), `stragglers` the slowest rank's issue "
-                      "time beyond the mean (the others wait for it), `sync/step` its engine step (gradient "
-                      "collectives, optimizer, waits for a rank slow at another step of the window), `other`.", "",
-                      "| GPUs | base ms/micro-batch | extra | data | host issue | stragglers | sync/step | other |",
-                      "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-            for n, b in slow.items():
-                lines.append(f"| {n} | {b['ms_per_micro_batch_1']:.1f} | {b['total']:+.1f} | " + " | ".join(
-                    f"{b[k]:+.1f}" for k in ("data", "host_issue", "stragglers", "sync_step", "other")) + " |")
-        agree = t.get("loss_agreement") or {}
-        if agree.get("per_gpus"):
-            lines += ["", f"Loss agreement against {agree['reference_gpus']} GPU(s) at equal steps (the ranks read other "
-                      "parts of the epoch at another N, so the curves agree statistically, not bit for bit):", "",
-                      "| GPUs | common steps | max abs diff (step) | mean abs diff, last k | mean loss last k (ref) |",
-                      "|---:|---:|---:|---:|---:|"]
-            for n, a in agree["per_gpus"].items():
-                lines.append(f"| {n} | {a['common_steps']} | {a['max_abs_diff']:.4f} ({a['max_abs_diff_step']}) | "
-                             f"{a['mean_abs_diff_last_k']:.4f} (k={a['k']}) | {a['mean_loss_last_k']:.4f} "
-                             f"({a['ref_mean_loss_last_k']:.4f}) |")
-        lines += ["", "Samples: examples trained per run from the logs; exactly-once per epoch from the trainer's data "
-                  "pipeline iterated over a whole epoch for every rank with the run's flags:", "",
-                  "| GPUs | examples trained (logs) | bad | exactly once per epoch | missing | repeated | loss-free dups | batches/rank |",
-                  "|---:|---:|---:|---|---:|---:|---:|---|"]
-        for n, r in t["runs"].items():
-            c, cov = r["logged_samples"], r.get("coverage") or {}
-            lines.append(f"| {n} | {c['examples_trained']} | {c['bad_samples']} | "
-                         f"{'yes' if cov.get('exactly_once') else ('NO' if cov else '–')} | {cov.get('missing', '–')} | "
-                         f"{cov.get('repeated', '–')} | {cov.get('loss_free_duplicates', '–')} | {cov.get('batches_per_rank', '–')} |")
+                  f"tokens / step time, summed over ranks, over steps > {cfg['warmup_steps']} (warm-up excluded)."]
+        sections = t.get("per_engine") or {(cfg.get("engines") or ["deepspeed"])[0]: t}
+        if len(sections) > 1:
+            first = next(iter(sections))
+            lines += ["", f"Engines side by side (run interleaved: for each repeat and N, every engine in turn); "
+                      f"`vs {first}` = tokens/s over {first}'s at the same N:", "",
+                      "| engine | GPUs | tokens/s | efficiency | vs " + first + " | status |", "|---|---:|---:|---:|---:|---|"]
+            for engine, per_n in t["engine_comparison"].items():
+                for n, c in per_n.items():
+                    lines.append(f"| {engine} | {n} | {_fmt(c['tokens_per_s'])} | {_fmt(c['efficiency'], '.1%')} | "
+                                 f"{_fmt(c['vs_first_engine'], '.3f')} | {'ok' if c['ok'] else 'FAILED'} |")
+        for engine, sec in sections.items():
+            lines += ["", f"### Engine `{engine}`"] if len(sections) > 1 else []
+            lines += _engine_lines(sec)
         lines += ["", t["coverage_note"]]
-        d = t.get("fault_drill")
-        if d:
-            lines += ["", f"Fault drill on {d['gpus']} GPU(s): rank {d.get('killed_rank')} SIGKILLed right after the "
-                      f"step-{d.get('save_at_step')} resume checkpoint; job stopped in {d.get('stop_s', '–')} s (exit code "
-                      f"{d.get('exit_code')}, {d.get('survivors', '–')} processes left); `--resume` started at step "
-                      f"{d.get('resumed_at_step')}, trained {d.get('resumed_steps')} steps, same data position as the "
-                      f"uninterrupted run: {'yes' if d.get('same_data_position') else 'NO'}, max |loss difference| "
-                      f"{_fmt(d.get('max_abs_loss_diff'), '.2e')}: **{'ok' if d.get('ok') else 'FAILED'}**."]
-            if d.get("error"):
-                lines += ["```", d["error"], "```"]
-        for n, r in t["runs"].items():
-            if r.get("error"):
-                lines += ["", f"Run on {n} GPU(s) failed:", "```", r["error"], "```"]
     if result.get("builder"):
         b = result["builder"]
         lines += ["", "## Shard builder (`data_prep.build_shards`, one process per GPU, `--num-nodes N --node-rank r`)", "",
@@ -786,11 +873,14 @@ def markdown_report(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-COVERAGE_NOTE = ("The trainer's train_log.jsonl has per-step example counts (task_mix, bad_samples, pad_duplicates), "
-                 "not sample identities, so the run itself cannot prove exactly-once; the check above replays the same "
-                 "data plan. For a log-based proof the trainer would log, per rank and epoch, the number of loss-weighted "
-                 "samples and an order-independent digest of their keys (sum of stable_hash(key) mod 2^64), all-reduced "
-                 "at the epoch end, to compare with the same digest over the manifest's train samples.")
+COVERAGE_NOTE = ("Exactly-once is checked twice: by the run itself (trainer/exactly_once.py: each rank sums a digest "
+                 "of the keys of the samples it trained with loss weight > 0, all-reduced and compared with the manifest's "
+                 "train samples at each epoch's end: the `epoch` records of train_log.jsonl), and by replaying the data "
+                 "plan above. Examples per step are not constant: --balance-window regroups each window of batches into "
+                 "batches of ~equal TOKENS, longest examples first, so the first batches of a window hold fewer examples; "
+                 "a run stopped inside windows (--max-steps) trains fewer examples than steps x global batch, and more "
+                 "so with more ranks x workers cut mid-window (README.md, Multi-GPU). Over a whole epoch every N trains "
+                 "every sample once.")
 
 
 def environment() -> dict:
@@ -805,30 +895,52 @@ def environment() -> dict:
 # ----------------------------------------------------------------------------------------------
 
 def training_scaling(cfg: ScalingConfig, work: Path, cuda: bool) -> dict:
+    """Every --engines entry at every N, interleaved (repeat, N, engine), then one report section per
+    engine; the first engine's section is also at the top level (the single-engine layout)."""
     inputs = prepare_inputs(cfg, work)
     accum = grad_accum_steps(cfg)
-    repeats: dict[int, list[RunResult]] = {n: [] for n in cfg.gpus}
-    for i in range(cfg.repeats):  # in turn, so that drift of the machine meets every N alike
+    repeats: dict[str, dict[int, list[RunResult]]] = {e: {n: [] for n in cfg.gpus} for e in cfg.engines}
+    for i in range(cfg.repeats):  # in turn, so that drift of the machine meets every N and engine alike
         for n in cfg.gpus:
-            repeats[n].append(run_training(cfg, inputs, n, accum[n], work, cuda, repeat=i))
+            for engine in cfg.engines:
+                repeats[engine][n].append(run_training(cfg, inputs, n, accum[n], work, cuda, repeat=i, engine=engine))
+    coverage = {}
+    if cfg.check_coverage:  # the data plan depends on N and the batch size, not on the engine
+        for n in cfg.gpus:
+            print(f"[scaling] replaying one epoch of the data pipeline for {n} rank(s)", flush=True)
+            coverage[n] = epoch_coverage(train_flags(cfg, inputs, accum[n], work / "coverage-unused"), n)
+    per_engine = {e: engine_section(cfg, inputs, e, repeats[e], accum, coverage, work, cuda,
+                                    drill=cfg.fault_drill and e == cfg.engines[0]) for e in cfg.engines}
+    first = per_engine[cfg.engines[0]]
+    return {"inputs": asdict(inputs), "global_batch": cfg.effective_global_batch, "weak": cfg.weak,
+            "global_batch_per_gpus": {n: cfg.global_batch_of(n) for n in cfg.gpus},
+            "train_samples": load_manifest(inputs.shard_dir).num_samples("train"), "coverage_note": COVERAGE_NOTE,
+            "engines": list(cfg.engines), "per_engine": per_engine, "engine_comparison": engine_comparison(per_engine),
+            **first}
+
+
+def engine_section(cfg: ScalingConfig, inputs: Inputs, engine: str, repeats: dict[int, list[RunResult]],
+                   accum: dict[int, int], coverage: dict[int, dict], work: Path, cuda: bool, drill: bool) -> dict:
+    """One engine's runs at every N: throughput pooled over repeats, efficiency, where the time goes,
+    loss agreement, samples (and the fault drill on the largest N when asked)."""
     results = {n: rs[0] for n, rs in repeats.items()}  # the first repeat: loss curves, coverage, drill
     runs = {}
     for n, r in results.items():
         per_repeat = [{"ok": x.ok, "wall_s": x.wall_s, "throughput": throughput(x.records, cfg.warmup_steps, n),
                        "rank_ms_per_step": rank_times([x.records], cfg.warmup_steps)} for x in repeats[n]]
         ok = all(x.ok for x in repeats[n])
-        entry = {"grad_accum": r.grad_accum, "ok": ok, "wall_s": r.wall_s, "command": r.command, "log_file": r.log_file,
+        entry = {"grad_accum": r.grad_accum, "global_batch": cfg.global_batch_of(n), "ok": ok, "wall_s": r.wall_s,
+                 "command": r.command, "log_file": r.log_file,
                  "error": "\n".join(x.error for x in repeats[n] if x.error), "start": r.start,
                  "throughput": (pooled_throughput([p["throughput"] for p in per_repeat], n) if cfg.repeats > 1
                                 else per_repeat[0]["throughput"]),
                  "rank_ms_per_step": rank_times([x.records for x in repeats[n]], cfg.warmup_steps),
                  "repeats": per_repeat,
-                 "logged_samples": logged_example_counts(r.records),
+                 "logged_samples": logged_example_counts(r.records, r.epochs),
                  "steps": [{k: rec.get(k) for k in ("step", "loss", "real_tokens", "tokens_per_s", "lr", "rank_ms_per_step")}
                            for rec in r.records]}
-        if cfg.check_coverage:
-            print(f"[scaling] replaying one epoch of the data pipeline for {n} rank(s)", flush=True)
-            entry["coverage"] = epoch_coverage(train_flags(cfg, inputs, accum[n], work / "coverage-unused"), n)
+        if n in coverage:
+            entry["coverage"] = coverage[n]
         runs[n] = entry
     base = min(cfg.gpus)
     for n in cfg.gpus:
@@ -836,18 +948,30 @@ def training_scaling(cfg: ScalingConfig, work: Path, cuda: bool) -> dict:
             runs[n]["slowdown_ms_per_micro_batch"] = slowdown_breakdown(
                 [x.records for x in repeats[n]], accum[n], runs[base]["rank_ms_per_step"], accum[base], cfg.warmup_steps)
     tps = {n: r["throughput"] for n, r in runs.items() if r["ok"]}
-    drill = None
-    if cfg.fault_drill:
+    fault = None
+    if drill:
         n = max(cfg.gpus)
-        drill = (fault_drill(cfg, inputs, n, accum[n], work, cuda, results[n]) if results[n].ok
+        fault = (fault_drill(cfg, inputs, n, accum[n], work, cuda, results[n]) if results[n].ok
                  else {"gpus": n, "ok": False, "error": f"the reference run on {n} GPU(s) failed"})
     per_repeat_eff = [scaling_efficiency({n: r["repeats"][i]["throughput"] for n, r in runs.items() if r["repeats"][i]["ok"]})
                       for i in range(cfg.repeats)]
-    return {"inputs": asdict(inputs), "global_batch": cfg.effective_global_batch, "fault_drill": drill,
-            "train_samples": load_manifest(inputs.shard_dir).num_samples("train"), "runs": runs,
-            "efficiency": scaling_efficiency(tps), "efficiency_per_repeat": per_repeat_eff,
+    return {"engine": engine, "runs": runs, "efficiency": scaling_efficiency(tps), "efficiency_per_repeat": per_repeat_eff,
             "loss_agreement": loss_agreement({n: r.records for n, r in results.items() if r.records}, cfg.last_k),
-            "coverage_note": COVERAGE_NOTE}
+            "fault_drill": fault}
+
+
+def engine_comparison(per_engine: dict[str, dict]) -> dict[str, dict[int, dict]]:
+    """{engine: {N: tokens/s, efficiency, tokens/s against the first engine at the same N}}."""
+    first = next(iter(per_engine.values()))["runs"]
+    out = {}
+    for engine, sec in per_engine.items():
+        out[engine] = {}
+        for n, r in sec["runs"].items():
+            tps = r["throughput"].get("tokens_per_s")
+            ref = first.get(n, {}).get("throughput", {}).get("tokens_per_s")
+            out[engine][n] = {"tokens_per_s": tps, "efficiency": sec["efficiency"].get(n),
+                              "vs_first_engine": tps / ref if tps and ref else None, "ok": r["ok"]}
+    return out
 
 
 def run(cfg: ScalingConfig) -> dict:

@@ -170,11 +170,14 @@ def _trainable(engine) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in engine.module.named_parameters() if p.requires_grad or "lora_" in n}
 
 
-def test_torch_engine_makes_the_deepspeed_updates(tiny_lm_dir, stage1_ckpts, dist1):
-    """3 optimizer steps of 2 micro-batches each, clipping active, two LR groups, weight decay."""
+@pytest.mark.parametrize("ds_config", ["ds_configs/zero2.json", "ds_configs/zero1.json"])
+def test_torch_engine_makes_the_deepspeed_updates(tiny_lm_dir, stage1_ckpts, dist1, ds_config):
+    """3 optimizer steps of 2 micro-batches each, clipping active, two LR groups, weight decay; ZeRO-2
+    and ZeRO-1 (which reduces the gradients once per step instead of after every micro-batch)."""
     from trainer.engines import DeepSpeedEngine, TorchEngine, build_engine
 
-    cfg = _tail_cfg(tiny_lm_dir, gradient_accumulation_steps=2, max_grad_norm=0.05, weight_decay=0.01)
+    cfg = replace(_tail_cfg(tiny_lm_dir, gradient_accumulation_steps=2, max_grad_norm=0.05, weight_decay=0.01),
+                  deepspeed=ds_config)
     engines, norms, losses = {}, {}, {}
     for kind in ("deepspeed", "torch"):
         model, batches = _model(cfg, stage1_ckpts)
@@ -188,6 +191,7 @@ def test_torch_engine_makes_the_deepspeed_updates(tiny_lm_dir, stage1_ckpts, dis
             if boundary:
                 norms[kind].append(engine.grad_norm())
     assert isinstance(engines["deepspeed"], DeepSpeedEngine) and isinstance(engines["torch"], TorchEngine)
+    assert engines["deepspeed"].ds.zero_optimization_stage() == int(ds_config[-6])
     assert losses["torch"] == pytest.approx(losses["deepspeed"], rel=1e-6)  # fp32 reassociation only
     assert norms["torch"] == pytest.approx(norms["deepspeed"], rel=1e-5)
     assert min(norms["torch"]) > 0.05, "clipping must be active for the test to mean something"
@@ -198,6 +202,36 @@ def test_torch_engine_makes_the_deepspeed_updates(tiny_lm_dir, stage1_ckpts, dis
     assert moved > 1e-3, "the updates must be visible above the tolerance"
     for n in want:
         torch.testing.assert_close(got[n], want[n], atol=1e-6, rtol=0, msg=n)
+
+
+def test_zero1_reduces_once_per_step_where_zero2_reduces_every_micro_batch(tiny_lm_dir, stage1_ckpts, dist1,
+                                                                          monkeypatch):
+    """Why ZeRO-2 syncs the ranks at every micro-batch: it keeps only its partition of the gradients,
+    so each backward reduces them (DeepSpeed refuses no_sync() for stages 2 and 3); no ZeRO-2 setting
+    (overlap_comm, contiguous_gradients, bucket sizes) changes that. ZeRO-1 keeps whole gradients and
+    reduces at the accumulation boundary only (ds_configs/zero1.json). Counted collectives per
+    micro-batch, accumulation 4; ZeRO-1 also skips a non-finite step."""
+    import torch.distributed as tdist
+
+    from trainer.engines import build_engine
+
+    calls = []
+    for name in ("all_reduce", "reduce", "reduce_scatter", "reduce_scatter_tensor"):
+        original = getattr(tdist, name)
+        monkeypatch.setattr(tdist, name, lambda *a, _f=original, _n=name, **k: (calls.append(_n), _f(*a, **k))[1])
+    per_micro = {}
+    for ds_config in ("ds_configs/zero2.json", "ds_configs/zero1.json"):
+        cfg = replace(_tail_cfg(tiny_lm_dir, gradient_accumulation_steps=4), deepspeed=ds_config)
+        model, batches = _model(cfg, stage1_ckpts)
+        engine = build_engine(model, cfg, total_steps=10)
+        per_micro[ds_config] = []
+        for i in range(4):
+            calls.clear()
+            _micro_step(engine, batches[i], seed=i, nan=ds_config.endswith("zero1.json") and i == 3)
+            per_micro[ds_config].append(len(calls))
+    assert all(n > 0 for n in per_micro["ds_configs/zero2.json"][:3]), per_micro
+    assert per_micro["ds_configs/zero1.json"][:3] == [0, 0, 0] and per_micro["ds_configs/zero1.json"][3] > 0, per_micro
+    assert engine.skipped_steps == 1
 
 
 @pytest.mark.parametrize("kind", ["deepspeed", "torch"])
@@ -477,15 +511,22 @@ def test_two_process_torch_engine_run_learns_and_checkpoints(shard_dir, tiny_lm_
 
 
 @pytest.mark.slow
-def test_torch_engine_resume_reproduces_the_uninterrupted_losses(shard_dir, tiny_lm_dir, tmp_path, launcher_env):
-    """tests/test_resume.py with --engine torch (and a NaN step inside the resumed part)."""
+def test_ddp_engine_resume_reproduces_the_uninterrupted_losses_and_epoch(shard_dir, tiny_lm_dir, tmp_path,
+                                                                        launcher_env):
+    """tests/test_resume.py with --engine ddp (and a NaN step inside the resumed part). The torch and
+    ddp engines share their step and checkpoint file (trainer/engines/flat_adamw.py; the torch
+    engine's round trip is test_torch_engine_save_load_round_trip). Epoch 0 ends inside the resumed
+    part: the run's own exactly-once record (trainer/exactly_once.py) must say every train sample was
+    trained once, in both runs, with the same digest."""
     from common.io import read_jsonl
+    from data_prep.manifest import load_manifest
     from tests.test_train_e2e import base_flags, run_train
 
     out = tmp_path / "run"
-    flags = base_flags(shard_dir, tiny_lm_dir, out, **{"engine": "torch", "batch-size": 16, "num-epochs": 2,
+    flags = base_flags(shard_dir, tiny_lm_dir, out, **{"engine": "ddp", "batch-size": 16, "num-epochs": 2,
                                                       "max-steps": 16, "save-steps": 6, "save-total-limit": 10,
-                                                      "lora-dropout": 0.1, "debug-nan-at-steps": [14]})
+                                                      "lora-dropout": 0.1, "debug-nan-at-steps": [14],
+                                                      "strict-exactly-once": True})
     run_train(flags)
     first = read_jsonl(out / "train_log.jsonl")
     (out / "resume" / "latest").write_text("step-12\n")
@@ -501,6 +542,14 @@ def test_torch_engine_resume_reproduces_the_uninterrupted_losses(shard_dir, tiny
     for step in want:
         assert got[step]["loss"] == pytest.approx(want[step]["loss"], abs=1e-5), step
         assert got[step]["nan_steps_total"] == want[step]["nan_steps_total"] == (0 if step < 14 else 1)
+
+    n = load_manifest(shard_dir).num_samples("train")
+    epochs = [[r for r in recs if r["kind"] == "epoch"] for recs in (first, second)]
+    for recs in epochs:  # epoch 0 checked at its end (step 13), epoch 1 cut by --max-steps
+        assert [(r["epoch"], r["complete"]) for r in recs] == [(0, True), (1, False)], recs
+        assert recs[0]["ok"] and recs[0]["count"] == recs[0]["expected_count"] == n
+        assert sum(recs[0]["rank_counts"]) == n and len(recs[0]["rank_counts"]) == 2
+    assert epochs[1][0]["digest"] == epochs[0][0]["digest"] and epochs[1][1] == epochs[0][1]
 
 
 def test_benchmark_mode4_steps_the_torch_engine(tmp_path, synthetic_data):

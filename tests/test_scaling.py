@@ -243,7 +243,7 @@ def test_scaling_end_to_end_on_cpu(tmp_path):
     assert agree["common_steps"] == 2 and math.isfinite(agree["max_abs_diff"])
     assert agree["mean_abs_diff_last_k"] <= agree["max_abs_diff"]
     report = (work / "scaling.md").read_text()
-    assert "| 2 | 1 | 2 |" in report and "exactly once" in report and "Where each rank's time goes" in report
+    assert "| 2 | 1 | 4 | 2 |" in report and "exactly once" in report and "Where each rank's time goes" in report
     # Fault drill: rank 1 of the 2-process run SIGKILLed after the step-2 checkpoint; the launcher
     # stops the job (no process left), and --resume trains steps 3-4 exactly as the uninterrupted run
     # (one log record, step 4, covering both).
@@ -276,3 +276,53 @@ def test_builder_scaling_on_cpu(tmp_path):
     assert [len(r["nodes"]) for r in b["runs"]] == [1, 2]  # both processes built shards
     assert b["identical_shards"] is True
     assert b["runs"][1]["speedup"] > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Several engines, weak scaling (the runs themselves faked: the plumbing and the report)
+
+
+def test_engine_entries_and_weak_accumulation():
+    from benchmarks.scaling import engine_flags
+
+    assert engine_flags("ddp") == ["--engine", "ddp"]
+    assert engine_flags("deepspeed:ds_configs/zero1.json") == ["--engine", "deepspeed", "--deepspeed", "ds_configs/zero1.json"]
+    for bad in ("fsdp", "torch:x.json", "deepspeed:"):
+        with pytest.raises(ValueError, match="--engines"):
+            engine_flags(bad)
+    weak = ScalingConfig(gpus=[1, 2, 4], batch_size=4, global_batch=8, weak=True)
+    assert grad_accum_steps(weak) == {1: 2, 2: 2, 4: 2}
+    assert {n: weak.global_batch_of(n) for n in (1, 2, 4)} == {1: 8, 2: 16, 4: 32} and weak.largest_global_batch == 32
+    strong = ScalingConfig(gpus=[1, 2, 4], batch_size=4)
+    assert {n: strong.global_batch_of(n) for n in (1, 2, 4)} == {1: 16, 2: 16, 4: 16}
+
+
+def test_several_engines_are_run_interleaved_and_reported_side_by_side(monkeypatch, shard_dir, tmp_path):
+    from benchmarks import scaling
+
+    calls = []
+
+    def fake_run(cfg, inputs, n, accum, work, cuda, repeat=0, engine=""):
+        calls.append((repeat, n, engine))
+        ms = {"deepspeed": 100.0, "ddp": 80.0}[engine] * (1.1 if n == 2 else 1.0)  # ddp faster; 2 GPUs at 90.9%
+        recs = [{"step": s, "real_tokens": 1000 * n, "tokens_per_s": 1000 * n / (ms / 1000), "loss": 1.0,
+                 "task_mix": {"caption": 4 * n}} for s in (1, 2, 3)]
+        epochs = [{"kind": "epoch", "epoch": 0, "complete": False, "count": 12 * n}]
+        return scaling.RunResult(n, accum, "cmd", 1.0, True, "log", records=recs, epochs=epochs)
+
+    monkeypatch.setattr(scaling, "run_training", fake_run)
+    monkeypatch.setattr(scaling, "prepare_inputs", lambda cfg, work: Inputs(shard_dir=str(shard_dir), model_path=""))
+    cfg = ScalingConfig(gpus=[1, 2], engines=["deepspeed", "ddp"], repeats=2, batch_size=2, weak=True,
+                        max_steps=3, warmup_steps=1, check_coverage=False, workdir=str(tmp_path))
+    result = scaling.run(cfg)
+    assert calls == [(r, n, e) for r in (0, 1) for n in (1, 2) for e in ("deepspeed", "ddp")]
+    t = result["training"]
+    assert t["engines"] == ["deepspeed", "ddp"] and t["runs"] is t["per_engine"]["deepspeed"]["runs"]
+    assert t["global_batch_per_gpus"] == {1: 2, 2: 4} and t["per_engine"]["ddp"]["runs"][2]["global_batch"] == 4
+    cmp = t["engine_comparison"]
+    assert cmp["ddp"][2]["efficiency"] == pytest.approx(1 / 1.1) and cmp["ddp"][1]["vs_first_engine"] == pytest.approx(1.25)
+    assert t["per_engine"]["ddp"]["runs"][1]["throughput"]["runs"] == 2  # pooled over the repeats
+    assert t["per_engine"]["ddp"]["runs"][2]["logged_samples"]["epoch_records"][0]["count"] == 24
+    report = (tmp_path / "scaling.md").read_text()
+    assert "### Engine `ddp`" in report and "| ddp | 2 |" in report and "weak scaling" in report
+    assert "0: 24 partial" in report

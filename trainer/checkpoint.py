@@ -7,7 +7,8 @@ Resume checkpoint (`<output_dir>/resume/`), written collectively every `--save-s
                                 --engine torch: torch_engine_state.pt; --engine fsdp2: fsdp2_dcp/ (DCP,
                                 sharded, reshardable to another world size) + fsdp2_engine_state.json
     resume/step-<N>/trainer_state.json   step, epoch, batches consumed in the epoch, NaN counters,
-                                running truncation stats, the RNG states of every rank, the size of
+                                running truncation stats, the digest of the epoch's samples so far
+                                (all ranks), the RNG states of every rank, the size of
                                 every engine file; written last: it marks the checkpoint complete
     resume/latest               the tag of the newest COMPLETE checkpoint, written atomically LAST
 
@@ -105,6 +106,8 @@ class TrainerState:
     nan_steps_total: int = 0
     tokens_seen: int = 0  # real (non-pad) tokens over all ranks
     truncation: dict = field(default_factory=dict)  # running TruncationStats.as_dict(), all ranks
+    # the epoch's samples so far, all ranks: {"epoch", "count", "digest"} (trainer/exactly_once.py)
+    sample_digest: dict = field(default_factory=dict)
     world_size: int = 1
     seed: int = 0
     batch_tokens: int = 0  # the budget --batch-tokens resolved to (auto: probed once, reused on resume)

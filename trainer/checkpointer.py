@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from data_prep.manifest import Stage1Record
 from trainer.checkpoint import (
@@ -31,6 +31,8 @@ class Checkpointer:
         self.stage1 = stage1
         self.out_dir = Path(cfg.checkpoint.output_dir)
         self.every = cfg.checkpoint.save_steps
+        # collective hooks run on every rank before a save, to put what they own into the state
+        self.before_save: list[Callable[[TrainerState], None]] = []
 
     def resume(self) -> TrainerState:
         """The saved state with --resume and a complete checkpoint (engine and RNGs restored), else a fresh one."""
@@ -50,6 +52,8 @@ class Checkpointer:
         """Collective: the resume checkpoint (every rank), then the inference checkpoint `tag` (rank 0
         writes it; under ZeRO-3 every rank helps gather the weights)."""
         skips.check()  # the saved NaN counters are exact
+        for hook in self.before_save:
+            hook(state)
         save_resume_checkpoint(self.engine, self.out_dir, state, self.dist.is_main,
                                keep=self.cfg.checkpoint.save_total_limit)
         gather = getattr(self.engine, "gathered_state_dict", None)

@@ -72,7 +72,7 @@ class CheckpointConfig:
 
 @dataclass
 class TrainConfig:
-    """Stage2 prefix-LM training (LoRA + image prefix, multi-task) with DeepSpeed ZeRO-2 or the torch engine."""
+    """Stage2 prefix-LM training (LoRA + image prefix, multi-task) with DeepSpeed ZeRO-2, the torch engine or DDP."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     stage1: Stage1Settings = field(default_factory=Stage1Settings)
@@ -82,21 +82,23 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
-    engine: Literal["deepspeed", "torch", "fsdp2"] = field(default="deepspeed", metadata={
-        "help": "training engine (trainer/engines/); same updates either way: deepspeed = DeepSpeed ZeRO-2 (or 3) per "
+    engine: Literal["deepspeed", "torch", "ddp", "fsdp2"] = field(default="deepspeed", metadata={
+        "help": "training engine (trainer/engines/); same updates whichever: deepspeed = DeepSpeed ZeRO per "
                 "--deepspeed (ds_configs/), the spec's default; torch = a lean data-parallel engine for LoRA "
                 "(flat fp32 master weights, one all-reduce, fused AdamW, no per-step host sync): less host work "
-                "per step, and ZeRO's sharding buys nothing for LoRA's small optimizer state (README.md, Performance); "
-                "fsdp2 = PyTorch FSDP2, every weight (frozen base too), gradient and optimizer state sharded over "
-                "the ranks, each rank loading only its shard: full fine-tuning (--no-use-lora) or a base too big "
-                "for one GPU; resume checkpoints reshard to another GPU count"})
+                "per step, and ZeRO's sharding buys nothing for LoRA's small optimizer state; ddp = PyTorch "
+                "DistributedDataParallel (no_sync inside the accumulation window) with the torch engine's step "
+                "(README.md, Performance and Multi-GPU); fsdp2 = PyTorch FSDP2, every weight (frozen base too), "
+                "gradient and optimizer state sharded over the ranks, each rank loading only its shard: full "
+                "fine-tuning (--no-use-lora) or a base too big for one GPU; resume checkpoints reshard to another "
+                "GPU count"})
     fsdp_cpu_offload: bool = field(default=False, metadata={
         "help": "--engine fsdp2: keep the parameter shards, gradients and optimizer state in host memory "
                 "(all-gathered to the GPU per layer; AdamW on the CPU): less GPU memory, slower steps"})
     deepspeed: str = field(default=DEFAULT_DS_CONFIG, metadata={"help": "DeepSpeed JSON config (--engine deepspeed); its 'auto' fields are filled from this config. "
-                                                                  "ds_configs/zero2.json (default), zero2_offload.json; zero3.json / "
-                                                                  "zero3_offload.json partition the weights too (a base or a full "
-                                                                  "fine-tune that one GPU cannot hold)"})
+                                                                  "ds_configs/zero2.json (default), zero1.json, zero2_offload.json; "
+                                                                  "zero3.json / zero3_offload.json partition the weights too (a base "
+                                                                  "or a full fine-tune that one GPU cannot hold)"})
     seed: int = field(default=42, metadata={"help": "seed of the data order, task sampling, init and dropout"})
     max_steps: int = field(default=-1, metadata={"help": "stop after this many optimizer steps (-1 = run all epochs); the LR schedule spans the capped run"})
     gc_interval_steps: int = field(default=50, metadata={

@@ -62,6 +62,7 @@ from common.io import sha256_file, stable_hash
 from data_prep.shard_format import ElementSample, SampleFormatError, decode_sample
 from models.collate import TrainItem, collate_train
 from models.tasks import TASKS, TaskUnavailable, TruncationStats, build_prompt, tokenize_prompt
+from trainer.sample_digest import SampleDigest
 from trainer.schedules import Phase, enabled_tasks, phase_at, sample_task
 
 log = logging.getLogger("trainer.data")
@@ -92,6 +93,7 @@ class DataConfig:
     packed: bool = field(default=True, metadata={"help": "pack each micro-batch into one row with per-example attention (--no-packed: one padded row per example)"})
     skip_bad_shards: bool = field(default=False, metadata={"help": "log and skip missing/truncated shards, shards whose sha256 does not match the manifest, and unreadable samples (counted in train_log.jsonl: bad_shards, bad_samples) instead of stopping with an error"})
     val_max_samples: int = field(default=256, metadata={"help": "held-out loss is computed on at most this many val samples (0 = off)"})
+    strict_exactly_once: bool = field(default=False, metadata={"help": "stop with an error when an epoch did not train every train sample of the manifest exactly once (the `epoch` records of train_log.jsonl; default: a warning)"})
 
     def fixed_batch_tokens(self) -> Optional[int]:
         """--batch-tokens as a number, or None for auto."""
@@ -533,6 +535,9 @@ def collate(batches: Iterable[list[Example]], pad_id: int, num_image_tokens: int
         batch = collate_train(items, pad_id, num_image_tokens, packed=packed)
         batch["loss_weights"] = [it.loss_weight for it in items]
         batch["stats"] = batch_stats(chunk)
+        # exactly-once per epoch (trainer/exactly_once.py): every loss-weighted example delivered,
+        # those that truncation dropped included (they are counted in the truncation stats)
+        batch["sample_digest"] = SampleDigest.of(ex.sample.key for ex in chunk if ex.loss_weight > 0)
         yield batch
 
 

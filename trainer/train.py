@@ -4,7 +4,7 @@
             -> resume state -> components (checkpointer, metric logger, validator, sample logger)
     loop:   each micro-batch: forward, backward, engine step; after each optimizer step the
             components decide for themselves whether to log, sample or save; after each epoch,
-            the held-out loss.
+            the exactly-once check of its samples (trainer/exactly_once.py) and the held-out loss.
 
 Non-finite losses: the engine skips the update (engine.step() returns False, or a device False for
 the torch engine, read at the next log/save step); more than --max-nan-steps in a row stops training
@@ -37,6 +37,7 @@ from trainer.config import TrainConfig, parse_train_config
 from trainer.data import TrainStream
 from trainer.distributed import DistInfo, cleanup, init_distributed
 from trainer.engines import Engine, build_engine, zero3_model_init
+from trainer.exactly_once import ExactlyOnce
 from trainer.gc_steps import StepAlignedGC
 from trainer.heartbeat import start_heartbeat
 from trainer.metrics import MetricLogger, RunLog
@@ -144,6 +145,8 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainerState:
                                        "batch_size_per_phase": stream.phase_batch_sizes, "world_size": dist.world_size,
                                        **budget.record()})
     skips = SkippedSteps(state, cfg.checkpoint.max_nan_steps, checkpointer.out_dir)
+    exactly_once = ExactlyOnce(manifest, dist, runlog, state, strict=cfg.data.strict_exactly_once)
+    checkpointer.before_save.append(exactly_once.fold_into)
     validator = Validator(cfg, engine, stream, runlog, plan.total_steps)
     samples = SampleLogger(cfg, dist, engine, tokenizer, stream, runlog)
     validator.at_start(state)
@@ -161,6 +164,7 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainerState:
             logger.lap("data")
             out = forward_backward(engine, batch, cfg, state, micro, dist.rank)
             logger.micro_batch(out, batch)
+            exactly_once.add(batch)
             state.batches_in_epoch += 1
             boundary = engine.is_boundary()
             logger.lap("fwd_bwd")
@@ -180,11 +184,14 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainerState:
                 break
         else:  # the epoch ran to its end
             step_gc.epoch_end()
+            exactly_once.at_epoch_end(state, epoch)
             validator.at_epoch_end(state, epoch)
             logger.lap("other")
             state.epoch, state.batches_in_epoch = epoch + 1, 0
     logger.close()
     step_gc.close()
+    if state.epoch < plan.num_epochs:  # stopped by --max-steps inside (or at the last batch of) an epoch
+        exactly_once.at_end(state, state.batches_in_epoch == plan.batches_per_epoch[state.epoch])
     validator.at_end(state)
     checkpointer.save(state, "final", skips)
     runlog.write("end", state.step, {"nan_steps_total": state.nan_steps_total})

@@ -1,21 +1,24 @@
 """The training engine: the handful of methods the loop uses, one file per backend.
 
-    engine = build_engine(model, cfg, total_steps, device)   # cfg.engine: "deepspeed" | "torch"
+    engine = build_engine(model, cfg, total_steps, device)   # cfg.engine: "deepspeed" | "torch" | "ddp"
     out = engine.forward(batch); engine.backward(out.loss); applied = engine.step()
 
-Both backends do the same math: the loss of a micro-batch scaled by 1/gradient_accumulation_steps,
+The backends do the same math: the loss of a micro-batch scaled by 1/gradient_accumulation_steps,
 gradients summed over the accumulation window and averaged over ranks, global-norm clipping
 (coefficient max_norm / (norm + 1e-6) when below 1), AdamW with two parameter groups on fp32 master
 weights, warm-up + cosine LR over the applied optimizer steps (optim.py); a step whose gradient norm
 is inf/NaN changes nothing (weights, optimizer state, LR schedule) and counts as skipped.
 
 - deepspeed_engine.py: DeepSpeed ZeRO-1/2 from `--deepspeed` (the default).
-- torch_engine.py: flat fp32 masters, one all-reduce, fused AdamW, no per-step host sync.
+- torch_engine.py: flat parameter buffers, one all-reduce per LR group at the optimizer step.
+- ddp_engine.py: PyTorch DistributedDataParallel, `no_sync()` inside the accumulation window.
+  The torch and ddp engines share their step and checkpoint file (flat_adamw.py: fp32 masters,
+  fused AdamW, no per-step host sync).
 - fsdp2_engine.py: FSDP2 `fully_shard` per decoder layer: weights, gradients and optimizer state
   sharded over the ranks (full fine-tuning, bases too big for one GPU); needs a meta-built model
   (`build_prefix_lm(meta=True)`, which trainer.train does for `--engine fsdp2`).
 
-Before either backend sees the model, `build_engine` packs all LoRA weights into one trainable
+Before any backend sees the model, `build_engine` packs all LoRA weights into one trainable
 tensor (models/flat_lora.py): DeepSpeed's host work is per trainable tensor (a gradient hook, an
 inf/NaN check and a norm each), and a 7B model has ~450 LoRA tensors. Not under ZeRO-3: it partitions
 every parameter, so the PEFT weights could no longer be views of the flat tensor's storage, and each
@@ -36,6 +39,7 @@ from common.runtime import resolve_device, resolve_precision
 from models.flat_lora import attach_flat_lora
 from trainer.config import TrainConfig
 from trainer.engines.base import Engine
+from trainer.engines.ddp_engine import DDPEngine
 from trainer.engines.deepspeed_engine import (
     DeepSpeedEngine,
     build_deepspeed_engine,
@@ -49,10 +53,11 @@ from trainer.engines.torch_engine import TORCH_ENGINE_STATE, TorchEngine
 
 log = logging.getLogger("trainer")
 
-ENGINES = ("deepspeed", "torch", "fsdp2")
+ENGINES = ("deepspeed", "torch", "ddp", "fsdp2")
 
-__all__ = ["Engine", "DeepSpeedEngine", "TorchEngine", "FSDP2Engine", "build_engine", "build_ds_config",
-           "optimizer_groups", "warmup_cosine", "TORCH_ENGINE_STATE", "zero3_model_init", "zero_stage"]
+__all__ = ["Engine", "DeepSpeedEngine", "TorchEngine", "DDPEngine", "FSDP2Engine", "ENGINES", "build_engine",
+           "build_ds_config", "optimizer_groups", "warmup_cosine", "TORCH_ENGINE_STATE", "zero3_model_init",
+           "zero_stage"]
 
 
 def build_engine(model: torch.nn.Module, cfg: TrainConfig, total_steps: int,
@@ -80,9 +85,11 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, total_steps: int,
         engine = FSDP2Engine(model, cfg, total_steps, device, dtype)
     elif kind == "torch":
         engine = TorchEngine(model, cfg, total_steps, device, dtype)
+    elif kind == "ddp":
+        engine = DDPEngine(model, cfg, total_steps, device, dtype)
     else:
         engine = build_deepspeed_engine(model, cfg, total_steps, device, precision, dtype)
     if flat is not None:
-        flat.relink()  # both engines re-bind parameter storage (flat buffers, dtype/device moves)
+        flat.relink()  # every engine re-binds parameter storage (flat buffers, dtype/device moves)
         engine.flat_lora = flat
     return engine
