@@ -72,7 +72,7 @@ def _train_config(tmp_path, text: str, name: str = "config.yaml"):
     ("lora_r:\n", "model.lora_r: expected an int, got null"),
     ("use_wandb: maybe\n", "logging.use_wandb: expected a boolean (true/false, yes/no, on/off), got 'maybe'"),
     ("use_wandb: 1\n", "logging.use_wandb: expected a boolean (true/false, yes/no, on/off), got 1"),
-    ("engine: fsdp\n", "engine: expected one of 'deepspeed', 'torch', 'fsdp2'; got 'fsdp'"),
+    ("engine: fsdp\n", "engine: expected one of 'deepspeed', 'torch', 'ddp', 'fsdp2'; got 'fsdp'"),
     ("debug_nan_at_steps: [1, x]\n", "debug_nan_at_steps[1]: expected an int, got 'x'"),
     ("lora_target_modules: q_proj\n", "model.lora_target_modules: expected a list, got 'q_proj'"),
     ("wandb_run_name: yes\n", "logging.wandb_run_name: expected a string, got True (YAML reads unquoted "
