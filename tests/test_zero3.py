@@ -214,3 +214,30 @@ def test_zero3_through_the_trainer(shard_dir, tiny_lm_dir, tmp_path):
         assert (out / "resume" / "step-4" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").is_file()
     lm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_lm_dir)), str(out / "final"))
     assert any("lora_B" in n and float(p.abs().max()) > 0 for n, p in lm.named_parameters())  # trained, not the init
+
+
+def test_zero3_bucket_sizes_come_from_the_model_when_there_is_no_model_path(monkeypatch, tiny_lm_dir):
+    """A benchmark's random LM has no --model-path: the engine reads the hidden size from the model
+    itself (this failed on the GPU machine before: 'needs the hidden size from --model-path')."""
+    import deepspeed
+
+    from trainer.engines.deepspeed_engine import STAGE3_AUTO_SIZES, build_deepspeed_engine
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def initialize(**kwargs):
+        seen.update(kwargs["config"])
+        raise Stop
+
+    monkeypatch.setattr(deepspeed, "initialize", initialize)
+    from models.prefix_lm import ModelConfig, build_prefix_lm
+
+    model, _ = build_prefix_lm(ModelConfig(model_path=str(tiny_lm_dir), precision="fp32"), latent_dim=8, device="cpu")
+    h = model.base_lm.config.hidden_size
+    cfg = replace(TrainConfig(), deepspeed=ZERO3, model={"model_path": "", "precision": "fp32"})
+    with pytest.raises(Stop):
+        build_deepspeed_engine(model, cfg, 10, torch.device("cpu"), "fp32", torch.float32)
+    assert [seen["zero_optimization"][k] for k in STAGE3_AUTO_SIZES] == [h * h, int(0.9 * h * h), 10 * h]

@@ -360,7 +360,9 @@ def build_deepspeed_engine(model: torch.nn.Module, cfg: TrainConfig, total_steps
     """Wrap `model` in DeepSpeed ZeRO (ds_configs/ JSON with its "auto" fields filled from `cfg`)."""
     import deepspeed
 
-    ds_config = build_ds_config(cfg, precision)
+    # the model at hand knows its hidden size (a benchmark's random LM has no --model-path to read)
+    hidden = getattr(getattr(getattr(model, "base_lm", None), "config", None), "hidden_size", None)
+    ds_config = build_ds_config(cfg, precision, hidden_size=hidden)
     if ds_config.get("zero_optimization", {}).get("stage") == 3:
         register_weight_reads(model)
         # ZeRO-1/2 cast the whole module to the compute dtype (module.bfloat16()); ZeRO-3 leaves the
