@@ -39,6 +39,7 @@ from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
 
 from benchmarks.make_random_model import mistral_7b_shape_config
+from benchmarks.train_throughput import measure_peak_tflops, synchronize
 from common.config import parse_config, print_config
 from common.io import atomic_write_json
 from common.log import setup_logging
@@ -47,6 +48,7 @@ from models.collate import TrainItem, collate_train
 from models.prefix_lm import meta_prefix_lm, wrap_lm
 from models.tasks import TokenizedExample
 from trainer.config import TrainConfig, replace
+from trainer.distributed import init_distributed
 from trainer.engines import build_engine
 from trainer.engines.fsdp2_engine import FSDP2Engine
 
@@ -76,6 +78,9 @@ SHAPES = {"tiny": tiny_shape_config, "7b": mistral_7b_shape_config, "llama3-70b"
 
 @dataclass
 class ShardingBenchConfig:
+    """The trainer's engine step on N GPUs (torchrun): full fine-tune or LoRA, FSDP2 / ZeRO-3 / ZeRO-2;
+    tokens/s per GPU, MFU, peak memory (see the module docstring)."""
+
     shape: Literal["tiny", "7b", "llama3-70b"] = field(default="7b", metadata={"help": "model shape (random weights)"})
     mode: Literal["full", "lora"] = field(default="lora", metadata={"help": "full fine-tune (--no-use-lora) or LoRA"})
     engine: Literal["fsdp2", "deepspeed", "torch"] = field(default="fsdp2", metadata={"help": "the trainer's --engine"})
@@ -113,8 +118,6 @@ def init_process_group(engine: str) -> tuple[int, int, torch.device]:
     if dist.is_initialized():  # e.g. a test's 1-process group
         return dist.get_rank(), dist.get_world_size(), resolve_device(None)
     if engine == "deepspeed":
-        from trainer.distributed import init_distributed
-
         info = init_distributed()
         return info.rank, info.world_size, info.device
     local = int(os.environ.get("LOCAL_RANK", 0))
@@ -182,26 +185,6 @@ def synthetic_batch(cfg: ShardingBenchConfig, num_image_tokens: int, vocab: int,
     return collate_train(items, 0, num_image_tokens, packed=True)
 
 
-def measure_peak_tflops(device: torch.device) -> float:
-    """bf16 (CUDA) / fp32 (CPU) GEMM TFLOP/s measured now: the MFU denominator."""
-    n, dtype, iters = (8192, torch.bfloat16, 20) if device.type == "cuda" else (256, torch.float32, 3)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn_like(a)
-    for _ in range(3):
-        a @ b
-    _sync(device)
-    t = time.perf_counter()
-    for _ in range(iters):
-        a @ b
-    _sync(device)
-    return 2 * n**3 / ((time.perf_counter() - t) / iters) / 1e12
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run(cfg: ShardingBenchConfig) -> dict:
     cfg.validate()
     rank, world, device = init_process_group(cfg.engine)
@@ -210,7 +193,7 @@ def run(cfg: ShardingBenchConfig) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     engine, n_params, layers, hidden = build(cfg, tcfg, device, cfg.warmup_steps + cfg.steps)
-    _sync(device)
+    synchronize(device)
     build_s = time.perf_counter() - t0
     build_peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     rng = np.random.default_rng(cfg.seed * 1000 + rank)
@@ -230,14 +213,14 @@ def run(cfg: ShardingBenchConfig) -> dict:
 
     for _ in range(cfg.warmup_steps):
         step()
-    _sync(device)
+    synchronize(device)
     dist.barrier()
     t = time.perf_counter()
     losses = [step() for _ in range(cfg.steps)]
-    _sync(device)
+    synchronize(device)
     elapsed = torch.tensor([time.perf_counter() - t], dtype=torch.float64, device=device)
     dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
-    peak = cfg.peak_tflops or measure_peak_tflops(device)
+    peak = cfg.peak_tflops or measure_peak_tflops(device)["tflops"]
     mem = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0,
                         torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else 0.0,
                         -peak], dtype=torch.float64, device=device)
