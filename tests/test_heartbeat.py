@@ -13,10 +13,10 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-import psutil
 import pytest
 import torch.distributed as dist
 
+from benchmarks.hang_drill import rank_pid
 from common.runtime import free_port
 from tests.test_train_e2e import REPO, base_flags, run_env, train_records
 from trainer.heartbeat import HANG_EXIT_CODE, Heartbeat
@@ -93,7 +93,8 @@ def test_sigstopped_rank_stops_the_job_naming_rank_and_host(shard_dir, tiny_lm_d
                 break
             time.sleep(0.2)
         assert proc.poll() is None, proc.communicate()[0][-4000:]
-        victim = _rank_pid(proc.pid, 1)
+        victim = rank_pid(proc.pid, 1)
+        assert victim is not None, f"no process of rank 1 under launcher pid {proc.pid}"
         os.kill(victim, signal.SIGSTOP)
         stopped_at = time.monotonic()
         output, _ = proc.communicate(timeout=timeout_s + 60)
@@ -111,16 +112,3 @@ def test_sigstopped_rank_stops_the_job_naming_rank_and_host(shard_dir, tiny_lm_d
     hang = [line for line in output.splitlines() if "HANG:" in line]
     assert hang and f"rank 1 (host {socket.gethostname()} pid {victim})" in hang[0], output[-4000:]
     assert f"exit code {HANG_EXIT_CODE}" in hang[0] and f"Killed rank 1 (pid {victim}" in hang[0]
-
-
-def _rank_pid(launcher_pid: int, rank: int) -> int:
-    """The pid of the trainer process the DeepSpeed launcher started with --local_rank=<rank>."""
-    for child in psutil.Process(launcher_pid).children(recursive=True):
-        try:
-            if f"--local_rank={rank}" in child.cmdline():
-                return child.pid
-        except psutil.NoSuchProcess:
-            continue
-    raise AssertionError(f"no process of rank {rank} under launcher pid {launcher_pid}")
-
-
