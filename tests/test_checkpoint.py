@@ -330,7 +330,8 @@ def test_checkpointer_stores_the_stage1_identity_in_every_inference_checkpoint(t
     monkeypatch.setattr(checkpointer_mod, "save_resume_checkpoint", lambda *a, **k: None)  # engine state: not here
     cfg = replace(TrainConfig(), checkpoint={"output_dir": str(tmp_path / "run"), "save_steps": 2})
     dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), is_main=True)
-    ckpt = checkpointer_mod.Checkpointer(cfg, dist, SimpleNamespace(module=model), tok, COND_MAP,
+    engine = SimpleNamespace(module=model, gathered_state_dict=lambda: None)  # replicated weights
+    ckpt = checkpointer_mod.Checkpointer(cfg, dist, engine, tok, COND_MAP,
                                          stage1=Stage1Record(**STAGE1))
     skips = SimpleNamespace(check=lambda: None)
     ckpt.maybe_save(TrainerState(step=2), total_steps=4, skips=skips)

@@ -214,14 +214,17 @@ def test_vit_b_stage1_checkpoints_are_the_real_sizes(tmp_path):
 
 
 @pytest.mark.slow
-def test_scaling_end_to_end_on_cpu(tmp_path):
+def test_scaling_end_to_end_on_cpu(shard_dir, tiny_lm_dir, tmp_path):
     from benchmarks.scaling import main
 
     work = tmp_path / "scaling"
-    # Log records every 2 steps (the trainer's --log-steps), as the GPU runs log every 10.
+    # Log records every 2 steps (the trainer's --log-steps), as the GPU runs log every 10. The session's
+    # shards and tiny LM stand in for the ones the benchmark would make (test_builder_scaling_on_cpu
+    # runs its builder).
     code = main(["--shape", "tiny", "--gpus", "1", "2", "--max-steps", "4", "--warmup-steps", "2", "--last-k", "2",
                  "--log-steps", "2", "--batch-size", "2", "--num-workers", "0", "--fault-drill",
-                 "--fault-stop-timeout-s", "120", "--workdir", str(work)])
+                 "--fault-stop-timeout-s", "120", "--workdir", str(work), "--shard-dir", str(shard_dir),
+                 "--model-path", str(tiny_lm_dir)])
     result = json.loads((work / "scaling.json").read_text())
     runs = result["training"]["runs"]
     assert code == 0, {n: r["error"] for n, r in runs.items()}

@@ -72,8 +72,15 @@ def base_flags(shard_dir, lm_dir, out_dir, **over) -> list[str]:
     return out
 
 
+# What a launcher sets for its ranks: a test that started an in-process group (the engine tests) has
+# them in os.environ, and a job started from the test must not look like a rank of that group.
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                 "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
+
+
 def run_env() -> dict:
-    return {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    return {**env, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
             "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 

@@ -101,9 +101,7 @@ def two_zero3_ranks(tiny_lm_dir, tmp_path_factory):
     from tests.test_train_e2e import REPO, run_env
 
     out = tmp_path_factory.mktemp("zero3_2ranks")
-    env = {**run_env(), "DS_ACCELERATOR": "cpu"}
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
+    env = {**run_env(), "DS_ACCELERATOR": "cpu"}  # run_env leaves out the in-process group's launcher variables
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            "-m", "tests.zero3_steps", str(tiny_lm_dir), str(out), ZERO3]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -56,9 +56,8 @@ class Checkpointer:
             hook(state)
         save_resume_checkpoint(self.engine, self.out_dir, state, self.dist.is_main,
                                keep=self.cfg.checkpoint.save_total_limit)
-        gather = getattr(self.engine, "gathered_state_dict", None)
-        if gather is not None:  # FSDP2: collective; rank 0 gets the full weights
-            full = gather()
+        full = self.engine.gathered_state_dict()  # collective; FSDP2: rank 0 gets the full weights
+        if full is not None:
             if self.dist.is_main:
                 save_inference_checkpoint(self.engine.module, self.tokenizer, self.cond_map, self.cfg,
                                           self.out_dir / tag, stage1=self.stage1, state_dict=full)
