@@ -11,6 +11,8 @@ The probes run before the engine exists (no DeepSpeed hooks to disturb, no optim
 the model cast to its compute dtype (what either engine does first anyway), with gradients
 dropped afterwards; dropout draws are reseeded per micro-batch by the loop, so training is
 unaffected. A resumed run reuses the budget its checkpoint recorded, so its data plan is the same.
+Not probed: a trainable Stage1 tail (`--stage1-trainable-blocks` > 0) runs on the latents here, not
+on cached block tokens, so its activations are left to the margin below the fraction.
 """
 
 from __future__ import annotations
