@@ -208,7 +208,14 @@ def collate_generation(items: Sequence[TrainItem], pad_id: int, num_image_tokens
     return batch
 
 
-def batch_to_device(batch: dict, device, non_blocking: bool = True) -> dict:
-    """Move every tensor of a batch to `device` (ints, lists and None pass through)."""
-    return {k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
-            for k, v in batch.items()}
+def batch_to_device(batch: dict, device, non_blocking: bool = True, float_dtype: torch.dtype | None = None) -> dict:
+    """Move every tensor of a batch to `device`, floats cast to `float_dtype` when given (the model's
+    compute dtype); ints, lists and None pass through."""
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device, non_blocking=non_blocking)
+            if float_dtype is not None and v.is_floating_point():
+                v = v.to(float_dtype)
+        out[k] = v
+    return out

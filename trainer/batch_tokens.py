@@ -67,8 +67,7 @@ def _peak_bytes(model: torch.nn.Module, batch: dict, device: torch.device, dtype
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
-    moved = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
-             for k, v in batch_to_device(batch, device).items()}
+    moved = batch_to_device(batch, device, float_dtype=dtype)
     out = model(moved)
     out.loss.backward()
     torch.cuda.synchronize(device)

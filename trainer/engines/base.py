@@ -6,6 +6,8 @@ from typing import Optional
 
 import torch
 
+from models.collate import batch_to_device
+
 
 class Engine:
     """What the training loop sees of an engine (both backends)."""
@@ -31,14 +33,7 @@ class Engine:
 
     def to_device(self, batch: dict) -> dict:
         """Tensors to the device (floats to the compute dtype); other entries pass through."""
-        out = {}
-        for k, v in batch.items():
-            if isinstance(v, torch.Tensor):
-                v = v.to(self.device, non_blocking=True)
-                if v.is_floating_point():
-                    v = v.to(self.dtype)
-            out[k] = v
-        return out
+        return batch_to_device(batch, self.device, float_dtype=self.dtype)
 
     def forward(self, batch: dict):
         return self.module(self.to_device(batch))
