@@ -79,7 +79,8 @@ from models.attention import resolve_attn_implementation
 from models.collate import TrainItem, batch_to_device, collate_train
 from models.cond_names import default_cond_name_to_id
 from models.kernels import liger_patch_function
-from models.prefix_lm import ModelConfig, build_prefix_lm, load_tokenizer, resolve_fused_kernels
+from models.layer_compile import resolve_compile
+from models.prefix_lm import ModelConfig, build_prefix_lm, load_tokenizer
 from models.tasks import (
     IMAGE_TASKS,
     TASKS,
@@ -827,16 +828,18 @@ def mode_project(ctx: Context) -> dict:
     if cfg.sync_debug:
         result["sync_points"] = sync_points(step, batches[:2], ctx)
     backend = resolve_attn_implementation(cfg.model.attn_implementation, ctx.device)
-    loss_impl = resolve_fused_kernels(cfg.model.fused_kernels, ctx.device)
+    loss_impl = model.loss_impl
+    compiled = resolve_compile(cfg.model.compile, ctx.device)
     lora_dtype = next((str(p.dtype).split(".")[-1] for n, p in model.named_parameters() if "lora_A" in n), None)
     result.update(token_budget=budget, token_budget_probe=probe.record() if probe else None)
     zero = int(engine.ds.zero_optimization_stage()) if engine_name == "deepspeed" else None
-    result.update(attn_implementation=backend, fused_kernels=loss_impl, step_engine=engine_name, zero_stage=zero,
+    result.update(attn_implementation=backend, fused_kernels=loss_impl, compiled=compiled, step_engine=engine_name,
+                  zero_stage=zero,
                   flat_lora=engine.flat_lora is not None,
                   fused_lora=cfg.model.fused_lora, lora_dtype=lora_dtype, checkpointed_layers=ckpt_layers,
                   label=f"build_prefix_lm + collate_train packed (<= {budget} tokens/row{' (probed)' if probe else ''}"
                         f"{f', {cfg.batch_size} examples/row' if cfg.batch_size > 0 else ''}), attention "
-                        f"{backend!r}, kernels {loss_impl!r}, LoRA {lora_dtype}"
+                        f"{backend!r}, kernels {loss_impl!r}{', compiled layers' if compiled else ''}, LoRA {lora_dtype}"
                         f"{' fused' if cfg.model.fused_lora else ''} dropout {cfg.model.lora_dropout}, "
                         + (f"DeepSpeed ZeRO-{zero} engine" if engine_name == "deepspeed" else "torch engine")
                         + " (the trainer's step)"

@@ -249,9 +249,8 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         extra["is_causal"] = True
     if "enable_gqa" in params:
         extra["enable_gqa"] = True
-    elif k.shape[1] != q.shape[1]:
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    # torch 2.11's varlen_attn has no enable_gqa flag, but its FlashAttention kernel takes K/V with
+    # fewer heads as they are (grouped-query attention); no copy to the query's head count.
     cu_k = cu_seq_lens_k if cu_seq_lens_k is not None else cu_seq_lens_q
     max_k = max_length_k if max_length_k is not None else max_length_q
     out = fn(q, k, v, cu_seq_lens_q, cu_k, int(max_length_q), int(max_k), **extra)

@@ -41,6 +41,10 @@ class SharedDropout:
     forward, an in-place change of the input, or a recompute under activation checkpointing (new
     tensors, RNG state restored by torch.utils.checkpoint) draws a fresh mask. Only the latest
     input is remembered: q/k/v (and gate/up) are called back to back on the same tensor.
+
+    Inside a compiled decoder layer (models.layer_compile) the cache is a plain attribute the
+    compiler can trace (no weak reference, no version counter); the layer clears it on entry and
+    exit, so nothing traced outlives the layer's graph.
     """
 
     def __init__(self) -> None:
@@ -50,10 +54,17 @@ class SharedDropout:
         self._src: weakref.ref | None = None
         self._key: tuple | None = None
         self._out: torch.Tensor | None = None
+        self._traced: tuple | None = None
 
     def __call__(self, x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
         if p == 0.0 or not training:
             return x
+        if torch.compiler.is_compiling():
+            if self._traced is not None and self._traced[0] is x and self._traced[1] == p:
+                return self._traced[2]
+            out = F.dropout(x, p, training=True)
+            self._traced = (x, p, out)
+            return out
         key = (x._version, p, torch.is_grad_enabled())
         if self._src is not None and self._src() is x and self._key == key:
             return self._out

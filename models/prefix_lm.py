@@ -37,6 +37,7 @@ from common.io import atomic_path, atomic_write_json
 from common.runtime import resolve_device, resolve_dtype
 from models import attention as attn
 from models import kernels, lora_fused
+from models.layer_compile import COMPILE_CHOICES, compile_decoder_layers, resolve_compile
 from models.stage1 import TAIL_FILENAME, Stage1Tail
 from models.tasks import TASKS
 from models.zero3 import gathered
@@ -87,6 +88,10 @@ class ModelConfig:
                                            "host; liger_flce = the same with Liger's fused linear+CE (two host syncs per "
                                            "step). auto: liger if installed on CUDA, else chunked"})
     ce_chunk_size: int = field(default=2048, metadata={"help": "tokens per chunk of the chunked linear+cross-entropy"})
+    compile: Literal["auto", "on", "off"] = field(default="off", metadata={
+        "help": "torch.compile each decoder layer (models/layer_compile.py): the compiler fuses the elementwise work "
+                "between the GEMMs (norms, RoPE, SwiGLU, LoRA dropout, residual adds); Liger's kernels are then not "
+                "used. auto = on for CUDA; off = the eager modules"})
 
     def validate(self) -> None:
         if self.num_image_tokens < 1:
@@ -97,6 +102,8 @@ class ModelConfig:
             raise ValueError(f"gradient_checkpointing_layers must be >= -1, got {self.gradient_checkpointing_layers}")
         if self.ce_chunk_size < 1:
             raise ValueError(f"ce_chunk_size must be >= 1, got {self.ce_chunk_size}")
+        if self.compile not in COMPILE_CHOICES:
+            raise ValueError(f"compile must be one of {', '.join(COMPILE_CHOICES)}, got {self.compile!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,13 +380,18 @@ class PrefixLM(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-def resolve_fused_kernels(name: str, device: torch.device, model_type: str | None = None) -> str:
+def resolve_fused_kernels(name: str, device: torch.device, model_type: str | None = None,
+                          compiled: bool = False) -> str:
     """The loss/kernel path for `fused_kernels=name` on `device` for an architecture (`model_type`,
     None = assume one Liger supports): auto = liger when installed on CUDA and Liger has a patch for
-    the architecture (`models.kernels.LIGER_PATCHES`), else chunked."""
+    the architecture (`models.kernels.LIGER_PATCHES`), else chunked. Compiled layers (`compiled`)
+    take no Liger kernels: auto gives chunked, liger / liger_flce are refused."""
     if name not in FUSED_CHOICES:
         raise ValueError(f"fused_kernels={name!r}; choices: {FUSED_CHOICES}")
-    liger_ok = device.type == "cuda" and kernels.liger_available()
+    if compiled and name in ("liger", "liger_flce"):
+        raise ValueError(f"fused_kernels={name!r} with --compile: the compiler generates the RMSNorm / RoPE / "
+                         "SwiGLU kernels itself; use --fused-kernels auto (or chunked), or --compile off")
+    liger_ok = device.type == "cuda" and kernels.liger_available() and not compiled
     arch_ok = model_type is None or kernels.has_fused_kernels(model_type)
     if name == "auto":
         return "liger" if liger_ok and arch_ok else "chunked"
@@ -485,7 +497,8 @@ def wrap_lm(lm: nn.Module, cfg: ModelConfig, latent_dim: int, num_classes: int =
     portable = not kernels.has_fused_kernels(model_type)
     backend = attn.resolve_attn_implementation(cfg.attn_implementation, device, portable=portable)
     attn.check_model_supported(lm, backend)
-    loss_impl = resolve_fused_kernels(cfg.fused_kernels, device, model_type)
+    compiled = resolve_compile(cfg.compile, device)
+    loss_impl = resolve_fused_kernels(cfg.fused_kernels, device, model_type, compiled)
     if portable:
         log.info("%s: no fused kernels for this architecture; using the portable path (attention %s, loss %s, "
                  "no Liger patch)", model_type, backend, loss_impl)
@@ -497,6 +510,8 @@ def wrap_lm(lm: nn.Module, cfg: ModelConfig, latent_dim: int, num_classes: int =
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(lm, cfg.gradient_checkpointing_layers)
     lm = _wrap_lora(lm, cfg) if cfg.use_lora else lm
+    if compiled:
+        log.info("compiled %d decoder layers (--compile %s)", compile_decoder_layers(lm), cfg.compile)
 
     if embed_std is None:  # a meta-device LM has no values: its caller reads the std from the files
         embed = lm.get_input_embeddings().weight

@@ -199,7 +199,8 @@ def fake_liger(monkeypatch):
     monkeypatch.setattr(kernels, "liger_available", lambda: True)
     real = prefix_lm.resolve_fused_kernels
     monkeypatch.setattr(prefix_lm, "resolve_fused_kernels",
-                        lambda name, device, model_type=None: real(name, torch.device("cuda"), model_type))
+                        lambda name, device, model_type=None, compiled=False: real(name, torch.device("cuda"), model_type,
+                                                                                   compiled))
     return calls
 
 
@@ -282,3 +283,36 @@ def test_attention_the_backends_do_not_implement_is_an_error():
         with pytest.raises(NotImplementedError, match="no attention dropout.*'packed_sdpa'"):
             fn(None, q, k, v, None, dropout=0.1, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=19,
                max_length_k=19)
+
+
+@pytest.mark.parametrize("signature", ["torch-2.11", "torch-2.12+"])
+def test_varlen_hands_grouped_kv_heads_to_the_kernel_as_they_are(monkeypatch, signature):
+    """Grouped-query attention: K/V keep their own head count (no repeat to the query's); torch 2.11's
+    varlen_attn has no enable_gqa flag, later ones get it set. The kernel here is a CPU stand-in that
+    attends per document with each query head's K/V group."""
+    seen = {}
+
+    def kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, window_size=None, **kw):
+        seen.update(kv_heads=k.shape[1], q_heads=q.shape[1], **kw)
+        qh, kh, vh = (t.transpose(0, 1)[None] for t in (q, k, v))  # [1, H, L, D]
+        return _reference(qh, kh, vh, cu_q)[0]  # repeats each K/V head for its query group
+
+    if signature == "torch-2.11":
+        def fake(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, return_aux=None, scale=None, window_size=None):
+            return kernel(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, window_size)
+    else:
+        def fake(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, return_aux=None, scale=None, window_size=None,
+                 enable_gqa=False):
+            return kernel(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, window_size, enable_gqa=enable_gqa)
+    monkeypatch.setattr(attn, "_varlen_fn", lambda: fake)
+    attn._varlen_params.cache_clear()
+    try:
+        q, k, v = _qkv()
+        cu = torch.tensor([0, 5, 6, 15, 24], dtype=torch.int32)
+        out, _ = attn.varlen_attention(None, q, k, v, None, scaling=None, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                                       max_length_q=9, max_length_k=9)
+    finally:
+        attn._varlen_params.cache_clear()
+    assert seen["kv_heads"] == k.shape[1] < seen["q_heads"] == q.shape[1]
+    assert seen.get("enable_gqa", True) is True
+    torch.testing.assert_close(out, _reference(q, k, v, cu), atol=1e-5, rtol=1e-5)

@@ -463,3 +463,53 @@ def test_load_tokenizer_checks_for_tokenizer_files_only(lm_dir, tmp_path):
     bare = _model_dir_without(lm_dir, tmp_path / "bare", "tokenizer*", "special_tokens_map.json")
     with pytest.raises(ModelDirError, match=f"tokenizer directory '{bare}' has no tokenizer files"):
         load_tokenizer(bare)
+
+
+def _saved_bytes_loss_grads(model: PrefixLM, batch: dict):
+    """Bytes autograd saves for backward, the loss and the trainable gradients of one step."""
+    saved = [0]
+
+    def pack(t):
+        saved[0] += t.numel() * t.element_size()
+        return t
+
+    model.zero_grad(set_to_none=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(batch)
+    out.loss.backward()
+    return saved[0], out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _set_lora_dropout(model: PrefixLM, p: float) -> None:
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = p
+
+
+@pytest.mark.slow
+def test_compiled_layers_equal_eager_and_share_one_dropout_mask_per_input(lm_dir):
+    """--compile: the same losses and LoRA gradients as the eager layers (fp32, two row lengths, the
+    flat LoRA tensor an engine packs); and the LoRA dropout costs compiled layers no more saved memory
+    than eager ones (q/k/v and gate/up share one dropped input inside the graph, as in eager)."""
+    from models.flat_lora import attach_flat_lora
+
+    eager, compiled = (build(lm_dir, lora_dropout=0.1, compile=c).train() for c in ("off", "on"))
+    for m in (eager, compiled):
+        attach_flat_lora(m)
+        _set_lora_dropout(m, 0.0)
+    for n in (2, 4):
+        batch = collate_train(items()[:n], 0, NUM_IMAGE_TOKENS)
+        _, loss_e, grads_e = _saved_bytes_loss_grads(eager, batch)
+        _, loss_c, grads_c = _saved_bytes_loss_grads(compiled, batch)
+        torch.testing.assert_close(loss_c, loss_e, atol=1e-6, rtol=0)
+        assert grads_c.keys() == grads_e.keys() and "flat_lora.flat" in grads_c
+        for name in grads_e:
+            torch.testing.assert_close(grads_c[name], grads_e[name], atol=1e-5, rtol=1e-5, msg=name)
+
+    batch = collate_train(items(), 0, NUM_IMAGE_TOKENS)
+    extra = {}
+    for name, m in (("eager", eager), ("compiled", compiled)):
+        without = _saved_bytes_loss_grads(m, batch)[0]
+        _set_lora_dropout(m, 0.1)
+        extra[name] = _saved_bytes_loss_grads(m, batch)[0] - without
+    assert 0 < extra["compiled"] <= extra["eager"], extra

@@ -36,7 +36,7 @@ from trainer.checkpointer import Checkpointer
 from trainer.config import TrainConfig, parse_train_config
 from trainer.data import TrainStream
 from trainer.distributed import DistInfo, cleanup, init_distributed
-from trainer.engines import Engine, build_engine, zero3_model_init
+from trainer.engines import Engine, build_engine, zero3_model_init, zero_stage
 from trainer.exactly_once import ExactlyOnce
 from trainer.gc_steps import StepAlignedGC
 from trainer.heartbeat import start_heartbeat
@@ -55,6 +55,10 @@ log = logging.getLogger("trainer")
 def build_model(cfg: TrainConfig, manifest, device: torch.device):
     """The prefix-LM (+ the trainable Stage1 tail when K > 0) and its tokenizer. Under ZeRO-3 the LM
     is created partitioned (`zero3_model_init`): no rank holds the whole base model."""
+    if cfg.model.compile != "off" and (cfg.engine == "fsdp2" or zero_stage(cfg) == 3):
+        raise ValueError(f"--compile {cfg.model.compile}: compiled layers need an engine that keeps whole weights on "
+                         f"each GPU (deepspeed ZeRO-1/2, torch, ddp); --engine {cfg.engine} shards them "
+                         "(use --compile off)")
     tail = None
     k = cfg.stage1.stage1_trainable_blocks
     if k > 0:
