@@ -151,6 +151,25 @@ def random_shards(model: torch.nn.Module, names: list[str]) -> None:
             local.normal_(0.0, 0.02)
 
 
+@torch.no_grad()
+def check_base_filled(model: torch.nn.Module) -> None:
+    """Refuse to time a model whose base LM weights (this rank's shards) are all zero: its logits are
+    0, its loss is ln(vocab) at every step and its GEMMs run on zeros. (ZeRO-3 keeps its partitions
+    outside the parameters, which are then empty here: nothing to check.)"""
+    seen = False
+    for name, p in model.named_parameters():
+        if "lora_" in name or name.startswith("prefix."):
+            continue
+        local = p.to_local() if isinstance(p, DTensor) else p
+        if local.numel() and not local.is_meta:
+            seen = True
+            if bool(local.abs().max() > 0):
+                return
+    if seen:
+        raise RuntimeError("every base LM weight of this rank is zero: the random shards were not written into "
+                           "the weights the engine computes with")
+
+
 def build(cfg: ShardingBenchConfig, tcfg: TrainConfig, device: torch.device, total_steps: int):
     """(engine, the model's parameter count N, layers, hidden)."""
     hf = SHAPES[cfg.shape]()
@@ -193,6 +212,7 @@ def run(cfg: ShardingBenchConfig) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     engine, n_params, layers, hidden = build(cfg, tcfg, device, cfg.warmup_steps + cfg.steps)
+    check_base_filled(engine.module)
     synchronize(device)
     build_s = time.perf_counter() - t0
     build_peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None

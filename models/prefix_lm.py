@@ -484,9 +484,11 @@ def build_prefix_lm(cfg: ModelConfig, latent_dim: int, num_classes: int = 20, ta
 
 
 def wrap_lm(lm: nn.Module, cfg: ModelConfig, latent_dim: int, num_classes: int = 20,
-            tail: nn.Module | None = None, device=None, embed_std: float | None = None) -> PrefixLM:
+            tail: nn.Module | None = None, device=None, embed_std: float | None = None,
+            place: bool = True) -> PrefixLM:
     """Turn a loaded HF causal LM into the trainable PrefixLM (attention backend, kernels, LoRA,
     prefix). Split from `build_prefix_lm` so benchmarks can start from a randomly initialised LM.
+    `place=False` leaves the model where it is (a meta build: the sharding engine places it).
 
     Kernels and attention are chosen per architecture (`config.model_type`): Llama, Mistral and
     Qwen2 get Liger's patch for their architecture when fused kernels resolve to 'liger'; any other
@@ -520,7 +522,7 @@ def wrap_lm(lm: nn.Module, cfg: ModelConfig, latent_dim: int, num_classes: int =
     prefix = Stage2Prefix(latent_dim, lm.config.hidden_size, cfg.num_image_tokens, num_classes, tail=tail,
                           init_std=embed_std)
     model = PrefixLM(lm, prefix, loss_impl=loss_impl, ce_chunk_size=cfg.ce_chunk_size)
-    return model if _has_meta(model) else model.to(device)  # a sharding engine places a meta model
+    return model.to(device) if place and not _has_meta(model) else model  # a sharding engine places a meta model
 
 
 def _has_meta(module: nn.Module) -> bool:
@@ -583,8 +585,10 @@ def meta_prefix_lm(config, cfg: ModelConfig, latent_dim: int, num_classes: int =
                                               attn_implementation="sdpa")
     # PEFT puts each new adapter on its base layer's device (meta would lose the adapter's initial
     # values): the meta weights stand in as zero-stride CPU views of one scalar meanwhile, no memory.
+    # Nothing may move the model while they do (a move to the GPU would copy them into a whole model
+    # of real zeros, which no engine would then fill).
     zeros = _meta_to_placeholders(lm)
-    model = wrap_lm(lm, cfg, latent_dim, num_classes, tail, device, embed_std=embed_std)
+    model = wrap_lm(lm, cfg, latent_dim, num_classes, tail, device, embed_std=embed_std, place=False)
     _placeholders_to_meta(model, zeros)
     return model
 

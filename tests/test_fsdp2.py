@@ -28,7 +28,7 @@ import torch
 
 from common.runtime import free_port
 from tests.test_engine import _batch, _micro_step, _tail_cfg, dist1  # noqa: F401  (fixture)
-from trainer.config import replace
+from trainer.config import TrainConfig, replace
 
 REPO = Path(__file__).resolve().parents[1]
 N_STEPS, M_STEPS = 2, 2  # save after N optimizer steps, then M more
@@ -337,3 +337,44 @@ def test_sharding_benchmark_smoke(mode, precision, dist1):
 
 if __name__ == "__main__":
     worker(*sys.argv[1:4])
+
+
+def test_meta_build_never_materialises_the_base_on_another_device(monkeypatch):
+    """A meta build must leave the base weights on meta whatever device it is built for: a move of
+    the model while PEFT's placeholders stand in for them would copy them into a whole model of real
+    zeros (on a GPU), which no engine fills: training on an all-zero base, loss = ln(vocab). Here any
+    Module.to copies every tensor, as a move to another device does."""
+    from models.prefix_lm import ModelConfig, meta_prefix_lm
+    from tiny_models.lm import tiny_mistral_config
+
+    def move_copies(self, *args, **kwargs):
+        return self._apply(lambda t: t.clone())
+
+    monkeypatch.setattr(torch.nn.Module, "to", move_copies)
+    cfg = ModelConfig(lora_r=4, lora_alpha=8, lora_dropout=0.0, num_image_tokens=2)
+    model = meta_prefix_lm(tiny_mistral_config(vocab_size=64), cfg, latent_dim=16, device="cpu")
+    base = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert base and all(p.is_meta for n, p in model.named_parameters() if n in base), \
+        [n for n, p in model.named_parameters() if n in base and not p.is_meta][:3]
+    assert not any(p.is_meta for p in model.parameters() if p.requires_grad)  # LoRA + prefix are real
+
+
+def test_sharding_benchmark_refuses_an_all_zero_base():
+    from benchmarks.sharding import check_base_filled
+
+    lm = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    check_base_filled(lm)
+    with torch.no_grad():
+        lm[0].weight.zero_()
+        lm[0].bias.zero_()
+    with pytest.raises(RuntimeError, match="base LM weight of this rank is zero"):
+        check_base_filled(lm)
+
+
+@pytest.mark.parametrize("engine,deepspeed", [("fsdp2", None), ("deepspeed", "ds_configs/zero3.json")])
+def test_compile_is_refused_with_parameter_sharding_engines(engine, deepspeed):
+    from trainer.train import build_model
+
+    cfg = replace(TrainConfig(), engine=engine, model={"compile": "on"}, **({"deepspeed": deepspeed} if deepspeed else {}))
+    with pytest.raises(ValueError, match="--compile on: compiled layers need an engine that keeps whole weights"):
+        build_model(cfg, manifest=None, device=torch.device("cpu"))
