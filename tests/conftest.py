@@ -96,4 +96,24 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("slurm"):
             item.add_marker(pytest.mark.xdist_group("slurm"))
+    _name_xdist_groups(config, items)
 
+
+def _name_xdist_groups(config, items):
+    """`--dist loadgroup` keeps a group on one worker by the suffix `@<group>` of its tests' node ids,
+    which pytest-xdist's worker adds by setting `item._nodeid`. pytest >= 9.2 derives `item.nodeid`
+    from `item._id` instead, so that rename is silently lost and every group is spread over the
+    workers (each worker then starts the group's module/session fixtures again: a second SLURM
+    cluster, a second shared training run). Rename through `_id` where it exists."""
+    if not getattr(config.option, "loadgroup", False):
+        return  # not an xdist worker of --dist loadgroup
+    try:
+        from _pytest.nodeid import NodeId
+    except ImportError:  # pytest < 9.2: xdist's own rename works
+        return
+    for item in items:
+        names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                        for m in item.iter_markers("xdist_group")})
+        suffix = "@" + "_".join(names)
+        if names and not item.nodeid.endswith(suffix):
+            item._id = NodeId.parse(item.nodeid + suffix)
