@@ -6,24 +6,43 @@ pointer is the commit point); `--resume` must then reproduce steps N+1..N+M exac
 LoRA dropout on and an epoch boundary inside the resumed part). The second test does the same on
 the trainer's default batching (token budgets), across a schedule-phase boundary where the batch
 size changes.
+The first test's uninterrupted run is a module fixture: the planted-pickle test resumes a copy of it too
+(one launch for both; the two are one xdist group, so that the fixture runs once).
 """
 
 from __future__ import annotations
+
+import shutil
 
 import pytest
 
 from common.io import read_jsonl
 from tests.test_train_e2e import base_flags, run_train
 
+# 400 train samples / 2 ranks / 16 per batch = 13 batches per epoch: step 12 is mid-epoch 0,
+# steps 13..16 cross into epoch 1.
+ZERO2_RUN = {"batch-size": 16, "num-epochs": 2, "max-steps": 16, "save-steps": 6, "save-total-limit": 10,
+             "lora-dropout": 0.1}
+
+
+@pytest.fixture(scope="module")
+def zero2_run(shard_dir, tiny_lm_dir, tmp_path_factory):
+    """The uninterrupted 2-process ZeRO-2 run of 16 steps (resume checkpoints at steps 6, 12, 16)."""
+    out = tmp_path_factory.mktemp("zero2_run") / "run"
+    run_train(base_flags(shard_dir, tiny_lm_dir, out, **ZERO2_RUN))
+    return out
+
+
+def copy_of_run(zero2_run, shard_dir, tiny_lm_dir, tmp_path):
+    """(output dir, flags): a copy of the fixture's run, for a test to resume (and damage) on its own."""
+    out = shutil.copytree(zero2_run, tmp_path / "run")
+    return out, base_flags(shard_dir, tiny_lm_dir, out, **ZERO2_RUN)
+
 
 @pytest.mark.slow
-def test_resume_reproduces_the_uninterrupted_losses(shard_dir, tiny_lm_dir, tmp_path):
-    out = tmp_path / "run"
-    # 400 train samples / 2 ranks / 16 per batch = 13 batches per epoch: step 12 is mid-epoch 0,
-    # steps 13..16 cross into epoch 1.
-    flags = base_flags(shard_dir, tiny_lm_dir, out, **{"batch-size": 16, "num-epochs": 2, "max-steps": 16,
-                                                      "save-steps": 6, "save-total-limit": 10, "lora-dropout": 0.1})
-    run_train(flags)
+@pytest.mark.xdist_group("zero2_run")
+def test_resume_reproduces_the_uninterrupted_losses(zero2_run, shard_dir, tiny_lm_dir, tmp_path):
+    out, flags = copy_of_run(zero2_run, shard_dir, tiny_lm_dir, tmp_path)
     first = read_jsonl(out / "train_log.jsonl")
     assert (out / "resume" / "step-12" / "trainer_state.json").is_file()
 
@@ -82,15 +101,16 @@ def test_resume_across_a_phase_boundary_with_token_budgets(shard_dir, tiny_lm_di
 
 
 @pytest.mark.slow
-def test_resume_refuses_a_planted_pickle(shard_dir, tiny_lm_dir, tmp_path):
+@pytest.mark.xdist_group("zero2_run")
+def test_resume_refuses_a_planted_pickle(zero2_run, shard_dir, tiny_lm_dir, tmp_path):
     """A pickle planted in place of a resume checkpoint file (same size, so it passes the size check)
     runs no code: --resume stops with an error naming the file."""
     import pickle
 
-    out, marker = tmp_path / "run", tmp_path / "planted-code-ran"
-    flags = base_flags(shard_dir, tiny_lm_dir, out, **{"max-steps": 4, "save-steps": 2})
-    run_train(flags, num_procs=1)
-    target = out / "resume" / "step-4" / "mp_rank_00_model_states.pt"
+    out, flags = copy_of_run(zero2_run, shard_dir, tiny_lm_dir, tmp_path)
+    marker = tmp_path / "planted-code-ran"
+    (out / "resume" / "latest").write_text("step-12\n")
+    target = out / "resume" / "step-12" / "mp_rank_00_model_states.pt"
 
     class Payload:
         def __reduce__(self):
@@ -98,7 +118,7 @@ def test_resume_refuses_a_planted_pickle(shard_dir, tiny_lm_dir, tmp_path):
 
     data = pickle.dumps(Payload(), protocol=2)
     target.write_bytes(data + b"\0" * (target.stat().st_size - len(data)))
-    proc = run_train(flags + ["--resume"], num_procs=1, check=False)
+    proc = run_train(flags + ["--resume"], check=False)
     assert proc.returncode != 0
     assert f"{target}: refused" in proc.stdout + proc.stderr, proc.stderr[-3000:]
     assert not marker.exists()
