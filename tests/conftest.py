@@ -76,6 +76,18 @@ def shard_dir(tmp_path_factory, synthetic_data, stage1_ckpts):
 
 
 @pytest.fixture(scope="session")
+def small_shard_dir(tmp_path_factory, stage1_ckpts):
+    """Shards (K=0) of a smaller synthetic dataset: 12 cases, 200 train / 40 val samples (shard_dir:
+    400 / 80). For the runs that must train across an epoch boundary (the resume tests): an epoch
+    of it is half the steps."""
+    from data_prep.synthetic import generate
+
+    out = tmp_path_factory.mktemp("synthetic_small")
+    json_paths = generate(out, num_cases=12, num_files=2, seed=0)
+    return _build_synthetic_shards(tmp_path_factory.mktemp("shards_small"), (json_paths, out), stage1_ckpts, 0)
+
+
+@pytest.fixture(scope="session")
 def shard_dir_k1(tmp_path_factory, synthetic_data, stage1_ckpts):
     """A built shard directory with K=1 cached block tokens."""
     return _build_synthetic_shards(tmp_path_factory.mktemp("shards_k1"), synthetic_data, stage1_ckpts, 1)
