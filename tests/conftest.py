@@ -108,7 +108,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("slurm"):
             item.add_marker(pytest.mark.xdist_group("slurm"))
+    _group_module_fixture_users(items)
     _name_xdist_groups(config, items)
+
+
+def _group_module_fixture_users(items):
+    """A module-scoped fixture is built once per worker that runs a test using it, and some are whole
+    training runs (test_fsdp2's two_process_run, test_checkpoint's trained, test_benchmarks'
+    tiny_setup, ...): the tests of a module that use one share a group (one worker, one build).
+    Tests that already name a group keep it."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info is None or item.get_closest_marker("xdist_group"):
+            continue
+        if any(defs and defs[-1].scope == "module" for defs in info.name2fixturedefs.values()):
+            item.add_marker(pytest.mark.xdist_group(f"module-fixtures:{item.module.__name__}"))
 
 
 def _name_xdist_groups(config, items):
