@@ -76,6 +76,18 @@ def shard_dir(tmp_path_factory, synthetic_data, stage1_ckpts):
 
 
 @pytest.fixture(scope="session")
+def small_shard_dir(tmp_path_factory, stage1_ckpts):
+    """Shards (K=0) of a smaller synthetic dataset: 12 cases, 200 train / 40 val samples (shard_dir:
+    400 / 80). For the runs that must train across an epoch boundary (the resume tests): an epoch
+    of it is half the steps."""
+    from data_prep.synthetic import generate
+
+    out = tmp_path_factory.mktemp("synthetic_small")
+    json_paths = generate(out, num_cases=12, num_files=2, seed=0)
+    return _build_synthetic_shards(tmp_path_factory.mktemp("shards_small"), (json_paths, out), stage1_ckpts, 0)
+
+
+@pytest.fixture(scope="session")
 def shard_dir_k1(tmp_path_factory, synthetic_data, stage1_ckpts):
     """A built shard directory with K=1 cached block tokens."""
     return _build_synthetic_shards(tmp_path_factory.mktemp("shards_k1"), synthetic_data, stage1_ckpts, 1)
@@ -96,4 +108,38 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("slurm"):
             item.add_marker(pytest.mark.xdist_group("slurm"))
+    _group_module_fixture_users(items)
+    _name_xdist_groups(config, items)
 
+
+def _group_module_fixture_users(items):
+    """A module-scoped fixture is built once per worker that runs a test using it, and some are whole
+    training runs (test_fsdp2's two_process_run, test_checkpoint's trained, test_benchmarks'
+    tiny_setup, ...): the tests of a module that use one share a group (one worker, one build).
+    Tests that already name a group keep it."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info is None or item.get_closest_marker("xdist_group"):
+            continue
+        if any(defs and defs[-1].scope == "module" for defs in info.name2fixturedefs.values()):
+            item.add_marker(pytest.mark.xdist_group(f"module-fixtures:{item.module.__name__}"))
+
+
+def _name_xdist_groups(config, items):
+    """`--dist loadgroup` keeps a group on one worker by the suffix `@<group>` of its tests' node ids,
+    which pytest-xdist's worker adds by setting `item._nodeid`. pytest >= 9.2 derives `item.nodeid`
+    from `item._id` instead, so that rename is silently lost and every group is spread over the
+    workers (each worker then starts the group's module/session fixtures again: a second SLURM
+    cluster, a second shared training run). Rename through `_id` where it exists."""
+    if not getattr(config.option, "loadgroup", False):
+        return  # not an xdist worker of --dist loadgroup
+    try:
+        from _pytest.nodeid import NodeId
+    except ImportError:  # pytest < 9.2: xdist's own rename works
+        return
+    for item in items:
+        names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                        for m in item.iter_markers("xdist_group")})
+        suffix = "@" + "_".join(names)
+        if names and not item.nodeid.endswith(suffix):
+            item._id = NodeId.parse(item.nodeid + suffix)

@@ -146,6 +146,10 @@ class SlurmCluster:
             "JobCompType=jobcomp/none",
             "SchedulerType=sched/backfill",
             "MaxArraySize=1001",
+            # Keep finished jobs' records (a test cluster runs a handful): `sbatch --wait` then polls
+            # every 2 s. With the default (300) its poll interval grows 2 -> 8 -> 32 s, so a 12-s job
+            # returned only after 42 s.
+            "MinJobAge=0",
             f"StateSaveLocation={r / 'state'}",
             f"SlurmdSpoolDir={r / 'spool'}",
             f"SlurmctldPidFile={r / 'slurmctld.pid'}",

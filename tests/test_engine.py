@@ -511,7 +511,7 @@ def test_two_process_torch_engine_run_learns_and_checkpoints(shard_dir, tiny_lm_
 
 
 @pytest.mark.slow
-def test_ddp_engine_resume_reproduces_the_uninterrupted_losses_and_epoch(shard_dir, tiny_lm_dir, tmp_path,
+def test_ddp_engine_resume_reproduces_the_uninterrupted_losses_and_epoch(small_shard_dir, tiny_lm_dir, tmp_path,
                                                                         launcher_env):
     """tests/test_resume.py with --engine ddp (and a NaN step inside the resumed part). The torch and
     ddp engines share their step and checkpoint file (trainer/engines/flat_adamw.py; the torch
@@ -522,30 +522,32 @@ def test_ddp_engine_resume_reproduces_the_uninterrupted_losses_and_epoch(shard_d
     from data_prep.manifest import load_manifest
     from tests.test_train_e2e import base_flags, run_train
 
+    # small_shard_dir: 200 train samples / 2 ranks / 16 per batch = 7 batches per epoch (as in tests/test_resume.py)
     out = tmp_path / "run"
-    flags = base_flags(shard_dir, tiny_lm_dir, out, **{"engine": "ddp", "batch-size": 16, "num-epochs": 2,
-                                                      "max-steps": 16, "save-steps": 6, "save-total-limit": 10,
-                                                      "lora-dropout": 0.1, "debug-nan-at-steps": [14],
-                                                      "strict-exactly-once": True})
+    flags = base_flags(small_shard_dir, tiny_lm_dir, out, **{"engine": "ddp", "batch-size": 16, "num-epochs": 2,
+                                                            "max-steps": 10, "save-steps": 3, "save-total-limit": 10,
+                                                            "lora-dropout": 0.1, "debug-nan-at-steps": [8],
+                                                            "strict-exactly-once": True})
     run_train(flags)
     first = read_jsonl(out / "train_log.jsonl")
-    (out / "resume" / "latest").write_text("step-12\n")
+    assert first[0]["steps_per_epoch"][0] == 7, first[0]  # the premise: steps 7..10 cross into epoch 1
+    (out / "resume" / "latest").write_text("step-6\n")
     run_train(flags + ["--resume"])
     second = read_jsonl(out / "train_log.jsonl")[len(first):]
-    assert second[0]["kind"] == "start" and second[0]["step"] == 12, second[0]
+    assert second[0]["kind"] == "start" and second[0]["step"] == 6, second[0]
 
     def records(recs):
-        return {r["step"]: r for r in recs if r["kind"] == "train" and r["step"] > 12}
+        return {r["step"]: r for r in recs if r["kind"] == "train" and r["step"] > 6}
 
     want, got = records(first), records(second)
-    assert sorted(got) == sorted(want) == [13, 14, 15, 16]
+    assert sorted(got) == sorted(want) == [7, 8, 9, 10]
     for step in want:
         assert got[step]["loss"] == pytest.approx(want[step]["loss"], abs=1e-5), step
-        assert got[step]["nan_steps_total"] == want[step]["nan_steps_total"] == (0 if step < 14 else 1)
+        assert got[step]["nan_steps_total"] == want[step]["nan_steps_total"] == (0 if step < 8 else 1)
 
-    n = load_manifest(shard_dir).num_samples("train")
+    n = load_manifest(small_shard_dir).num_samples("train")
     epochs = [[r for r in recs if r["kind"] == "epoch"] for recs in (first, second)]
-    for recs in epochs:  # epoch 0 checked at its end (step 13), epoch 1 cut by --max-steps
+    for recs in epochs:  # epoch 0 checked at its end (step 7), epoch 1 cut by --max-steps
         assert [(r["epoch"], r["complete"]) for r in recs] == [(0, True), (1, False)], recs
         assert recs[0]["ok"] and recs[0]["count"] == recs[0]["expected_count"] == n
         assert sum(recs[0]["rank_counts"]) == n and len(recs[0]["rank_counts"]) == 2
