@@ -587,28 +587,38 @@ def meta_prefix_lm(config, cfg: ModelConfig, latent_dim: int, num_classes: int =
     # values): the meta weights stand in as zero-stride CPU views of one scalar meanwhile, no memory.
     # Nothing may move the model while they do (a move to the GPU would copy them into a whole model
     # of real zeros, which no engine would then fill).
-    zeros = _meta_to_placeholders(lm)
+    zeros, placeholders = _meta_to_placeholders(lm)
     model = wrap_lm(lm, cfg, latent_dim, num_classes, tail, device, embed_std=embed_std, place=False)
-    _placeholders_to_meta(model, zeros)
+    restored = _placeholders_to_meta(model, zeros)
+    if restored != placeholders:
+        raise RuntimeError(f"meta build: {placeholders - restored} of {placeholders} base weights were materialised "
+                           "while their placeholders stood in (the model was moved or copied)")
     return model
 
 
-def _meta_to_placeholders(module: nn.Module) -> dict[torch.dtype, torch.Tensor]:
+def _meta_to_placeholders(module: nn.Module) -> tuple[dict[torch.dtype, torch.Tensor], int]:
+    """Every meta parameter becomes a zero-stride view of one zero per dtype; (the zeros, how many)."""
     zeros: dict[torch.dtype, torch.Tensor] = {}
+    count = 0
     for m in module.modules():
         for name, p in m._parameters.items():
             if p is not None and p.is_meta:
                 zero = zeros.setdefault(p.dtype, torch.zeros((), dtype=p.dtype))
                 m._parameters[name] = nn.Parameter(zero.expand(p.shape), requires_grad=p.requires_grad)
-    return zeros
+                count += 1
+    return zeros, count
 
 
-def _placeholders_to_meta(module: nn.Module, zeros: dict[torch.dtype, torch.Tensor]) -> None:
+def _placeholders_to_meta(module: nn.Module, zeros: dict[torch.dtype, torch.Tensor]) -> int:
+    """The placeholders back on the meta device; returns how many were found."""
     ptrs = {z.data_ptr() for z in zeros.values()}
+    count = 0
     for m in module.modules():
         for name, p in m._parameters.items():
             if p is not None and not p.is_meta and p.data_ptr() in ptrs:
                 m._parameters[name] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+                count += 1
+    return count
 
 
 @torch.no_grad()
