@@ -378,3 +378,17 @@ def test_compile_is_refused_with_parameter_sharding_engines(engine, deepspeed):
     cfg = replace(TrainConfig(), engine=engine, model={"compile": "on"}, **({"deepspeed": deepspeed} if deepspeed else {}))
     with pytest.raises(ValueError, match="--compile on: compiled layers need an engine that keeps whole weights"):
         build_model(cfg, manifest=None, device=torch.device("cpu"))
+
+
+def test_meta_build_refuses_a_base_materialised_on_the_way(monkeypatch):
+    """The guard at the source: if anything inside the build moves the model while the placeholders
+    stand in for the base, the build stops and says how many weights were materialised."""
+    import models.prefix_lm as prefix_lm
+    from tiny_models.lm import tiny_mistral_config
+
+    placed = prefix_lm.wrap_lm
+    monkeypatch.setattr(prefix_lm, "wrap_lm", lambda *a, **k: placed(*a, **{**k, "place": True}))
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: self._apply(lambda t: t.clone()))
+    cfg = prefix_lm.ModelConfig(lora_r=4, lora_alpha=8, lora_dropout=0.0, num_image_tokens=2)
+    with pytest.raises(RuntimeError, match=r"meta build: (\d+) of \1 base weights were materialised"):
+        prefix_lm.meta_prefix_lm(tiny_mistral_config(vocab_size=64), cfg, latent_dim=16, device="cpu")
