@@ -887,7 +887,10 @@ def environment() -> dict:
     cuda = torch.cuda.is_available()
     return {"device": (f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}" if cuda
                        else f"CPU ({os.cpu_count()} cores; GPUs = processes)"),
-            "torch": torch.__version__, "cuda": cuda, "python": sys.version.split()[0]}
+            "torch": torch.__version__, "cuda": cuda, "python": sys.version.split()[0],
+            "cpus": os.cpu_count(),
+            # what each rank's intra-op thread pool starts from (the DeepSpeed launcher leaves it unset)
+            "OMP_NUM_THREADS": subprocess_env(cuda).get("OMP_NUM_THREADS")}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -226,6 +226,7 @@ def test_scaling_end_to_end_on_cpu(shard_dir, tiny_lm_dir, tmp_path):
                  "--fault-stop-timeout-s", "120", "--workdir", str(work), "--shard-dir", str(shard_dir),
                  "--model-path", str(tiny_lm_dir)])
     result = json.loads((work / "scaling.json").read_text())
+    assert result["environment"]["OMP_NUM_THREADS"] == "1"  # CPU ranks share the cores (recorded for GPU runs too)
     runs = result["training"]["runs"]
     assert code == 0, {n: r["error"] for n, r in runs.items()}
     assert [runs[n]["grad_accum"] for n in ("1", "2")] == [2, 1]
