@@ -29,12 +29,6 @@ def resolve_compile(name: str, device: torch.device) -> bool:
     return name == "on" or (name == "auto" and device.type == "cuda")
 
 
-def decoder_layers(lm: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a (PEFT-wrapped) HF causal LM."""
-    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
-    return base.get_decoder().layers
-
-
 # Graph variants one layer may need: first row length (static), then symbolic lengths; the same before
 # and after the engine packs the LoRA weights (models.flat_lora); with and without grad (validation).
 RECOMPILE_LIMIT = 32
@@ -49,7 +43,7 @@ def compile_decoder_layers(lm: nn.Module) -> int:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     cache = shared_dropout_cache(lm)
     clear = _ClearCache(cache) if cache is not None else None  # one hook object: the layers share one graph
-    layers = decoder_layers(lm)
+    layers = lm.get_decoder().layers  # PEFT's wrapper hands get_decoder on to the base model
     for layer in layers:
         if clear is not None:
             layer.register_forward_pre_hook(clear)
