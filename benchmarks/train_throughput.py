@@ -144,6 +144,9 @@ class BenchConfig:
         "help": "only write the examples' lengths to this JSON (for --lengths-file elsewhere) and exit"})
     tokenizer: str = field(default="", metadata={
         "help": "tokenizer dir for the lengths (default: the tiny BPE trained on the data)"})
+    layers: int = field(default=0, metadata={
+        "help": "real shapes: keep only the first N decoder layers (0 = all): quick same-call comparisons of "
+                "changes inside a layer; report whole-model figures, not these"})
     synthetic_cases: int = field(default=40, metadata={"help": "cases of synthetic data (20 elements each)"})
     task_mix: str = field(default="caption:1,summary:1,cot:1,text_summary:0", metadata={
         "help": "task weights of the example stream (the uniform A/B/C schedule by default)"})
@@ -201,6 +204,8 @@ class BenchConfig:
         parse_task_mix(self.task_mix)
         if self.gc_interval_steps < 0:
             raise ValueError(f"--gc-interval-steps must be >= 0 (got {self.gc_interval_steps})")
+        if self.layers < 0 or (self.layers and self.shape == "tiny"):
+            raise ValueError(f"--layers must be >= 0 and needs a real --shape (got {self.layers}, {self.shape})")
         if self.grad_accum < 1:
             raise ValueError(f"--grad-accum must be >= 1 (got {self.grad_accum})")
 
@@ -368,10 +373,14 @@ def pack_groups(stream: list[Example], count: int, num_image_tokens: int, token_
 # Models
 # ---------------------------------------------------------------------------------------------
 
-def lm_config(shape: str, model_dir: Path):
-    if shape != "tiny":
-        return shape_config(shape)
-    return AutoConfig.from_pretrained(model_dir)
+def lm_config(shape: str, model_dir: Path, layers: int = 0):
+    """The LM's config: the tiny model dir's own, or a real shape's (its first `layers` layers if > 0)."""
+    if shape == "tiny":
+        return AutoConfig.from_pretrained(model_dir)
+    config = shape_config(shape)
+    if layers:
+        config.num_hidden_layers = layers
+    return config
 
 
 @contextlib.contextmanager
@@ -981,7 +990,7 @@ def prepare_model_dir(cfg: BenchConfig, workdir: Path, corpus_json: Sequence[str
     if cfg.shape != "tiny":
         for f in model_dir.glob("*.safetensors"):
             f.unlink()  # never read: random_weights builds from the config
-        shape_config(cfg.shape).save_pretrained(model_dir)
+        lm_config(cfg.shape, model_dir, cfg.layers).save_pretrained(model_dir)
     return Path(model_dir)
 
 
@@ -995,7 +1004,7 @@ def load_examples(cfg: BenchConfig, workdir: Path) -> tuple[list[Example], Path,
     model_dir = prepare_model_dir(cfg, workdir, corpus)
     tokenizer = load_tokenizer(cfg.tokenizer or model_dir)
     if cfg.lengths_file:
-        vocab = min(len(tokenizer), lm_config(cfg.shape, model_dir).vocab_size)
+        vocab = min(len(tokenizer), lm_config(cfg.shape, model_dir, cfg.layers).vocab_size)
         pool = examples_from_lengths_file(cfg.lengths_file, vocab, tokenizer.bos_token_id or 1, cfg.seed)
     else:
         elements = _elements_from_shards(cfg.shard_dir) if cfg.shard_dir else _elements_from_gemini(corpus)
@@ -1095,7 +1104,7 @@ def run(cfg: BenchConfig) -> dict:
             log.info("wrote %d example lengths to %s: %s", len(pool), cfg.write_lengths,
                      length_stats(pool, cfg.model.num_image_tokens))
             return {"lengths_file": cfg.write_lengths, "lengths": length_stats(pool, cfg.model.num_image_tokens)}
-        hf_config = lm_config(cfg.shape, model_dir)
+        hf_config = lm_config(cfg.shape, model_dir, cfg.layers)
         if len(tokenizer) > hf_config.vocab_size:
             raise ValueError(f"tokenizer {cfg.tokenizer!r} has {len(tokenizer)} tokens, more than the "
                              f"{cfg.shape} model's vocab ({hf_config.vocab_size}): write its lengths with "

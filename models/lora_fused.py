@@ -5,7 +5,7 @@ GEMMs plus a dropout kernel, a `mul` and an `add` over the full `[tokens, out_fe
 (and their backward twins), per adapted module. Here:
 
     out = base(x)                                               # frozen bf16 GEMM
-    out = addmm(out, dropout(x) @ A^T, B^T, alpha=scaling)      # the add + scale ride in the GEMM epilogue
+    out.addmm_(dropout(x) @ A^T, B^T, alpha=scaling)            # the add + scale ride in the GEMM epilogue
 
 and the dropout is computed once per distinct input tensor: q/k/v read the same normed hidden
 states, gate/up too, so one mask (and one saved dropped tensor) serves them all instead of three or
@@ -116,9 +116,9 @@ def _fast_path_ok(layer) -> bool:
 def _fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
     # The base layer's own bias (Qwen2's q/k/v have one) is added here, once, by base_layer(x);
     # the LoRA term below is bias-free (lora_B has no bias on this path), as in PEFT.
-    result = layer.base_layer(x)
-    out2d = result.reshape(-1, result.shape[-1])
-    x2d = None
+    # A 2-D call, so that `out2d` is the GEMM's own output rather than a view of it: an in-place add
+    # to a view makes autograd copy the whole gradient in backward (CopySlices).
+    out2d = layer.base_layer(x.reshape(-1, x.shape[-1]))
     # models.flat_lora: differentiable views of the one flat trainable tensor (None: PEFT's own,
     # e.g. generation, where the weights are views of the same storage anyway).
     flat = getattr(layer, "_flat_lora", None)
@@ -135,9 +135,17 @@ def _fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
         p = float(getattr(drop, "p", 0.0)) if isinstance(drop, nn.Dropout) else 0.0
         xd = layer._shared_dropout(x, p, drop.training)
         x2d = xd.reshape(-1, xd.shape[-1])
-        # (xd @ A^T) @ B^T * scaling + out, the scale and the add inside the second GEMM.
-        out2d = torch.addmm(out2d, F.linear(x2d, a), b.t(), alpha=layer.scaling[name])
-    return out2d.view(result.shape)
+        low_rank = F.linear(x2d, a)
+        if torch.compiler.is_compiling():
+            # Compiled layer: a plain add, which the compiler fuses into the elementwise kernel that
+            # reads this output next (RoPE, SwiGLU, the residual add).
+            out2d = out2d + F.linear(low_rank, b) * layer.scaling[name]
+        else:
+            # (xd @ A^T) @ B^T * scaling + out, the scale and the add inside the second GEMM, in
+            # place: an out-of-place addmm first copies `out` into a new tensor. Nothing saves the base
+            # GEMM's output (the frozen base's backward needs only its weight), so the in-place add is safe.
+            out2d = out2d.addmm_(low_rank, b.t(), alpha=layer.scaling[name])
+    return out2d.view(*x.shape[:-1], out2d.shape[-1])
 
 
 def fuse_lora_linears(model: nn.Module) -> int:

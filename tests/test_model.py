@@ -325,6 +325,39 @@ def test_fused_lora_on_a_biased_projection_equals_peft():
         torch.testing.assert_close(gf, gp, atol=1e-5, rtol=1e-6)
 
 
+def test_fused_lora_adds_in_place_without_view_replay():
+    """The LoRA term is added in place into the base GEMM's own output. Adding into a view of it
+    instead makes autograd copy the whole output gradient back in backward (AsStrided/CopySlices,
+    a slower 7B backward: README). The graph of the output must hold no such node."""
+    from peft import LoraConfig, get_peft_model
+
+    from models.lora_fused import fuse_lora_linears
+
+    class Proj(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = torch.nn.Linear(16, 24, bias=False)
+
+        def forward(self, x):
+            return self.q_proj(x)
+
+    torch.manual_seed(0)
+    model = get_peft_model(Proj(), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj"]))
+    assert fuse_lora_linears(model) == 1
+    out = model(torch.randn(1, 7, 16, requires_grad=True))
+    assert out.shape == (1, 7, 24)
+    names, todo, seen = set(), [out.grad_fn], set()
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        todo += [nxt for nxt, _ in fn.next_functions]
+    assert "AddmmBackward0" in names  # the in-place addmm_ is in the graph
+    assert not {n for n in names if "AsStrided" in n or "CopySlices" in n}, sorted(names)
+
+
 def test_fused_lora_dropout_is_shared_per_input_and_has_peft_distribution(lm_dir, monkeypatch):
     """One mask per distinct input tensor (q/k/v share one), Bernoulli(1-p) with 1/(1-p) scaling;
     a new input draws a new mask; eval mode has no dropout."""

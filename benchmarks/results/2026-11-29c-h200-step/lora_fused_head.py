@@ -1,0 +1,164 @@
+"""A leaner forward for PEFT's LoRA `Linear` layers: same parameters, same math, fewer kernels.
+
+PEFT computes `result = base(x) + lora_B(lora_A(dropout(x))) * scaling`, which on a GPU is two
+GEMMs plus a dropout kernel, a `mul` and an `add` over the full `[tokens, out_features]` output
+(and their backward twins), per adapted module. Here:
+
+    out = base(x)                                               # frozen bf16 GEMM
+    out = addmm(out, dropout(x) @ A^T, B^T, alpha=scaling)      # the add + scale ride in the GEMM epilogue
+
+and the dropout is computed once per distinct input tensor: q/k/v read the same normed hidden
+states, gate/up too, so one mask (and one saved dropped tensor) serves them all instead of three or
+two. Each module still sees an independent-looking Bernoulli(1 - p) mask with 1/(1-p) scaling, i.e.
+the same marginal distribution as PEFT; only the masks of q/k/v (and of gate/up) are now equal.
+With dropout 0 (or in eval mode) the result equals PEFT's forward up to float reassociation.
+
+The layers keep their class hierarchy (a subclass of `peft.tuners.lora.Linear` is swapped in as
+the instance's `__class__`) and their parameters, so `state_dict`, `save_pretrained`, merging and
+loading stay standard PEFT. Anything the fast path does not cover (merged / disabled adapters,
+mixed-adapter batches, DoRA and other variants, PEFT's `lora_bias`, adapter dtype != output dtype)
+falls back to PEFT's own forward. A biased base projection (Qwen2's q/k/v) keeps its bias in
+`base(x)`, added once, exactly as in PEFT.
+
+    n = fuse_lora_linears(peft_model)   # in place; returns how many layers were switched
+    shared_dropout_cache(peft_model).clear()   # after a forward, to drop the cached tensors
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from peft.tuners.lora import Linear
+
+
+class SharedDropout:
+    """Dropout that returns the same dropped tensor for repeated calls on the same input tensor.
+
+    Keyed on the identity (a weak reference) and version of the input and on `p`, so a new
+    forward, an in-place change of the input, or a recompute under activation checkpointing (new
+    tensors, RNG state restored by torch.utils.checkpoint) draws a fresh mask. Only the latest
+    input is remembered: q/k/v (and gate/up) are called back to back on the same tensor.
+
+    Inside a compiled decoder layer (models.layer_compile) the cache is a plain attribute the
+    compiler can trace (no weak reference, no version counter); the layer clears it on entry and
+    exit, so nothing traced outlives the layer's graph.
+    """
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self._src: weakref.ref | None = None
+        self._key: tuple | None = None
+        self._out: torch.Tensor | None = None
+        self._traced: tuple | None = None
+
+    def __call__(self, x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+        if p == 0.0 or not training:
+            return x
+        if torch.compiler.is_compiling():
+            if self._traced is not None and self._traced[0] is x and self._traced[1] == p:
+                return self._traced[2]
+            out = F.dropout(x, p, training=True)
+            self._traced = (x, p, out)
+            return out
+        key = (x._version, p, torch.is_grad_enabled())
+        if self._src is not None and self._src() is x and self._key == key:
+            return self._out
+        out = F.dropout(x, p, training=True)
+        self._src, self._key, self._out = weakref.ref(x), key, out
+        return out
+
+
+def _lora_linear_class():
+    return Linear
+
+
+_FUSED_CLASS: type | None = None
+
+
+def fused_lora_linear_class() -> type:
+    """`FusedLoraLinear`, a subclass of `peft.tuners.lora.Linear` with the fused forward (built
+    lazily so importing this module does not import PEFT)."""
+    global _FUSED_CLASS
+    if _FUSED_CLASS is None:
+        base = _lora_linear_class()
+
+        class FusedLoraLinear(base):  # noqa: D401 - forward documented in the module docstring
+            _shared_dropout: SharedDropout
+
+            def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+                if args or kwargs or not _fast_path_ok(self):
+                    if getattr(self, "_flat_lora_owner", False) and torch.is_grad_enabled():
+                        raise RuntimeError("a LoRA layer packed by models.flat_lora must run the fused "
+                                           "forward to train (merged/disabled adapter or extra arguments?)")
+                    return super().forward(x, *args, **kwargs)
+                return _fused_forward(self, x)
+
+            def __repr__(self) -> str:
+                return "fused_" + super().__repr__()
+
+        _FUSED_CLASS = FusedLoraLinear
+    return _FUSED_CLASS
+
+
+def _fast_path_ok(layer) -> bool:
+    if layer.disable_adapters or layer.merged or layer.lora_variant:
+        return False
+    if any(layer.lora_bias.values()):  # PEFT's lora_bias=True: lora_B has a bias of its own
+        return False
+    return isinstance(layer.base_layer, nn.Linear)
+
+
+def _fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
+    # The base layer's own bias (Qwen2's q/k/v have one) is added here, once, by base_layer(x);
+    # the LoRA term below is bias-free (lora_B has no bias on this path), as in PEFT.
+    result = layer.base_layer(x)
+    out2d = result.reshape(-1, result.shape[-1])
+    x2d = None
+    # models.flat_lora: differentiable views of the one flat trainable tensor (None: PEFT's own,
+    # e.g. generation, where the weights are views of the same storage anyway).
+    flat = getattr(layer, "_flat_lora", None)
+    for name in layer.active_adapters:
+        if name not in layer.lora_A:
+            continue
+        a, b = flat[name] if flat is not None else (layer.lora_A[name].weight, layer.lora_B[name].weight)
+        if a.dtype != x.dtype or b.dtype != out2d.dtype:  # e.g. fp32 adapters on a bf16 base: PEFT's casts
+            if flat is not None:  # PEFT's forward would use the frozen weights: no gradient would flow
+                raise RuntimeError(f"flat LoRA: adapter dtype {a.dtype} != input dtype {x.dtype}; "
+                                   "the engine should have cast both (use --no-flat-lora otherwise)")
+            return _lora_linear_class().forward(layer, x)
+        drop = layer.lora_dropout[name]
+        p = float(getattr(drop, "p", 0.0)) if isinstance(drop, nn.Dropout) else 0.0
+        xd = layer._shared_dropout(x, p, drop.training)
+        x2d = xd.reshape(-1, xd.shape[-1])
+        # (xd @ A^T) @ B^T * scaling + out, the scale and the add inside the second GEMM.
+        out2d = torch.addmm(out2d, F.linear(x2d, a), b.t(), alpha=layer.scaling[name])
+    return out2d.view(result.shape)
+
+
+def fuse_lora_linears(model: nn.Module) -> int:
+    """Switch every plain PEFT LoRA `Linear` in `model` to the fused forward, in place.
+
+    All switched layers share one `SharedDropout` (attached to the model, see
+    `shared_dropout_cache`). Returns the number of layers switched.
+    """
+    base, fused = _lora_linear_class(), fused_lora_linear_class()
+    cache = shared_dropout_cache(model) or SharedDropout()
+    count = 0
+    for module in model.modules():
+        if type(module) is base or type(module) is fused:
+            module.__class__ = fused
+            module._shared_dropout = cache
+            count += 1
+    if count:
+        model._lora_shared_dropout = cache
+    return count
+
+
+def shared_dropout_cache(model: nn.Module) -> SharedDropout | None:
+    """The `SharedDropout` that `fuse_lora_linears` attached to `model` (None if not fused)."""
+    return getattr(model, "_lora_shared_dropout", None)
