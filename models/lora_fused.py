@@ -13,6 +13,12 @@ two. Each module still sees an independent-looking Bernoulli(1 - p) mask with 1/
 the same marginal distribution as PEFT; only the masks of q/k/v (and of gate/up) are now equal.
 With dropout 0 (or in eval mode) the result equals PEFT's forward up to float reassociation.
 
+Sibling projections that read one input (q/k/v, gate/up: `SIBLINGS`) also share their first LoRA
+GEMM while training with packed adapters (models.flat_lora): the first sibling called computes
+`dropout(x) @ [A_q; A_k; A_v]^T` for the group and each takes its columns. In backward that is one
+gradient GEMM into the dropped input and one read of it for the A gradients, instead of one each per
+sibling plus the sums of their gradients.
+
 The layers keep their class hierarchy (a subclass of `peft.tuners.lora.Linear` is swapped in as
 the instance's `__class__`) and their parameters, so `state_dict`, `save_pretrained`, merging and
 loading stay standard PEFT. Anything the fast path does not cover (merged / disabled adapters,
@@ -55,6 +61,19 @@ class SharedDropout:
         self._key: tuple | None = None
         self._out: torch.Tensor | None = None
         self._traced: tuple | None = None
+        self._low_rank: tuple | None = None
+
+    def group_low_rank(self, xd: torch.Tensor, weights: list[torch.Tensor]) -> tuple:
+        """`xd @ [A_1; ...; A_k]^T` split per sibling (column views), computed once per dropped input
+        group. `weights` are the group's A matrices, in the group's order."""
+        # Keyed on tensors (the dropped input, the group's first A), which a compiled graph can compare.
+        cached = self._low_rank
+        if cached is not None and cached[0] is xd and cached[1] is weights[0]:
+            return cached[2]
+        low_rank = F.linear(xd.reshape(-1, xd.shape[-1]), torch.cat(weights))
+        pieces = low_rank.split([w.shape[0] for w in weights], dim=-1)
+        self._low_rank = (xd, weights[0], pieces)
+        return pieces
 
     def __call__(self, x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
         if p == 0.0 or not training:
@@ -134,8 +153,9 @@ def _fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
         drop = layer.lora_dropout[name]
         p = float(getattr(drop, "p", 0.0)) if isinstance(drop, nn.Dropout) else 0.0
         xd = layer._shared_dropout(x, p, drop.training)
-        x2d = xd.reshape(-1, xd.shape[-1])
-        low_rank = F.linear(x2d, a)
+        low_rank = _grouped_low_rank(layer, name, xd, p) if flat is not None else None
+        if low_rank is None:
+            low_rank = F.linear(xd.reshape(-1, xd.shape[-1]), a)
         if torch.compiler.is_compiling():
             # Compiled layer: a plain add, which the compiler fuses into the elementwise kernel that
             # reads this output next (RoPE, SwiGLU, the residual add).
@@ -146,6 +166,38 @@ def _fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
             # GEMM's output (the frozen base's backward needs only its weight), so the in-place add is safe.
             out2d = out2d.addmm_(low_rank, b.t(), alpha=layer.scaling[name])
     return out2d.view(*x.shape[:-1], out2d.shape[-1])
+
+
+def _grouped_low_rank(layer, name: str, xd: torch.Tensor, p: float) -> torch.Tensor | None:
+    """This layer's `xd @ A^T` from its sibling group's one GEMM; None when the group cannot share it
+    (no siblings, or one of them differs: another adapter, dropout, dtype, path, or no packed weights)."""
+    group = getattr(layer, "_lora_siblings", ())
+    if len(group) < 2 or len(layer.active_adapters) != 1:
+        return None
+    training = layer.lora_dropout[name].training
+    weights = []
+    for sibling in group:
+        flat = getattr(sibling, "_flat_lora", None)
+        drop = sibling.lora_dropout[name] if name in sibling.lora_dropout else None
+        if (flat is None or drop is None or name not in flat or sibling.active_adapters != layer.active_adapters
+                or not _fast_path_ok(sibling) or float(getattr(drop, "p", 0.0)) != p or drop.training != training
+                or flat[name][0].dtype != xd.dtype):
+            return None
+        weights.append(flat[name][0])
+    return layer._shared_dropout.group_low_rank(xd, weights)[layer._lora_sibling_index]
+
+
+# Projections of one block that HF models call on the same input tensor (Mistral, Llama, Qwen2).
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _link_siblings(model: nn.Module, fused: type) -> None:
+    for parent in model.modules():
+        for names in SIBLINGS:
+            group = tuple(getattr(parent, n) for n in names if type(getattr(parent, n, None)) is fused)
+            for i, layer in enumerate(group):
+                layer._lora_siblings = group if len(group) > 1 else ()  # a tuple: not registered as submodules
+                layer._lora_sibling_index = i
 
 
 def fuse_lora_linears(model: nn.Module) -> int:
@@ -164,6 +216,7 @@ def fuse_lora_linears(model: nn.Module) -> int:
             count += 1
     if count:
         model._lora_shared_dropout = cache
+        _link_siblings(model, fused)
     return count
 
 

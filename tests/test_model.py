@@ -513,6 +513,45 @@ def _saved_bytes_loss_grads(model: PrefixLM, batch: dict):
     return saved[0], out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def test_sibling_projections_share_one_low_rank_gemm(lm_dir, monkeypatch):
+    """With packed adapters (flat LoRA), q/k/v and gate/up compute `dropout(x) @ A^T` in one GEMM per
+    group: the same loss and gradients as one GEMM per projection (fp32, dropout on, same seed), and
+    the group GEMM runs exactly twice per decoder layer."""
+    from models import lora_fused
+    from models.flat_lora import attach_flat_lora
+
+    calls = []
+    original = lora_fused.SharedDropout.group_low_rank
+
+    def counting(self, xd, weights):
+        if self._low_rank is None or self._low_rank[1] is not weights[0]:
+            calls.append(len(weights))
+        return original(self, xd, weights)
+
+    monkeypatch.setattr(lora_fused.SharedDropout, "group_low_rank", counting)
+    batch = collate_train(items()[:3], 0, NUM_IMAGE_TOKENS)
+    results = []
+    for grouped in (True, False):
+        model = build(lm_dir, lora_dropout=0.1).train()
+        attach_flat_lora(model)
+        if not grouped:
+            for m in model.modules():
+                if getattr(m, "_lora_siblings", ()):
+                    m._lora_siblings = ()
+        torch.manual_seed(7)
+        results.append(_saved_bytes_loss_grads(model, batch)[1:])
+        if grouped:
+            layers = model.base_lm.config.num_hidden_layers
+            assert sorted(calls) == sorted([3, 2] * layers), calls
+            calls.clear()
+    assert not calls  # ungrouped: the group path never ran
+    (loss_g, grads_g), (loss_u, grads_u) = results
+    torch.testing.assert_close(loss_g, loss_u, atol=1e-6, rtol=0)
+    assert grads_g.keys() == grads_u.keys() and "flat_lora.flat" in grads_g
+    for name in grads_u:
+        torch.testing.assert_close(grads_g[name], grads_u[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
 def _set_lora_dropout(model: PrefixLM, p: float) -> None:
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
