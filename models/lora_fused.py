@@ -46,7 +46,8 @@ class SharedDropout:
     Keyed on the identity (a weak reference) and version of the input and on `p`, so a new
     forward, an in-place change of the input, or a recompute under activation checkpointing (new
     tensors, RNG state restored by torch.utils.checkpoint) draws a fresh mask. Only the latest
-    input is remembered: q/k/v (and gate/up) are called back to back on the same tensor.
+    input is remembered: q/k/v (and gate/up) are called back to back on the same tensor. The
+    same object keeps the latest sibling group's low-rank product (`group_low_rank`).
 
     Inside a compiled decoder layer (models.layer_compile) the cache is a plain attribute the
     compiler can trace (no weak reference, no version counter); the layer clears it on entry and
