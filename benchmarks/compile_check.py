@@ -72,7 +72,7 @@ def run(cfg: CompileCheckConfig) -> dict:
     with tempfile.TemporaryDirectory(prefix="compile_check_") as tmp:
         bcfg = _bench_config(cfg, "off", low, fast_attn)
         pool, model_dir, tokenizer = tp.load_examples(bcfg, Path(tmp))
-        stream = tp.example_stream(pool, 4 * cfg.tokens // 64 + 64, cfg.seed)
+        stream = tp.example_stream(pool, cfg.tokens // 16 + 64, cfg.seed)  # more than one row holds
         n_img = bcfg.model.num_image_tokens
         group = tp.pack_groups(stream, 1, n_img, cfg.tokens, 0)[0]
         batch = tp.project_batch(group, tokenizer.pad_token_id, n_img)
