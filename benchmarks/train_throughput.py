@@ -580,7 +580,9 @@ class PhaseTimer:
     """Where a step's time goes, without syncing: host time to issue each phase (perf_counter) and
     device time between the phase's markers (CUDA events, read after the final sync). The host may
     run ahead in one phase and spend its lead in the next (a full launch queue blocks it), so the
-    step's totals decide: host below device = GPU-bound; equal = the GPU waited for the Python."""
+    step's totals decide: host below device = GPU-bound; equal = the GPU waited for the Python, or the
+    step synchronises with the device (DeepSpeed's overflow check: its step phase then shows host time
+    far above device time; `--sync-debug` lists such points)."""
 
     PHASES = ("forward", "backward", "step")
 
