@@ -33,6 +33,7 @@ falls back to PEFT's own forward. A biased base projection (Qwen2's q/k/v) keeps
 from __future__ import annotations
 
 import weakref
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -64,16 +65,21 @@ class SharedDropout:
         self._traced: tuple | None = None
         self._low_rank: tuple | None = None
 
-    def group_low_rank(self, xd: torch.Tensor, weights: list[torch.Tensor]) -> tuple:
+    def group_low_rank(self, xd: torch.Tensor, first_a: torch.Tensor,
+                       weights: Callable[[], list[torch.Tensor] | None]) -> tuple | None:
         """`xd @ [A_1; ...; A_k]^T` split per sibling (column views), computed once per dropped input
-        group. `weights` are the group's A matrices, in the group's order."""
-        # Keyed on tensors (the dropped input, the group's first A), which a compiled graph can compare.
+        and group: keyed on tensors (the dropped input, the group's first A), which a compiled graph
+        can compare. On a miss `weights()` gives the group's A matrices in order, or None when the
+        group cannot share the GEMM (then so does this)."""
         cached = self._low_rank
-        if cached is not None and cached[0] is xd and cached[1] is weights[0]:
+        if cached is not None and cached[0] is xd and cached[1] is first_a:
             return cached[2]
-        low_rank = F.linear(xd.reshape(-1, xd.shape[-1]), torch.cat(weights))
-        pieces = low_rank.split([w.shape[0] for w in weights], dim=-1)
-        self._low_rank = (xd, weights[0], pieces)
+        mats = weights()
+        if mats is None:
+            return None
+        low_rank = F.linear(xd.reshape(-1, xd.shape[-1]), torch.cat(mats))
+        pieces = low_rank.split([w.shape[0] for w in mats], dim=-1)
+        self._low_rank = (xd, first_a, pieces)
         return pieces
 
     def __call__(self, x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -170,11 +176,18 @@ def _fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
 
 
 def _grouped_low_rank(layer, name: str, xd: torch.Tensor, p: float) -> torch.Tensor | None:
-    """This layer's `xd @ A^T` from its sibling group's one GEMM; None when the group cannot share it
-    (no siblings, or one of them differs: another adapter, dropout, dtype, path, or no packed weights)."""
+    """This layer's `xd @ A^T` from its sibling group's one GEMM; None when the group cannot share it."""
     group = getattr(layer, "_lora_siblings", ())
-    if len(group) < 2 or len(layer.active_adapters) != 1:
+    first = getattr(group[0], "_flat_lora", None) if group else None
+    if len(group) < 2 or len(layer.active_adapters) != 1 or first is None or name not in first:
         return None
+    pieces = layer._shared_dropout.group_low_rank(xd, first[name][0], lambda: _group_weights(group, layer, name, xd, p))
+    return None if pieces is None else pieces[layer._lora_sibling_index]
+
+
+def _group_weights(group: tuple, layer, name: str, xd: torch.Tensor, p: float) -> list[torch.Tensor] | None:
+    """The siblings' packed A matrices, or None if one of them differs from `layer` (another adapter,
+    dropout, dtype or forward path, or no packed weights)."""
     training = layer.lora_dropout[name].training
     weights = []
     for sibling in group:
@@ -185,7 +198,7 @@ def _grouped_low_rank(layer, name: str, xd: torch.Tensor, p: float) -> torch.Ten
                 or flat[name][0].dtype != xd.dtype):
             return None
         weights.append(flat[name][0])
-    return layer._shared_dropout.group_low_rank(xd, weights)[layer._lora_sibling_index]
+    return weights
 
 
 # Projections of one block that HF models call on the same input tensor (Mistral, Llama, Qwen2).

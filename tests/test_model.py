@@ -523,10 +523,12 @@ def test_sibling_projections_share_one_low_rank_gemm(lm_dir, monkeypatch):
     calls = []
     original = lora_fused.SharedDropout.group_low_rank
 
-    def counting(self, xd, weights):
-        if self._low_rank is None or self._low_rank[1] is not weights[0]:
-            calls.append(len(weights))
-        return original(self, xd, weights)
+    def counting(self, xd, first_a, weights):
+        miss = self._low_rank is None or self._low_rank[0] is not xd or self._low_rank[1] is not first_a
+        pieces = original(self, xd, first_a, weights)
+        if miss and pieces is not None:
+            calls.append(len(pieces))
+        return pieces
 
     monkeypatch.setattr(lora_fused.SharedDropout, "group_low_rank", counting)
     batch = collate_train(items()[:3], 0, NUM_IMAGE_TOKENS)
