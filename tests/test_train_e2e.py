@@ -87,7 +87,11 @@ def run_env() -> dict:
 def run_train(flags: list[str], num_procs: int = 2, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
     port = free_port()
     cmd = [str(REPO / "launch" / "train.sh"), "--num-gpus", str(num_procs), "--master-port", str(port), "--", *flags]
-    proc = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=timeout)
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:  # say where it stood, not only that it ran out of time
+        tail = [(x.decode(errors="replace") if isinstance(x, bytes) else x or "")[-6000:] for x in (e.stdout, e.stderr)]
+        raise AssertionError(f"training still running after {timeout} s:\n{tail[0]}\n{tail[1]}") from None
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     # DeepSpeed's CPU allreduce segments must not outlive the job (they are RAM: see
