@@ -139,6 +139,11 @@ def _fast_path_ok(layer) -> bool:
     return isinstance(layer.base_layer, nn.Linear)
 
 
+def _dropout_p(drop: nn.Module) -> float:
+    """A LoRA layer's dropout rate (PEFT puts an Identity where the rate is 0)."""
+    return float(drop.p) if isinstance(drop, nn.Dropout) else 0.0
+
+
 def _fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
     # The base layer's own bias (Qwen2's q/k/v have one) is added here, once, by base_layer(x);
     # the LoRA term below is bias-free (lora_B has no bias on this path), as in PEFT.
@@ -158,7 +163,7 @@ def _fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
                                    "the engine should have cast both (use --no-flat-lora otherwise)")
             return _lora_linear_class().forward(layer, x)
         drop = layer.lora_dropout[name]
-        p = float(getattr(drop, "p", 0.0)) if isinstance(drop, nn.Dropout) else 0.0
+        p = _dropout_p(drop)
         xd = layer._shared_dropout(x, p, drop.training)
         low_rank = _grouped_low_rank(layer, name, xd, p) if flat is not None else None
         if low_rank is None:
@@ -194,7 +199,7 @@ def _group_weights(group: tuple, layer, name: str, xd: torch.Tensor, p: float) -
         flat = getattr(sibling, "_flat_lora", None)
         drop = sibling.lora_dropout[name] if name in sibling.lora_dropout else None
         if (flat is None or drop is None or name not in flat or sibling.active_adapters != layer.active_adapters
-                or not _fast_path_ok(sibling) or float(getattr(drop, "p", 0.0)) != p or drop.training != training
+                or not _fast_path_ok(sibling) or _dropout_p(drop) != p or drop.training != training
                 or flat[name][0].dtype != xd.dtype):
             return None
         weights.append(flat[name][0])
