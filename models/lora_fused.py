@@ -19,6 +19,12 @@ GEMM while training with packed adapters (models.flat_lora): the first sibling c
 gradient GEMM into the dropped input and one read of it for the A gradients, instead of one each per
 sibling plus the sums of their gradients.
 
+Eager training with packed adapters goes one step further (`one_node`, the default): each sibling
+group (and each single projection) is ONE autograd node, models.lora_autograd, whose hand-written
+backward builds the input gradient in a single buffer (accumulating GEMMs, the dropout mask applied
+in the same pass) instead of autograd's separate per-projection gradients and their sums. The
+per-layer ops above stay for compiled layers, unpacked adapters (ZeRO-3, FSDP2) and inference.
+
 The layers keep their class hierarchy (a subclass of `peft.tuners.lora.Linear` is swapped in as
 the instance's `__class__`) and their parameters, so `state_dict`, `save_pretrained`, merging and
 loading stay standard PEFT. Anything the fast path does not cover (merged / disabled adapters,
@@ -39,6 +45,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from peft.tuners.lora import Linear
+
+from models.lora_autograd import lora_group_linear
 
 
 class SharedDropout:
@@ -64,6 +72,18 @@ class SharedDropout:
         self._out: torch.Tensor | None = None
         self._traced: tuple | None = None
         self._low_rank: tuple | None = None
+        self._group: tuple | None = None
+
+    def group_outputs(self, x: torch.Tensor, first_a: torch.Tensor,
+                      compute: Callable[[], tuple | None]) -> tuple | None:
+        """The latest sibling group's outputs on `x` (models.lora_autograd), computed by the first
+        sibling called; keyed on the input (identity and version) and the group's first A view."""
+        cached = self._group
+        if cached is not None and cached[0]() is x and cached[1] == x._version and cached[2] is first_a:
+            return cached[3]
+        outs = compute()
+        self._group = (weakref.ref(x), x._version, first_a, outs)
+        return outs
 
     def group_low_rank(self, xd: torch.Tensor, first_a: torch.Tensor,
                        weights: Callable[[], list[torch.Tensor] | None]) -> tuple | None:
@@ -145,14 +165,18 @@ def _dropout_p(drop: nn.Module) -> float:
 
 
 def _fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
+    # models.flat_lora: differentiable views of the one flat trainable tensor (None: PEFT's own,
+    # e.g. generation, where the weights are views of the same storage anyway).
+    flat = getattr(layer, "_flat_lora", None)
+    if flat is not None and _one_node_ok(layer, x):
+        outs = _group_outputs(layer, x)
+        if outs is not None:
+            return outs[layer._lora_sibling_index if len(outs) > 1 else 0]
     # The base layer's own bias (Qwen2's q/k/v have one) is added here, once, by base_layer(x);
     # the LoRA term below is bias-free (lora_B has no bias on this path), as in PEFT.
     # A 2-D call, so that `out2d` is the GEMM's own output rather than a view of it: an in-place add
     # to a view makes autograd copy the whole gradient in backward (CopySlices).
     out2d = layer.base_layer(x.reshape(-1, x.shape[-1]))
-    # models.flat_lora: differentiable views of the one flat trainable tensor (None: PEFT's own,
-    # e.g. generation, where the weights are views of the same storage anyway).
-    flat = getattr(layer, "_flat_lora", None)
     for name in layer.active_adapters:
         if name not in layer.lora_A:
             continue
@@ -178,6 +202,42 @@ def _fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
             # GEMM's output (the frozen base's backward needs only its weight), so the in-place add is safe.
             out2d = out2d.addmm_(low_rank, b.t(), alpha=layer.scaling[name])
     return out2d.view(*x.shape[:-1], out2d.shape[-1])
+
+
+def _one_node_ok(layer, x: torch.Tensor) -> bool:
+    """Train this (eager) layer and its siblings through models.lora_autograd's one-node forward and
+    backward? Compiled layers keep the autograd ops (the compiler writes their backward)."""
+    return (layer._lora_one_node and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and len(layer.active_adapters) == 1 and not torch.is_autocast_enabled(x.device.type))
+
+
+def _group_outputs(layer, x: torch.Tensor) -> tuple | None:
+    """The outputs of this layer's sibling group (or of the layer alone) from one
+    `lora_group_linear` node, computed by the first sibling called on `x` and handed to the others;
+    None when the group cannot run that way (then each layer takes the per-layer path)."""
+    name = layer.active_adapters[0]
+    group = getattr(layer, "_lora_siblings", ()) or (layer,)
+    first = group[0]._flat_lora
+    if first is None or name not in first:
+        return None
+    return layer._shared_dropout.group_outputs(x, first[name][0], lambda: _run_group(group, layer, name, x))
+
+
+def _run_group(group: tuple, layer, name: str, x: torch.Tensor) -> tuple | None:
+    p = _dropout_p(layer.lora_dropout[name])
+    if _group_weights(group, layer, name, x, p) is None:
+        return None
+    for sibling in group:
+        a, b = sibling._flat_lora[name]
+        base = sibling.base_layer
+        if (b.dtype != x.dtype or base.weight.dtype != x.dtype or base.weight.requires_grad
+                or (base.bias is not None and base.bias.requires_grad)):
+            return None
+    training = layer.lora_dropout[name].training
+    return lora_group_linear(
+        x, [s.base_layer.weight for s in group], [s.base_layer.bias for s in group],
+        [s._flat_lora[name][0] for s in group], [s._flat_lora[name][1] for s in group],
+        [s.scaling[name] for s in group], p if training else 0.0)
 
 
 def _grouped_low_rank(layer, name: str, xd: torch.Tensor, p: float) -> torch.Tensor | None:
@@ -219,8 +279,11 @@ def _link_siblings(model: nn.Module, fused: type) -> None:
                 layer._lora_sibling_index = i
 
 
-def fuse_lora_linears(model: nn.Module) -> int:
+def fuse_lora_linears(model: nn.Module, one_node: bool = True) -> int:
     """Switch every plain PEFT LoRA `Linear` in `model` to the fused forward, in place.
+
+    `one_node`: train layers with packed adapters (models.flat_lora) through one autograd node per
+    sibling group (models.lora_autograd) rather than the per-layer autograd ops (the reference).
 
     All switched layers share one `SharedDropout` (attached to the model, see
     `shared_dropout_cache`). Returns the number of layers switched.
@@ -232,6 +295,7 @@ def fuse_lora_linears(model: nn.Module) -> int:
         if type(module) is base or type(module) is fused:
             module.__class__ = fused
             module._shared_dropout = cache
+            module._lora_one_node = one_node
             count += 1
     if count:
         model._lora_shared_dropout = cache

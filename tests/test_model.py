@@ -536,6 +536,7 @@ def test_sibling_projections_share_one_low_rank_gemm(lm_dir, monkeypatch):
     for grouped in (True, False):
         model = build(lm_dir, lora_dropout=0.1).train()
         attach_flat_lora(model)
+        _set_one_node(model, False)  # the per-layer ops (the one-node path is tested below)
         if not grouped:
             for m in model.modules():
                 if getattr(m, "_lora_siblings", ()):
@@ -554,6 +555,51 @@ def test_sibling_projections_share_one_low_rank_gemm(lm_dir, monkeypatch):
         torch.testing.assert_close(grads_g[name], grads_u[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+def _set_one_node(model: PrefixLM, on: bool) -> None:
+    for m in _lora_layers(model):
+        m._lora_one_node = on
+
+
+def test_one_autograd_node_per_sibling_group_equals_the_per_layer_ops(lm_dir, monkeypatch):
+    """Eager training with packed adapters runs each sibling group (q/k/v, gate/up) and each single
+    projection (o, down) as one models.lora_autograd node: the same loss and gradients as the
+    per-layer autograd ops (fp32, dropout on, the same masks), and exactly four such nodes per layer."""
+    import torch.nn.functional as F
+
+    from models import lora_fused
+    from models.flat_lora import attach_flat_lora
+
+    # Both paths draw their masks with native_dropout (as F.dropout does on a GPU), so one seed gives
+    # both the same masks.
+    monkeypatch.setattr(F, "dropout", lambda x, p=0.5, training=True, inplace=False:
+                        torch.native_dropout(x, p, True)[0] if training else x)
+    groups = []
+    real = lora_fused.lora_group_linear
+
+    def counting(x, bases, *args):
+        groups.append(len(bases))
+        return real(x, bases, *args)
+
+    monkeypatch.setattr(lora_fused, "lora_group_linear", counting)
+    batch = collate_train(items()[:3], 0, NUM_IMAGE_TOKENS)
+    results = []
+    for one_node in (True, False):
+        model = build(lm_dir, lora_dropout=0.1).train()
+        attach_flat_lora(model)
+        _set_one_node(model, one_node)
+        torch.manual_seed(7)
+        results.append(_saved_bytes_loss_grads(model, batch)[1:])
+        layers = model.base_lm.config.num_hidden_layers
+        assert sorted(groups) == sorted([3, 2, 1, 1] * layers if one_node else []), groups
+        groups.clear()
+    (loss_n, grads_n), (loss_o, grads_o) = results
+    torch.testing.assert_close(loss_n, loss_o, atol=1e-6, rtol=0)
+    assert grads_n.keys() == grads_o.keys() and "flat_lora.flat" in grads_n
+    for name in grads_o:
+        torch.testing.assert_close(grads_n[name], grads_o[name], atol=1e-6, rtol=1e-5, msg=name)
+    assert grads_n["flat_lora.flat"].abs().sum() > 0
+
+
 def _set_lora_dropout(model: PrefixLM, p: float) -> None:
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
@@ -564,7 +610,8 @@ def _set_lora_dropout(model: PrefixLM, p: float) -> None:
 def test_compiled_layers_equal_eager_and_share_one_dropout_mask_per_input(lm_dir):
     """--compile: the same losses and LoRA gradients as the eager layers (fp32, two row lengths, the
     flat LoRA tensor an engine packs); and the LoRA dropout costs compiled layers no more saved memory
-    than eager ones (q/k/v and gate/up share one dropped input inside the graph, as in eager)."""
+    than the eager per-layer ops (q/k/v and gate/up share one dropped input inside the graph, as in
+    eager), and the eager one-node groups less."""
     from models.flat_lora import attach_flat_lora
 
     eager, compiled = (build(lm_dir, lora_dropout=0.1, compile=c).train() for c in ("off", "on"))
@@ -582,8 +629,11 @@ def test_compiled_layers_equal_eager_and_share_one_dropout_mask_per_input(lm_dir
 
     batch = collate_train(items(), 0, NUM_IMAGE_TOKENS)
     extra = {}
-    for name, m in (("eager", eager), ("compiled", compiled)):
+    for name, m, one_node in (("one node", eager, True), ("eager ops", eager, False), ("compiled", compiled, True)):
+        _set_one_node(m, one_node)
+        _set_lora_dropout(m, 0.0)
         without = _saved_bytes_loss_grads(m, batch)[0]
         _set_lora_dropout(m, 0.1)
         extra[name] = _saved_bytes_loss_grads(m, batch)[0] - without
-    assert 0 < extra["compiled"] <= extra["eager"], extra
+    # the one-node groups keep a 1-byte mask per input element (the dropped input replaces the input)
+    assert 0 < extra["compiled"] <= extra["eager ops"] and 0 < extra["one node"] < extra["eager ops"], extra
