@@ -1,8 +1,9 @@
 """Compiled layers vs eager on the GPU: same loss and LoRA gradients within bf16 noise.
 
 Three copies of one model (same weights, same packed row, LoRA dropout 0 so that no random mask
-differs): eager bf16 (the reference path), compiled bf16 (`--compile on`), and eager fp32 as the
-yardstick. bf16 noise is what the eager bf16 step itself is away from fp32; the compiled step passes
+differs), adapters packed as the trainer's engines pack them (models.flat_lora): eager bf16 (the
+reference path: one autograd node per LoRA sibling group), compiled bf16 (`--compile on`), and eager
+fp32 as the yardstick. bf16 noise is what the eager bf16 step itself is away from fp32; the compiled step passes
 when it is no further from fp32 than `--tolerance` times that, for the loss and for every LoRA
 gradient taken together (relative L2 error). CPU fp32 equality of the two paths is a unit test
 (tests/test_model.py); this is its GPU half.
@@ -26,6 +27,7 @@ from common.config import parse_config
 from common.io import atomic_write_text
 from common.log import setup_logging
 from models.collate import batch_to_device
+from models.flat_lora import attach_flat_lora
 
 log = setup_logging("benchmarks.compile_check")
 
@@ -83,6 +85,7 @@ def run(cfg: CompileCheckConfig) -> dict:
         for name, compile_, precision, attn in (("eager", "off", low, fast_attn), ("compiled", "on", low, fast_attn),
                                                 ("fp32", "off", "fp32", "packed_sdpa")):
             model, _ = tp.build_project(_bench_config(cfg, compile_, precision, attn), model_dir, device)
+            attach_flat_lora(model)  # packed adapters, as the trainer's engines run them (eager: one-node groups)
             if state is None:
                 state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             else:

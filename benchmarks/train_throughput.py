@@ -582,7 +582,9 @@ class PhaseTimer:
     run ahead in one phase and spend its lead in the next (a full launch queue blocks it), so the
     step's totals decide: host below device = GPU-bound; equal = the GPU waited for the Python, or the
     step synchronises with the device (DeepSpeed's overflow check: its step phase then shows host time
-    far above device time; `--sync-debug` lists such points)."""
+    far above device time; `--sync-debug` lists such points). To tell those two apart, `issue` sums
+    the phases that issue the model's work (forward, backward): host below device there, with the
+    totals equal, means the host ran ahead of the device and then waited for it in the step."""
 
     PHASES = ("forward", "backward", "step")
 
@@ -626,7 +628,23 @@ class PhaseTimer:
             host, device = sum(r["host_ms"] for r in out.values()), sum(r["device_ms"] for r in out.values())
             out["step_total"] = {"host_ms": round(host, 2), "device_ms": round(device, 2),
                                  "gpu_bound": host < device}
+            if "forward" in out and "backward" in out:
+                host = out["forward"]["host_ms"] + out["backward"]["host_ms"]
+                device = out["forward"]["device_ms"] + out["backward"]["device_ms"]
+                out["issue"] = {"host_ms": round(host, 2), "device_ms": round(device, 2), "gpu_bound": host < device}
         return out
+
+
+def bound_label(phases: dict) -> str:
+    """Who waits, in words, from PhaseTimer.summary()."""
+    total, issue = phases["step_total"], phases.get("issue")
+    if total["gpu_bound"]:
+        return "GPU-bound"
+    if issue and issue["gpu_bound"]:
+        wait = phases["step"]["host_ms"] - phases["step"]["device_ms"]
+        return (f"GPU-bound while issuing (forward + backward: host {issue['host_ms']:.1f} < device "
+                f"{issue['device_ms']:.1f} ms), then the step waits ~{wait:.0f} ms for the device (a sync in it)")
+    return "host-bound"
 
 
 def engine_stepper(engine, timer: PhaseTimer) -> Callable[[dict], torch.Tensor]:
@@ -1064,8 +1082,8 @@ def markdown_table(results: dict, ratio: dict, peak: dict) -> str:
         if phases:
             lines.append(f"mode {m} per step, host time to issue / device time between markers (ms): " + ", ".join(
                 f"{k} {v['host_ms']:.1f}" + (f" / {v['device_ms']:.1f}" if "device_ms" in v else "")
-                for k, v in phases.items()) + (
-                f" -> {'GPU-bound' if phases['step_total']['gpu_bound'] else 'host-bound'}" if "step_total" in phases else ""))
+                for k, v in phases.items() if k != "issue") + (
+                f" -> {bound_label(phases)}" if "step_total" in phases else ""))
         if results[m].get("gpu_after"):
             b, a = results[m]["gpu_before"], results[m]["gpu_after"]
             lines.append(f"mode {m} GPU before / after the timed steps: SM {b['sm_clock_mhz']} / {a['sm_clock_mhz']} MHz, "

@@ -191,7 +191,7 @@ def test_mode4_in_a_fresh_process_reports_phases_and_accumulation(tmp_path, synt
     assert "host time to issue" in report["markdown"]
 
 
-def test_phase_timer_calls_a_step_gpu_bound_only_when_its_total_host_time_is_below_the_device_time():
+def test_phase_timer_tells_gpu_bound_host_bound_and_a_sync_in_the_step_apart():
     class Event:  # what summary() reads of a CUDA event: the device ms to a later one
         def __init__(self, t):
             self.t = t
@@ -212,4 +212,11 @@ def test_phase_timer_calls_a_step_gpu_bound_only_when_its_total_host_time_is_bel
     ahead = timer([100, 150, 2], [120, 140, 3])  # the forward's lead spent in the backward
     assert ahead["backward"]["host_ms"] > ahead["backward"]["device_ms"]
     assert ahead["step_total"] == {"host_ms": 252, "device_ms": 263, "gpu_bound": True}
-    assert timer([120, 140, 3], [120, 140, 3])["step_total"]["gpu_bound"] is False
+    assert tp.bound_label(ahead) == "GPU-bound"
+    paced = timer([120, 140, 3], [120, 140, 3])
+    assert paced["step_total"]["gpu_bound"] is False and tp.bound_label(paced) == "host-bound"
+    # the host ran 60 ms ahead through forward + backward, then a sync in the step spent that lead
+    synced = timer([100, 140, 66], [120, 140, 6])
+    assert synced["step_total"]["gpu_bound"] is False
+    assert synced["issue"] == {"host_ms": 240, "device_ms": 260, "gpu_bound": True}
+    assert tp.bound_label(synced).startswith("GPU-bound while issuing") and "waits ~60 ms" in tp.bound_label(synced)
