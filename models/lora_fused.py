@@ -56,7 +56,8 @@ class SharedDropout:
     forward, an in-place change of the input, or a recompute under activation checkpointing (new
     tensors, RNG state restored by torch.utils.checkpoint) draws a fresh mask. Only the latest
     input is remembered: q/k/v (and gate/up) are called back to back on the same tensor. The
-    same object keeps the latest sibling group's low-rank product (`group_low_rank`).
+    same object keeps the latest sibling group's low-rank product (`group_low_rank`, compiled layers)
+    and outputs (`group_outputs`, the eager one-node groups).
 
     Inside a compiled decoder layer (models.layer_compile) the cache is a plain attribute the
     compiler can trace (no weak reference, no version counter); the layer clears it on entry and
