@@ -228,9 +228,8 @@ def _run_group(group: tuple, layer, name: str, x: torch.Tensor) -> tuple | None:
     p = _dropout_p(layer.lora_dropout[name])
     if _group_weights(group, layer, name, x, p) is None:
         return None
-    for sibling in group:
-        a, b = sibling._flat_lora[name]
-        base = sibling.base_layer
+    for sibling in group:  # beyond _group_weights' checks: the node computes no base-weight gradient
+        b, base = sibling._flat_lora[name][1], sibling.base_layer
         if (b.dtype != x.dtype or base.weight.dtype != x.dtype or base.weight.requires_grad
                 or (base.bias is not None and base.bias.requires_grad)):
             return None
