@@ -414,6 +414,26 @@ def test_fused_lora_with_dropout_trains_and_checkpointing_matches(lm_dir):
         torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_one_node_lora_groups_under_checkpointing_match(lm_dir):
+    """Packed adapters (the engines' default, one autograd node per sibling group) with dropout and
+    activation checkpointing: the recompute redraws the same masks, so the gradients equal those
+    without checkpointing under the same seed."""
+    from models.flat_lora import attach_flat_lora
+
+    batch = collate_train(items(), 0, NUM_IMAGE_TOKENS)
+    results = []
+    for ckpt in (False, True):
+        model = build(lm_dir, lora_dropout=0.3, gradient_checkpointing=ckpt).train()
+        attach_flat_lora(model)
+        torch.manual_seed(123)
+        results.append(_loss_and_grads(model, batch))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b, atol=1e-6, rtol=0)
+    assert "flat_lora.flat" in grads_a and grads_a["flat_lora.flat"].abs().sum() > 0
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_partial_gradient_checkpointing_flags_only_first_layers(lm_dir):
     model = build(lm_dir, gradient_checkpointing=True, gradient_checkpointing_layers=1)
     assert [layer.gradient_checkpointing for layer in model.decoder.layers] == [True, False]
