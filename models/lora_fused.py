@@ -226,7 +226,8 @@ def _group_outputs(layer, x: torch.Tensor) -> tuple | None:
 
 def _run_group(group: tuple, layer, name: str, x: torch.Tensor) -> tuple | None:
     p = _dropout_p(layer.lora_dropout[name])
-    if _group_weights(group, layer, name, x, p) is None:
+    a_list = _group_weights(group, layer, name, x, p)
+    if a_list is None:
         return None
     for sibling in group:  # beyond _group_weights' checks: the node computes no base-weight gradient
         b, base = sibling._flat_lora[name][1], sibling.base_layer
@@ -236,7 +237,7 @@ def _run_group(group: tuple, layer, name: str, x: torch.Tensor) -> tuple | None:
     training = layer.lora_dropout[name].training
     return lora_group_linear(
         x, [s.base_layer.weight for s in group], [s.base_layer.bias for s in group],
-        [s._flat_lora[name][0] for s in group], [s._flat_lora[name][1] for s in group],
+        a_list, [s._flat_lora[name][1] for s in group],
         [s.scaling[name] for s in group], p if training else 0.0)
 
 
