@@ -22,7 +22,10 @@ from typing import Sequence
 
 import torch
 
-from benchmarks import train_throughput as tp
+from benchmarks.make_random_model import Shape
+from benchmarks.throughput.config import BenchConfig
+from benchmarks.throughput.models import build_project
+from benchmarks.throughput.workload import example_stream, load_examples, pack_groups, project_batch
 from common.config import parse_config
 from common.io import atomic_write_text
 from common.log import setup_logging
@@ -34,7 +37,7 @@ log = setup_logging("benchmarks.compile_check")
 
 @dataclass
 class CompileCheckConfig:
-    shape: tp.Shape = field(default="tiny", metadata={"help": "model shape (benchmarks.train_throughput --shape)"})
+    shape: Shape = field(default="tiny", metadata={"help": "model shape (benchmarks.train_throughput --shape)"})
     layers: int = field(default=4, metadata={"help": "real shapes: decoder layers kept (0 = all)"})
     tokens: int = field(default=4096, metadata={"help": "packed row length of the compared step"})
     tolerance: float = field(default=1.5, metadata={
@@ -44,8 +47,8 @@ class CompileCheckConfig:
     out: str = field(default="", metadata={"help": "write the comparison as JSON here"})
 
 
-def _bench_config(cfg: CompileCheckConfig, compile_: str, precision: str, attn: str) -> tp.BenchConfig:
-    base = tp.BenchConfig(shape=cfg.shape, layers=cfg.layers if cfg.shape != "tiny" else 0, seed=cfg.seed,
+def _bench_config(cfg: CompileCheckConfig, compile_: str, precision: str, attn: str) -> BenchConfig:
+    base = BenchConfig(shape=cfg.shape, layers=cfg.layers if cfg.shape != "tiny" else 0, seed=cfg.seed,
                           token_budget=str(cfg.tokens), device=cfg.device)
     return replace(base, model=replace(base.model, lora_dropout=0.0, compile=compile_, precision=precision,
                                        attn_implementation=attn, fused_kernels="chunked"))
@@ -73,18 +76,18 @@ def run(cfg: CompileCheckConfig) -> dict:
     fast_attn = "auto"
     with tempfile.TemporaryDirectory(prefix="compile_check_") as tmp:
         bcfg = _bench_config(cfg, "off", low, fast_attn)
-        pool, model_dir, tokenizer = tp.load_examples(bcfg, Path(tmp))
-        stream = tp.example_stream(pool, cfg.tokens // 16 + 64, cfg.seed)  # more than one row holds
+        pool, model_dir, tokenizer = load_examples(bcfg, Path(tmp))
+        stream = example_stream(pool, cfg.tokens // 16 + 64, cfg.seed)  # more than one row holds
         n_img = bcfg.model.num_image_tokens
-        group = tp.pack_groups(stream, 1, n_img, cfg.tokens, 0)[0]
-        batch = tp.project_batch(group, tokenizer.pad_token_id, n_img)
+        group = pack_groups(stream, 1, n_img, cfg.tokens, 0)[0]
+        batch = project_batch(group, tokenizer.pad_token_id, n_img)
 
         results = {}
         state = None
         # fp32 yardstick: stock packed SDPA (FlashAttention has no fp32), same bf16-valued weights
         for name, compile_, precision, attn in (("eager", "off", low, fast_attn), ("compiled", "on", low, fast_attn),
                                                 ("fp32", "off", "fp32", "packed_sdpa")):
-            model, _ = tp.build_project(_bench_config(cfg, compile_, precision, attn), model_dir, device)
+            model, _ = build_project(_bench_config(cfg, compile_, precision, attn), model_dir, device)
             attach_flat_lora(model)  # packed adapters, as the trainer's engines run them (eager: one-node groups)
             if state is None:
                 state = {k: v.detach().clone() for k, v in model.state_dict().items()}

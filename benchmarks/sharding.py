@@ -39,7 +39,7 @@ from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
 
 from benchmarks.make_random_model import mistral_7b_shape_config
-from benchmarks.train_throughput import measure_peak_tflops, synchronize
+from benchmarks.throughput.timing import measure_peak_tflops, synchronize
 from common.config import parse_config, print_config
 from common.io import atomic_write_json
 from common.log import setup_logging

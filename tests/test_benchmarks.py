@@ -13,20 +13,34 @@ import pytest
 import torch
 
 from benchmarks import train_throughput as tp
+from benchmarks.throughput.config import BenchConfig
+from benchmarks.throughput.models import build_baseline, build_project, lm_config
+from benchmarks.throughput.timing import PhaseTimer, bound_label
+from benchmarks.throughput.workload import (
+    baseline_batch,
+    doc_lengths,
+    example_stream,
+    examples_from_lengths_file,
+    length_stats,
+    load_examples,
+    pack_groups,
+    project_batch,
+    write_lengths_file,
+)
 
 
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory, synthetic_data):
     """(config, example pool, model dir, tokenizer) from the synthetic data, fp32 CPU."""
     json_paths, _ = synthetic_data
-    cfg = tp.BenchConfig(shape="tiny", gemini_json=[str(p) for p in json_paths], device="cpu")
-    pool, model_dir, tokenizer = tp.load_examples(cfg, tmp_path_factory.mktemp("bench"))
+    cfg = BenchConfig(shape="tiny", gemini_json=[str(p) for p in json_paths], device="cpu")
+    pool, model_dir, tokenizer = load_examples(cfg, tmp_path_factory.mktemp("bench"))
     return cfg, pool, model_dir, tokenizer
 
 
 def test_examples_have_a_realistic_mixed_length_mix(tiny_setup):
     cfg, pool, _, _ = tiny_setup
-    stats = tp.length_stats(pool, cfg.model.num_image_tokens)
+    stats = length_stats(pool, cfg.model.num_image_tokens)
     assert stats["max"] <= cfg.max_seq_len
     assert stats["p10"] < stats["p90"], "lengths should be mixed, not constant"
     assert sum(stats["tasks"][t] > 0 for t in ("caption", "summary", "cot")) == 3
@@ -35,13 +49,13 @@ def test_examples_have_a_realistic_mixed_length_mix(tiny_setup):
 
 def test_pack_groups_respects_budget_and_order(tiny_setup):
     cfg, pool, _, _ = tiny_setup
-    stream = tp.example_stream(pool, 200, seed=1)
+    stream = example_stream(pool, 200, seed=1)
     n_img = cfg.model.num_image_tokens
-    groups = tp.pack_groups(stream, 5, n_img, token_budget=512, batch_size=0)
+    groups = pack_groups(stream, 5, n_img, token_budget=512, batch_size=0)
     flat = [e for g in groups for e in g]
     assert flat == stream[:len(flat)]  # consumed from the start, in order
-    assert all(sum(tp.doc_lengths(g, n_img)) <= 512 for g in groups)
-    fixed = tp.pack_groups(stream, 3, n_img, token_budget=0, batch_size=7)
+    assert all(sum(doc_lengths(g, n_img)) <= 512 for g in groups)
+    fixed = pack_groups(stream, 3, n_img, token_budget=0, batch_size=7)
     assert [len(g) for g in fixed] == [7, 7, 7]
 
 
@@ -49,9 +63,9 @@ def test_baseline_batch_layout(tiny_setup):
     cfg, pool, _, tok = tiny_setup
     n_img = cfg.model.num_image_tokens
     group = pool[:3]
-    packed = tp.baseline_batch(group, tok.pad_token_id, n_img, packed=True)
-    padded = tp.baseline_batch(group, tok.pad_token_id, n_img, packed=False, pad_to=cfg.max_seq_len)
-    lengths = tp.doc_lengths(group, n_img)
+    packed = baseline_batch(group, tok.pad_token_id, n_img, packed=True)
+    padded = baseline_batch(group, tok.pad_token_id, n_img, packed=False, pad_to=cfg.max_seq_len)
+    lengths = doc_lengths(group, n_img)
     assert packed["input_ids"].shape == (1, sum(lengths)) and packed["attention_mask"] is None
     assert padded["input_ids"].shape == (3, cfg.max_seq_len)
     assert padded["attention_mask"].sum(1).tolist() == lengths
@@ -65,13 +79,13 @@ def test_baseline_batch_layout(tiny_setup):
 def test_offshelf_packed_loss_equals_padded_loss(tiny_setup):
     """Mode 3's stock HF packing (document mask from position_ids, use_cache=False) is exact."""
     cfg, pool, model_dir, tok = tiny_setup
-    hf_config = tp.lm_config("tiny", model_dir)
-    model = tp.build_baseline(cfg, hf_config, "sdpa", torch.device("cpu"), torch.float32, liger=False).eval()
+    hf_config = lm_config("tiny", model_dir)
+    model = build_baseline(cfg, hf_config, "sdpa", torch.device("cpu"), torch.float32, liger=False).eval()
     group = pool[:4]
     n_img = cfg.model.num_image_tokens
     with torch.no_grad():
-        packed = model(tp.baseline_batch(group, tok.pad_token_id, n_img, packed=True))
-        padded = model(tp.baseline_batch(group, tok.pad_token_id, n_img, packed=False))
+        packed = model(baseline_batch(group, tok.pad_token_id, n_img, packed=True))
+        padded = model(baseline_batch(group, tok.pad_token_id, n_img, packed=False))
     assert abs(float(packed) - float(padded)) < 1e-5
 
 
@@ -84,8 +98,8 @@ def test_project_model_builds_from_config_alone(tiny_setup, tmp_path):
     shutil.copytree(model_dir, bare)
     for f in bare.glob("*.safetensors"):
         f.unlink()
-    model, _ = tp.build_project(cfg, bare, torch.device("cpu"))
-    batch = tp.project_batch(pool[:2], tok.pad_token_id, cfg.model.num_image_tokens)
+    model, _ = build_project(cfg, bare, torch.device("cpu"))
+    batch = project_batch(pool[:2], tok.pad_token_id, cfg.model.num_image_tokens)
     assert torch.isfinite(model(batch).loss)
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
 
@@ -99,9 +113,9 @@ def test_llama_and_qwen2_shapes_build_from_config_alone(shape, model_type, cls, 
 
     from common.config import parse_config
 
-    assert parse_config(tp.BenchConfig, ["--shape", shape]).shape == shape
+    assert parse_config(BenchConfig, ["--shape", shape]).shape == shape
     cfg, pool, model_dir, tok = tiny_setup
-    real = tp.lm_config(shape, model_dir)
+    real = lm_config(shape, model_dir)
     assert real.model_type == model_type and real.vocab_size >= len(tok)
     bare = tmp_path / "bare"
     shutil.copytree(model_dir, bare)
@@ -111,33 +125,33 @@ def test_llama_and_qwen2_shapes_build_from_config_alone(shape, model_type, cls, 
     small = type(real)(**{**fields, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
                           "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "vocab_size": len(tok)})
     small.save_pretrained(bare)
-    model, _ = tp.build_project(cfg, bare, torch.device("cpu"))
+    model, _ = build_project(cfg, bare, torch.device("cpu"))
     assert type(model.base_lm).__name__ == cls
-    batch = tp.project_batch(pool[:2], tok.pad_token_id, cfg.model.num_image_tokens)
+    batch = project_batch(pool[:2], tok.pad_token_id, cfg.model.num_image_tokens)
     assert torch.isfinite(model(batch).loss)
 
 
 def test_lengths_file_round_trip_and_errors(tiny_setup, tmp_path):
     cfg, pool, _, _ = tiny_setup
     path = tmp_path / "lengths.json"
-    tp.write_lengths_file(str(path), pool)
-    back = tp.examples_from_lengths_file(str(path), vocab_size=500, bos_id=1, seed=0)
+    write_lengths_file(str(path), pool)
+    back = examples_from_lengths_file(str(path), vocab_size=500, bos_id=1, seed=0)
     n_img = cfg.model.num_image_tokens
     assert [e.length(n_img) for e in back] == [e.length(n_img) for e in pool]
     assert [e.tok.task for e in back] == [e.tok.task for e in pool]
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"examples": [{"task": "caption", "uses_image": True}]}))
     with pytest.raises(ValueError, match=r"bad\.json.*examples\[0\]"):
-        tp.examples_from_lengths_file(str(bad), vocab_size=500, bos_id=1, seed=0)
+        examples_from_lengths_file(str(bad), vocab_size=500, bos_id=1, seed=0)
 
 
 def test_config_validation():
     with pytest.raises(ValueError, match="--modes"):
-        tp.BenchConfig(modes=[5]).validate()
+        BenchConfig(modes=[5]).validate()
     with pytest.raises(ValueError, match="at most one"):
-        tp.BenchConfig(shard_dir="x", lengths_file="y").validate()
+        BenchConfig(shard_dir="x", lengths_file="y").validate()
     with pytest.raises(ValueError, match="unknown task"):
-        tp.BenchConfig(task_mix="caption:1,poem:1").validate()
+        BenchConfig(task_mix="caption:1,poem:1").validate()
 
 
 @pytest.mark.slow
@@ -200,7 +214,7 @@ def test_phase_timer_tells_gpu_bound_host_bound_and_a_sync_in_the_step_apart():
             return other.t - self.t
 
     def timer(host_ms, device_ms):
-        t = tp.PhaseTimer(torch.device("cpu"))
+        t = PhaseTimer(torch.device("cpu"))
         for phase, ms in zip(t.PHASES, host_ms):
             t.host[phase].append(ms)
         marks = [0.0]
@@ -212,11 +226,11 @@ def test_phase_timer_tells_gpu_bound_host_bound_and_a_sync_in_the_step_apart():
     ahead = timer([100, 150, 2], [120, 140, 3])  # the forward's lead spent in the backward
     assert ahead["backward"]["host_ms"] > ahead["backward"]["device_ms"]
     assert ahead["step_total"] == {"host_ms": 252, "device_ms": 263, "gpu_bound": True}
-    assert tp.bound_label(ahead) == "GPU-bound"
+    assert bound_label(ahead) == "GPU-bound"
     paced = timer([120, 140, 3], [120, 140, 3])
-    assert paced["step_total"]["gpu_bound"] is False and tp.bound_label(paced) == "host-bound"
+    assert paced["step_total"]["gpu_bound"] is False and bound_label(paced) == "host-bound"
     # the host ran 60 ms ahead through forward + backward, then a sync in the step spent that lead
     synced = timer([100, 140, 66], [120, 140, 6])
     assert synced["step_total"]["gpu_bound"] is False
     assert synced["issue"] == {"host_ms": 240, "device_ms": 260, "gpu_bound": True}
-    assert tp.bound_label(synced).startswith("GPU-bound while issuing") and "waits ~60 ms" in tp.bound_label(synced)
+    assert bound_label(synced).startswith("GPU-bound while issuing") and "waits ~60 ms" in bound_label(synced)

@@ -22,7 +22,7 @@ CLI_CONFIGS = [
     ("eval.ablation", "AblationConfig"),
     ("eval.cot_stats", "CotStatsConfig"),
     ("benchmarks.scaling", "ScalingConfig"),
-    ("benchmarks.train_throughput", "BenchConfig"),
+    ("benchmarks.throughput.config", "BenchConfig"),
     ("benchmarks.generation", "GenBenchConfig"),
 ]
 
