@@ -23,7 +23,7 @@ RUN_ORDER = (1, 2, 4, 3)
 
 @dataclass
 class BenchConfig:
-    """Training-throughput benchmark of the full prefix-LM step (see `benchmarks.train_throughput`)."""
+    """Training-throughput benchmark of the full prefix-LM step, four ways (benchmarks/README.md explains them)."""
 
     shape: Shape = field(default="tiny", metadata={
         "help": "model shape: 'tiny' (CPU smoke runs), or random bf16 weights of a real shape: '7b' (Mistral-7B), "
