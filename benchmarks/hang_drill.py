@@ -24,7 +24,10 @@ from typing import Literal, Optional, Sequence
 
 import psutil
 
-from benchmarks.scaling import ScalingConfig, _cuda_count, environment, prepare_inputs, subprocess_env, train_flags
+from benchmarks.multigpu.config import ScalingConfig
+from benchmarks.multigpu.inputs import gpu_count, prepare_inputs
+from benchmarks.multigpu.report import environment
+from benchmarks.multigpu.runs import subprocess_env, train_flags
 from common.config import parse_config, print_config
 from common.io import atomic_write_json, read_jsonl
 from common.log import setup_logging
@@ -62,7 +65,7 @@ def rank_pid(launcher_pid: int, rank: int) -> Optional[int]:
 def run(cfg: HangDrillConfig) -> dict:
     work = Path(cfg.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    cuda = _cuda_count() > 0
+    cuda = gpu_count() > 0
     steps = cfg.stop_after_step + 1000  # never reached: the job is stopped first
     scfg = ScalingConfig(shape=cfg.shape, gpus=[cfg.gpus], workdir=str(work), max_steps=steps, warmup_steps=0,
                          log_steps=1, batch_size=cfg.batch_size, train_args=cfg.train_args, check_coverage=False,

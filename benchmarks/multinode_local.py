@@ -19,7 +19,7 @@ Reported (JSON `--out`, Markdown on stdout): per run the per-step losses and rea
 tokens/s (steps after `--warmup-steps`, as benchmarks/scaling.py computes it), wall time; per 2-node
 run against 1xN: max and mean |loss difference| over the steps (bf16: noise of ~1e-2 expected, fp32 on
 CPU: 0), whether every step saw the same real tokens (same samples), and the tokens/s ratio.
-Inputs (synthetic shards, random model of --shape) come from benchmarks/scaling.py's prepare_inputs.
+Inputs (synthetic shards, random model of --shape) come from benchmarks/multigpu/inputs.py's prepare_inputs.
 """
 
 from __future__ import annotations
@@ -34,15 +34,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Sequence
 
-from benchmarks.scaling import (
-    ScalingConfig,
-    _cuda_count,
-    environment,
-    prepare_inputs,
-    subprocess_env,
-    throughput,
-    train_flags,
-)
+from benchmarks.multigpu.config import ScalingConfig
+from benchmarks.multigpu.inputs import gpu_count, prepare_inputs
+from benchmarks.multigpu.metrics import throughput
+from benchmarks.multigpu.report import environment
+from benchmarks.multigpu.runs import subprocess_env, train_flags
 from common.config import parse_config, print_config
 from common.io import atomic_write_json, atomic_write_text, read_jsonl
 from common.log import setup_logging
@@ -176,7 +172,7 @@ def markdown(result: dict) -> str:
 def run(cfg: MultinodeConfig) -> dict:
     work = Path(cfg.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    cuda_count = _cuda_count()
+    cuda_count = gpu_count()
     if cuda_count and cfg.gpus > cuda_count:
         raise ValueError(f"--gpus {cfg.gpus}: this machine has {cuda_count} GPUs")
     scfg = cfg.scaling()

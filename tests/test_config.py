@@ -21,7 +21,7 @@ CLI_CONFIGS = [
     ("eval.report", "ReportConfig"),
     ("eval.ablation", "AblationConfig"),
     ("eval.cot_stats", "CotStatsConfig"),
-    ("benchmarks.scaling", "ScalingConfig"),
+    ("benchmarks.multigpu.config", "ScalingConfig"),
     ("benchmarks.throughput.config", "BenchConfig"),
     ("benchmarks.generation", "GenBenchConfig"),
 ]

@@ -12,16 +12,10 @@ import math
 import pytest
 import torch
 
-from benchmarks.scaling import (
-    Inputs,
-    ScalingConfig,
-    epoch_coverage,
-    grad_accum_steps,
-    loss_agreement,
-    scaling_efficiency,
-    throughput,
-    train_flags,
-)
+from benchmarks.multigpu.config import ScalingConfig, grad_accum_steps
+from benchmarks.multigpu.inputs import Inputs
+from benchmarks.multigpu.metrics import epoch_coverage, loss_agreement, scaling_efficiency, throughput
+from benchmarks.multigpu.runs import train_flags
 
 # ------------------------------------------------------------------------------------------------
 # Pure parts
@@ -77,7 +71,7 @@ def test_scaling_efficiency_against_the_smallest_run():
 
 
 def test_rank_times_are_step_weighted_over_steady_windows_of_every_run():
-    from benchmarks.scaling import rank_times
+    from benchmarks.multigpu.metrics import rank_times
 
     def rec(step, data, fwd):
         return {"step": step, "rank_ms_per_step": {"data": data, "fwd_bwd": fwd}}
@@ -91,7 +85,7 @@ def test_rank_times_are_step_weighted_over_steady_windows_of_every_run():
 
 
 def test_slowdown_breakdown_adds_up_to_the_extra_time_per_micro_batch():
-    from benchmarks.scaling import slowdown_breakdown
+    from benchmarks.multigpu.metrics import slowdown_breakdown
 
     # 1 GPU, accumulation 2: per step 2 x (1 data + 100 issue) + 6 step + 2 other = 210 ms -> 105 per micro-batch
     one = {"data": [2.0], "fwd_bwd": [200.0], "step": [6.0], "other": [2.0]}
@@ -112,7 +106,7 @@ def test_slowdown_breakdown_adds_up_to_the_extra_time_per_micro_batch():
 
 
 def test_pooled_throughput_sums_tokens_and_seconds():
-    from benchmarks.scaling import pooled_throughput
+    from benchmarks.multigpu.metrics import pooled_throughput
 
     a = {"steady_steps": 100, "real_tokens": 1000, "seconds": 10.0}
     b = {"steady_steps": 100, "real_tokens": 1000, "seconds": 30.0}
@@ -287,7 +281,7 @@ def test_builder_scaling_on_cpu(tmp_path):
 
 
 def test_engine_entries_and_weak_accumulation():
-    from benchmarks.scaling import engine_flags
+    from benchmarks.multigpu.config import engine_flags
 
     assert engine_flags("ddp") == ["--engine", "ddp"]
     assert engine_flags("deepspeed:ds_configs/zero1.json") == ["--engine", "deepspeed", "--deepspeed", "ds_configs/zero1.json"]
